@@ -1,0 +1,1 @@
+"""Engine builders and runners (shipped as rali_edge.engines)."""

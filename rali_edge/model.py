@@ -1,0 +1,298 @@
+"""The whole RALI model in one file: a CLIP vision transformer and the RALI prototype head.
+
+The encoder mirrors Hugging Face's CLIPVisionModelWithProjection (same parameter names, so a
+vision state_dict loads as it is) without importing transformers and without the text tower.
+
+The head comes in two forms:
+- `reference_head`: the published formula, term by term (what tests compare against);
+- `RaliHead`: the same function with every affine step before the L2 normalisation folded
+  into one matrix and bias at conversion time (`fold_head`). It takes the encoder's class-token
+  hidden state *before* the post-layernorm, so the layernorm's gamma/beta are folded in as well.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMALIZE_EPS = 1e-12  # F.normalize's default, as in the published PrototypeScorer
+LOGIT_SCALE_MIN = 1e-6  # published: tau = 1 / logit_scale.clamp(min=1e-6)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The fields of an HF CLIPVisionConfig that the vision tower needs."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 768
+
+    @classmethod
+    def from_hf(cls, config: dict) -> "EncoderConfig":
+        """Build from an HF CLIP `config.json` (a CLIPConfig with `vision_config`, or a vision config)."""
+        vision = dict(config.get("vision_config") or config)
+        # CLIPConfig keeps projection_dim at the top level; the vision sub-config may carry its own.
+        if "projection_dim" not in vision and "projection_dim" in config:
+            vision["projection_dim"] = config["projection_dim"]
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vision.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def _activation(name: str):
+    if name == "quick_gelu":
+        return lambda x: x * torch.sigmoid(1.702 * x)
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    raise ValueError(f"unsupported hidden_act {name!r} (expected quick_gelu, gelu, gelu_new or gelu_pytorch_tanh)")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.num_heads
+
+        def heads(t):
+            return t.view(b, n, h, d // h).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.act = _activation(cfg.hidden_act)
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.class_embedding = nn.Parameter(torch.zeros(d))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, d, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(cfg.num_patches + 1, d)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+
+
+class _Layers(nn.Module):
+    # Only here so that parameter names read `encoder.layers.N...` as in HF's CLIPEncoder.
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class VisionTower(nn.Module):
+    """HF `CLIPVisionTransformer`: names match `vision_model.*` of a CLIPModel."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.embeddings = Embeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: HF's spelling
+        self.encoder = _Layers(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class Encoder(nn.Module):
+    """CLIP image encoder. Its state_dict keys are those of HF's CLIPModel, less the text tower:
+    `vision_model.*` and `visual_projection.weight`."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision_model = VisionTower(cfg)
+        self.visual_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    def class_token(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] normalised pixels -> [B, D] class-token state before the post-layernorm."""
+        vm = self.vision_model
+        x = vm.pre_layrnorm(vm.embeddings(pixels))
+        for block in vm.encoder.layers:
+            x = block(x)
+        return x[:, 0]
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Projected image embedding, as HF's `get_image_features`."""
+        return self.project(self.class_token(pixels))
+
+    def project(self, cls: torch.Tensor) -> torch.Tensor:
+        return self.visual_projection(self.vision_model.post_layernorm(cls))
+
+    forward = class_token
+
+
+def reference_head(
+    embedding: torch.Tensor,
+    pca_mean: torch.Tensor,
+    pca_scale: torch.Tensor,
+    pca_components: torch.Tensor,
+    prototypes: torch.Tensor,
+    proto_scores: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    return_weights: bool = False,
+):
+    """The published PrototypeScorer, term by term, on the projected embedding [B, E]."""
+    x_pca = ((embedding - pca_mean) / pca_scale.abs()) @ pca_components.T
+    x = F.normalize(x_pca, dim=-1)
+    sim = x @ F.normalize(prototypes, dim=-1).T
+    tau = 1.0 / torch.as_tensor(logit_scale, dtype=sim.dtype).clamp(min=LOGIT_SCALE_MIN)
+    w = torch.softmax(sim / tau, dim=-1)
+    score = w @ proto_scores.to(w.dtype)
+    return (score, w) if return_weights else score
+
+
+@dataclass
+class FoldedHead:
+    """Tensors of the folded head (see `fold_head`)."""
+
+    ln_eps: float
+    weight: torch.Tensor  # [P, D]
+    bias: torch.Tensor  # [P]
+    prototypes: torch.Tensor  # [K, P], unit rows
+    proto_scores: torch.Tensor  # [K]
+    logit_scale: float  # already clamped
+
+
+def fold_head(
+    post_ln_weight, post_ln_bias, ln_eps, projection, pca_mean, pca_scale, pca_components, prototypes, proto_scores, logit_scale
+) -> FoldedHead:
+    """Fold post-layernorm affine, visual projection, standardisation and PCA into one map.
+
+    With n = (h - mean(h)) / std(h) the plain layernorm of the class token h:
+        z = C diag(1/|s|) (Wp (g * n + beta) - mu) = (C diag(1/|s|) Wp diag(g)) n + C diag(1/|s|) (Wp beta - mu)
+    Done in float64 so that folding adds no rounding of its own.
+    """
+    f64 = {"dtype": torch.float64}
+    components = pca_components.to(**f64) / pca_scale.to(**f64).abs()  # [P, E] = C diag(1/|s|)
+    proj = projection.to(**f64)  # [E, D]
+    weight = components @ proj * post_ln_weight.to(**f64)  # [P, D]
+    bias = components @ (proj @ post_ln_bias.to(**f64) - pca_mean.to(**f64))
+    return FoldedHead(
+        ln_eps=float(ln_eps),
+        weight=weight.float(),
+        bias=bias.float(),
+        prototypes=F.normalize(prototypes.to(**f64), dim=-1).float(),
+        proto_scores=proto_scores.float(),
+        logit_scale=max(float(logit_scale), LOGIT_SCALE_MIN),
+    )
+
+
+def head_torch(cls, weight, bias, prototypes, proto_scores, logit_scale: float, ln_eps: float, return_weights=False):
+    """The folded head in eager PyTorch, computed in float32 whatever the input dtype.
+
+    An all-zero projected row (z = 0) normalises to 0, so every similarity is 0, the softmax is
+    uniform and the score is the mean of the prototype scores.
+    """
+    x = F.layer_norm(cls.float(), (cls.shape[-1],), eps=ln_eps)
+    z = F.normalize(x @ weight.float().T + bias.float(), dim=-1, eps=NORMALIZE_EPS)
+    w = torch.softmax((z @ prototypes.float().T) * logit_scale, dim=-1)
+    score = w @ proto_scores.float()
+    return (score, w) if return_weights else score
+
+
+class RaliHead(nn.Module):
+    """Folded RALI head: class-token state [B, D] -> score [B]. Buffers are saved in the model file."""
+
+    def __init__(self, hidden_size: int, pca_dim: int, num_prototypes: int, ln_eps: float = 1e-5):
+        super().__init__()
+        self.ln_eps = ln_eps
+        self.register_buffer("weight", torch.zeros(pca_dim, hidden_size))
+        self.register_buffer("bias", torch.zeros(pca_dim))
+        self.register_buffer("prototypes", torch.zeros(num_prototypes, pca_dim))
+        self.register_buffer("proto_scores", torch.zeros(num_prototypes))
+        self.register_buffer("logit_scale", torch.ones(()))
+        self.impl = "torch"  # "torch" or "triton"; chosen by the scorer (see scoring.py)
+
+    @classmethod
+    def from_folded(cls, folded: FoldedHead) -> "RaliHead":
+        p, d = folded.weight.shape
+        head = cls(d, p, folded.prototypes.shape[0], folded.ln_eps)
+        head.weight.copy_(folded.weight)
+        head.bias.copy_(folded.bias)
+        head.prototypes.copy_(folded.prototypes)
+        head.proto_scores.copy_(folded.proto_scores)
+        head.logit_scale.fill_(folded.logit_scale)
+        return head
+
+    def forward(self, cls: torch.Tensor, return_weights: bool = False):
+        args = (self.weight, self.bias, self.prototypes, self.proto_scores, float(self.logit_scale), self.ln_eps)
+        if self.impl == "triton":
+            from rali_edge.kernels.rali_head import rali_head_triton
+
+            return rali_head_triton(cls, *args, return_weights=return_weights)
+        return head_torch(cls, *args, return_weights=return_weights)
+
+
+class RaliModel(nn.Module):
+    """Pixels -> quality score: CLIP encoder, then the folded prototype head."""
+
+    def __init__(self, cfg: EncoderConfig, pca_dim: int, num_prototypes: int):
+        super().__init__()
+        self.encoder = Encoder(cfg)
+        self.head = RaliHead(cfg.hidden_size, pca_dim, num_prototypes, cfg.layer_norm_eps)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder.class_token(pixels))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
+
+
+__all__ = [
+    "EncoderConfig",
+    "Encoder",
+    "RaliHead",
+    "RaliModel",
+    "FoldedHead",
+    "fold_head",
+    "head_torch",
+    "reference_head",
+    "count_parameters",
+]

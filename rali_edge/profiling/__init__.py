@@ -1,0 +1,1 @@
+"""Profiling: latency, power, energy."""
