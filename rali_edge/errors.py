@@ -1,0 +1,32 @@
+"""Errors that rali-edge reports to users. Each one says what is wrong and what to do;
+the CLI prints the message (never a traceback) and exits with the code of its class."""
+
+
+class RaliEdgeError(Exception):
+    exit_code = 1
+
+
+class ModelFormatError(RaliEdgeError):
+    """A model folder or file is missing, malformed or of the wrong shape."""
+
+    exit_code = 3
+
+
+class UnsafePickleError(ModelFormatError):
+    """A pickle asked to import or call something outside the allow-list."""
+
+
+class ImageError(RaliEdgeError):
+    """One input could not be read as an image; other inputs go on."""
+
+
+class EngineMismatchError(RaliEdgeError):
+    """An engine was built for another GPU, TensorRT version or model."""
+
+    exit_code = 3
+
+
+class MissingDependencyError(RaliEdgeError):
+    """An optional library (TensorRT, OpenCV, pynvml...) or a device (CUDA) is not available."""
+
+    exit_code = 4
