@@ -1,0 +1,167 @@
+"""rali-edge's own model format: a folder with `manifest.json` and `weights.safetensors`.
+
+No pickle anywhere: safetensors holds the tensors (RaliModel's state_dict: the CLIP vision
+tower under `encoder.*`, the folded head under `head.*`), the manifest holds everything else
+and the sha256 of the weights file, which is also the model's identity for engines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rali_edge import __version__
+from rali_edge.errors import ModelFormatError
+from rali_edge.model import EncoderConfig, FoldedHead, RaliHead, RaliModel
+
+FORMAT = "rali-edge-model"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Manifest:
+    name: str
+    encoder: EncoderConfig
+    preprocess: dict  # PreprocessConfig.to_dict() (see preprocess.py)
+    pca_dim: int
+    num_prototypes: int
+    weights_sha256: str = ""
+    source: dict = field(default_factory=dict)  # where it came from: files and their sha256, recipe...
+    created_by: str = f"rali-edge {__version__}"
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "encoder": self.encoder.to_dict(),
+            "preprocess": self.preprocess,
+            "head": {
+                "hidden_size": self.encoder.hidden_size,
+                "pca_dim": self.pca_dim,
+                "num_prototypes": self.num_prototypes,
+                "ln_eps": self.encoder.layer_norm_eps,
+            },
+            "weights": {"file": WEIGHTS, "sha256": self.weights_sha256},
+            "source": self.source,
+            "created_by": self.created_by,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = MANIFEST) -> "Manifest":
+        if d.get("format") != FORMAT:
+            raise ModelFormatError(f"{where}: not a rali-edge model manifest (format is {d.get('format')!r})")
+        if d.get("format_version", 0) > FORMAT_VERSION:
+            raise ModelFormatError(
+                f"{where}: format version {d['format_version']} is newer than this rali-edge reads "
+                f"({FORMAT_VERSION}); upgrade rali-edge"
+            )
+        try:
+            return cls(
+                name=d["name"],
+                encoder=EncoderConfig(**d["encoder"]),
+                preprocess=d["preprocess"],
+                pca_dim=int(d["head"]["pca_dim"]),
+                num_prototypes=int(d["head"]["num_prototypes"]),
+                weights_sha256=d["weights"]["sha256"],
+                source=d.get("source", {}),
+                created_by=d.get("created_by", ""),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFormatError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+
+
+def build_model(encoder: EncoderConfig, encoder_state: dict, head: FoldedHead) -> RaliModel:
+    """A RaliModel from a vision state_dict (HF names, `vision_model.*`, `visual_projection.weight`)
+    and a folded head. Missing or unexpected keys and wrong shapes raise ModelFormatError."""
+    model = RaliModel(encoder, head.weight.shape[0], head.prototypes.shape[0])
+    state = {k: v for k, v in encoder_state.items() if not k.endswith("position_ids")}
+    _load_strict(model.encoder, state, "encoder weights")
+    model.head = RaliHead.from_folded(head)
+    return model.eval()
+
+
+def save_model(out_dir: str | Path, model: RaliModel, manifest: Manifest) -> Path:
+    """Write `out_dir/weights.safetensors` and `out_dir/manifest.json` (the weights' sha256 filled in)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS), metadata={"format": FORMAT})
+    manifest.weights_sha256 = sha256_file(out / WEIGHTS)
+    manifest.pca_dim, manifest.num_prototypes = model.head.weight.shape[0], model.head.prototypes.shape[0]
+    (out / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    return out
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    where = Path(path) / MANIFEST
+    if not Path(path).is_dir():
+        raise ModelFormatError(f"{path}: not a rali-edge model folder (expected a folder with {MANIFEST} and {WEIGHTS})")
+    if not where.is_file():
+        hint = " It looks like a published RALI folder: run `rali-edge convert` on it first." if (
+            Path(path) / "ckpt.pt"
+        ).exists() else ""
+        raise ModelFormatError(f"{where}: missing.{hint}")
+    try:
+        data = json.loads(where.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFormatError(f"{where}: not valid JSON ({e})") from None
+    return Manifest.from_dict(data, str(where))
+
+
+def load_model(path: str | Path, verify: bool = True) -> tuple[RaliModel, Manifest]:
+    """Read a model folder. `verify` checks the weights' sha256 against the manifest."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    manifest = read_manifest(path)
+    weights = Path(path) / WEIGHTS
+    if not weights.is_file():
+        raise ModelFormatError(f"{weights}: missing")
+    if verify and manifest.weights_sha256 and sha256_file(weights) != manifest.weights_sha256:
+        raise ModelFormatError(f"{weights}: sha256 differs from {MANIFEST}; the file is corrupt or was replaced")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFormatError(f"{weights}: cannot read safetensors ({e})") from None
+    model = RaliModel(manifest.encoder, manifest.pca_dim, manifest.num_prototypes)
+    _load_strict(model, state, str(weights))
+    model.head.ln_eps = manifest.encoder.layer_norm_eps
+    return model.eval(), manifest
+
+
+def _load_strict(module: torch.nn.Module, state: dict, where: str) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} instead of {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        problems.append("wrong shapes: " + "; ".join(wrong[:3]))
+    if problems:
+        raise ModelFormatError(f"{where}: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True)
