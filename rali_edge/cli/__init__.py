@@ -41,6 +41,16 @@ class LazyGroup(click.Group):
         module = importlib.import_module(f"rali_edge.cli.{COMMANDS[name][0]}")
         return getattr(module, name.replace("-", "_") + "_command")
 
+    def invoke(self, ctx):
+        # One place turns every rali-edge error into a one-line message and its exit code.
+        from rali_edge.errors import RaliEdgeError
+
+        try:
+            return super().invoke(ctx)
+        except RaliEdgeError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+
     def format_commands(self, ctx, formatter):
         rows = [(name, help_) for name, (_, help_) in COMMANDS.items()]
         with formatter.section("Commands"):

@@ -1,0 +1,221 @@
+"""Images in, quality scores out: `rali_edge.load(...)` returns a Scorer.
+
+A Scorer = preprocessing + an encoder backend + the folded RALI head. The encoder backend is
+plain PyTorch here, or an engine (AOTInductor, TensorRT) from rali_edge.engines; an engine may
+also contain the head (`outputs == "score"`), in which case the scorer skips its own.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from rali_edge.errors import ImageError, MissingDependencyError, RaliEdgeError
+from rali_edge.images import open_image
+from rali_edge.model import RaliModel
+from rali_edge.model_file import Manifest, load_model
+from rali_edge.preprocess import PreprocessConfig, Preprocessor
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BACKENDS = ("torch", "aoti", "tensorrt")
+HEADS = ("auto", "triton", "torch")
+
+
+def default_model_path() -> Path:
+    """The small built-in model shipped inside the package (see rali_edge/training/)."""
+    return Path(str(resources.files("rali_edge") / "assets" / "default-model"))
+
+
+class EncoderBackend(Protocol):
+    """Runs the encoder on a batch of preprocessed pixels [B, 3, H, W].
+
+    `outputs` says what comes back: "class_token" ([B, D], before the post-layernorm; the
+    scorer applies its head) or "score" ([B], the head ran inside the engine).
+    """
+
+    outputs: str
+    device: torch.device
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchEncoder:
+    """The encoder in eager PyTorch, in the chosen dtype."""
+
+    outputs = "class_token"
+
+    def __init__(self, model: RaliModel, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.encoder = model.encoder.to(device=device, dtype=dtype).eval()
+
+    @torch.inference_mode()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encoder.class_token(pixels.to(self.device, self.dtype, non_blocking=True))
+
+
+@dataclass
+class FileResult:
+    path: str
+    score: float | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "score": self.score} if self.error is None else {"path": self.path, "error": self.error}
+
+
+class Scorer:
+    def __init__(
+        self,
+        model: RaliModel,
+        manifest: Manifest,
+        device: str | torch.device = "cpu",
+        dtype: str = "fp32",
+        head: str = "auto",
+        encoder: EncoderBackend | None = None,
+    ):
+        self.manifest = manifest
+        self.device = torch.device(device)
+        self.dtype_name = dtype
+        self.preprocess = Preprocessor(PreprocessConfig.from_dict(manifest.preprocess))
+        self.encoder = encoder or TorchEncoder(model, self.device, DTYPES[dtype])
+        # The head stays in float32 whatever the encoder's dtype: it is tiny, and the softmax over
+        # prototype similarities is where low precision would show in the score.
+        self.head = model.head.to(self.encoder.device).float()
+        self.head.impl = resolve_head(head, self.encoder.device)
+
+    @property
+    def model_sha256(self) -> str:
+        return self.manifest.weights_sha256
+
+    # -- tensors ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score_pixels(self, pixels: torch.Tensor, return_weights: bool = False):
+        """[B, 3, H, W] preprocessed pixels -> scores [B] (float32, on the encoder's device)."""
+        out = self.encoder(pixels)
+        if self.encoder.outputs == "score":
+            if return_weights:
+                raise RaliEdgeError("this engine contains the head and cannot return prototype weights")
+            return out.float()
+        return self.head(out, return_weights=return_weights)
+
+    @torch.inference_mode()
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Projected CLIP image embeddings [B, E] (needs the PyTorch encoder)."""
+        if not isinstance(self.encoder, TorchEncoder):
+            raise RaliEdgeError("embeddings need the torch backend")
+        enc = self.encoder.encoder
+        return enc.embed(pixels.to(self.device, self.encoder.dtype)).float()
+
+    # -- images ----------------------------------------------------------------------------
+    def score(self, inputs, batch_size: int = 16) -> list[float]:
+        """Paths, PIL images, HxWx3 uint8 arrays (a list of them, or one) or a [B,3,H,W] tensor of
+        preprocessed pixels -> one float per input. A bad image raises ImageError; use
+        `score_files` to go on past bad files."""
+        if isinstance(inputs, torch.Tensor):
+            return self._score_batched(inputs, batch_size)
+        if not isinstance(inputs, (list, tuple)) and not (isinstance(inputs, np.ndarray) and inputs.ndim == 4):
+            inputs = [inputs]  # one path, image or HxWx3 array
+        scores: list[float] = []
+        for start in range(0, len(inputs), batch_size):
+            batch = [open_image(x) for x in inputs[start : start + batch_size]]
+            scores += self.score_pixels(self.preprocess(batch)).tolist()
+        return scores
+
+    def score_arrays(self, frames: list[np.ndarray]) -> list[float]:
+        """RGB uint8 HxWx3 frames (e.g. from a camera) -> scores, in one encoder call."""
+        return self.score_pixels(self.preprocess.arrays_to_tensor(frames)).tolist()
+
+    def score_files(self, paths: Iterable[str], batch_size: int = 16, workers: int = 2) -> Iterator[FileResult]:
+        """Score files, yielding one FileResult per path in input order; a file that cannot be read
+        yields its error and the others go on. Decoding runs in threads ahead of the encoder."""
+        paths = list(paths)
+
+        def load(path):
+            try:
+                return path, self.preprocess.pil_to_tensor(open_image(path)), None
+            except ImageError as e:
+                return path, None, str(e)
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            batch: list[tuple[str, torch.Tensor]] = []
+            pending: list[FileResult] = []  # results held back so that output stays in input order
+            for path, pixels, error in pool.map(load, paths):
+                if error is not None:
+                    pending.append(FileResult(path, error=error))
+                else:
+                    pending.append(FileResult(path))
+                    batch.append((path, pixels))
+                if len(batch) == batch_size:
+                    yield from self._flush(batch, pending)
+                    batch, pending = [], []
+            yield from self._flush(batch, pending)
+
+    def _flush(self, batch, pending) -> Iterator[FileResult]:
+        if batch:
+            scores = self.score_pixels(torch.stack([p for _, p in batch])).tolist()
+            it = iter(scores)
+            for r in pending:
+                if r.error is None:
+                    r.score = next(it)
+        yield from pending
+
+    def _score_batched(self, pixels: torch.Tensor, batch_size: int) -> list[float]:
+        return [s for chunk in pixels.split(batch_size) for s in self.score_pixels(chunk).tolist()]
+
+
+def resolve_head(head: str, device: torch.device) -> str:
+    """auto -> the fused Triton kernel on CUDA, eager PyTorch elsewhere."""
+    if head not in HEADS:
+        raise RaliEdgeError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    if head == "torch" or (head == "auto" and device.type != "cuda"):
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        if head == "auto":
+            return "torch"
+        raise MissingDependencyError("--head triton needs the `triton` package (pip install triton)") from None
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise MissingDependencyError(
+            "--head triton needs a CUDA GPU; to run the kernel on a CPU (slowly, for checking), "
+            "set TRITON_INTERPRET=1 in the environment"
+        )
+    return "triton"
+
+
+def load(
+    model: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    backend: str = "torch",
+    engine: str | Path | None = None,
+    head: str = "auto",
+) -> Scorer:
+    """Load a rali-edge model folder (None: the built-in default model) as a Scorer.
+
+    backend "torch" runs the encoder in PyTorch on `device` in `dtype`; "aoti" and "tensorrt"
+    run a built engine (`engine=PATH`, see `rali-edge build`), checked against this model.
+    """
+    if dtype not in DTYPES:
+        raise RaliEdgeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if backend not in BACKENDS:
+        raise RaliEdgeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MissingDependencyError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+    path = Path(model) if model is not None else default_model_path()
+    rali_model, manifest = load_model(path)
+    encoder = None
+    if backend != "torch":
+        if engine is None:
+            raise RaliEdgeError(f"backend {backend!r} needs an engine file (--engine PATH); build one with `rali-edge build`")
+        from rali_edge.engines.runners import open_engine
+
+        encoder = open_engine(backend, engine, manifest, device=device)
+    return Scorer(rali_model, manifest, device=device, dtype=dtype, head=head, encoder=encoder)
