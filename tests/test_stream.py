@@ -244,13 +244,15 @@ def test_reader_that_raises_is_reopened_where_it_stopped_and_others_continue():
     assert any("reconnecting" in line and "device unplugged" in line for line in logs)
 
 
-def test_file_that_cannot_be_opened_fails_after_retries_and_others_finish():
+def test_file_that_becomes_unreadable_fails_after_retries_and_others_finish():
     attempts = []
 
     def open_reader(spec, start):
         if spec.text == "fake-1":
-            attempts.append(time.monotonic())
-            raise OSError("permission denied")
+            attempts.append(start)
+            if len(attempts) > 1:
+                raise OSError("permission denied")
+            return FakeReader(1, 20, start, raise_at=5)  # reads 5 frames, then the file goes away
         return FakeReader(0, 20, start)
 
     sink = ListSink()
@@ -259,10 +261,22 @@ def test_file_that_cannot_be_opened_fails_after_retries_and_others_finish():
         StreamOptions(summary_every=0, backoff=FAST_BACKOFF, file_retries=3),
         open_reader=open_reader, log=lambda line: None,
     )
-    assert len(attempts) == 4  # the first try and 3 retries
+    assert attempts == [0, 5, 5, 5]  # the first opening, then 3 retries resuming at frame 5
     assert [s["status"] for s in result.streams] == ["ended", "failed"]
     assert [s["stream"] for s in result.failed] == [1]
-    assert len(sink.frames(0)) == 20
+    assert len(sink.frames(0)) == 20 and len(sink.frames(1)) == 5
+
+
+def test_file_that_never_opens_fails_at_once():
+    attempts = []
+
+    def open_reader(spec, start):
+        attempts.append(spec.text)
+        raise OSError("not a video")
+
+    result = run_streams(specs(1), identity_scorer([]), ListSink(), StreamOptions(summary_every=0),
+                         open_reader=open_reader, log=lambda line: None)
+    assert attempts == ["fake-0"] and result.streams[0]["status"] == "failed"
 
 
 def test_live_source_keeps_reconnecting_with_backoff_until_stopped():

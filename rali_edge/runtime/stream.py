@@ -14,8 +14,8 @@ Accounting per stream: frames_in (selected frames put in the buffer) = scored + 
 once the run has ended, since the frames still waiting when a stop comes are scored too.
 
 Faults: a reader that raises, a source that cannot be opened, or a live source that stops
-is reopened with exponential backoff (live: forever; files: `file_retries` times, resuming
-where they stopped). A file ends cleanly at EOF. Setting `stop` (SIGINT/SIGTERM in the CLI,
+is reopened with exponential backoff (live: forever; files: `file_retries` times in a row,
+resuming where they stopped; a file that never opened fails at once: it is bad input). A file ends cleanly at EOF. Setting `stop` (SIGINT/SIGTERM in the CLI,
 --duration, or the last source ending) stops the readers; what was already taken is scored.
 
 The scorer is any `score_batch(frames: list[np.ndarray]) -> list[float]` taking RGB uint8
@@ -257,11 +257,13 @@ class StreamRuntime:
         failures = 0  # failures in a row; a decoded frame resets it
         taken = 0  # frames put in the buffer (for --frames)
         pace = None  # (wall, media) origin for --realtime
+        opened = False  # a file that never opens is bad input: no retries for it
         try:
             while not self.stop.is_set():
                 try:
                     if reader is None:
                         reader = self.open_reader(spec, position)
+                        opened = True
                         if failures:
                             with self.cond:
                                 state.reconnects += 1
@@ -306,6 +308,9 @@ class StreamRuntime:
                     _close(reader)
                     reader = None
                     failures += 1
+                    if not spec.live and not opened:
+                        self._set_status(state, "failed", _describe(e))
+                        return
                     if not spec.live and failures > opts.file_retries:
                         self._set_status(state, "failed", f"{_describe(e)} (gave up after {failures} attempts)")
                         return
