@@ -387,6 +387,17 @@ def test_loop_restarts_files():
     assert [r["source_ts"] for r in frames[9:12]] == [0.36, 0.0, 0.04]  # media time restarts
 
 
+def test_realtime_paces_files_at_their_frame_rate():
+    # FakeReader stamps frame i at i/25 s: 11 frames span 0.4 s of media time, so reading them
+    # "as a camera would" cannot take less (a lower bound only: a busy machine may take longer).
+    start = time.monotonic()
+    sink = ListSink()
+    run_streams(specs(1), identity_scorer([]), sink, StreamOptions(summary_every=0, realtime=True),
+                open_reader=lambda spec, start: FakeReader(0, 11, start), log=lambda line: None)
+    assert time.monotonic() - start >= 0.4
+    assert len(sink.frames()) == 11
+
+
 def test_scorer_error_stops_the_run():
     def broken(frames):
         raise RuntimeError("CUDA out of memory")

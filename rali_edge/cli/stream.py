@@ -74,6 +74,7 @@ exits 0. Exit codes: 0 done, 1 a file source could not be read (others were scor
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
               help="Most frames per encoder call; the pending frames of all sources are scored together.")
 @click.option("--out", "out_path", default="-", show_default=True, help="Output file, or - for stdout.")
+@click.option("--append", is_flag=True, help="Append to --out FILE instead of replacing it (a service that restarts).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
 @click.option("--alert-below", type=float, metavar="SCORE", help="Alert when a stream's score stays below SCORE ...")
 @click.option("--alert-frames", default=10, show_default=True, type=click.IntRange(min=1),
@@ -85,7 +86,7 @@ exits 0. Exit codes: 0 done, 1 a file source could not be read (others were scor
               help="Seconds between summary lines on stderr (0: only the final summary).")
 @click.option("--loop", is_flag=True, help="Restart files and folders at their end (demos, soak tests).")
 @click.option("--realtime", is_flag=True, help="Read files at their own frame rate, as a camera would deliver them.")
-def stream_command(sources, every, fps, policy, max_batch, out_path, fmt, alert_below, alert_frames, on_alert,
+def stream_command(sources, every, fps, policy, max_batch, out_path, append, fmt, alert_below, alert_frames, on_alert,
                    duration, max_frames, summary_every, loop, realtime, **model_kwargs):
     """Score video streams frame by frame: cameras, RTSP/HTTP, GStreamer, video files, folders.
 
@@ -106,6 +107,11 @@ def stream_command(sources, every, fps, policy, max_batch, out_path, fmt, alert_
         raise click.UsageError(str(e)) from None
     for spec in specs:
         check_available(spec)  # missing OpenCV/GStreamer: exit 4 now, before a model loads
+    if out_path != "-":
+        folder = os.path.dirname(os.path.abspath(out_path))
+        if os.path.isdir(out_path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise click.BadParameter(f"cannot write {out_path!r} (a folder, or its folder is missing or read-only)",
+                                     param_hint="--out")
     options = StreamOptions(
         policy=policy, max_batch=max_batch, every=every or 1, fps=fps, frames=max_frames, duration=duration,
         loop=loop, realtime=realtime, alert_below=alert_below, alert_frames=alert_frames, on_alert=on_alert,
@@ -121,9 +127,13 @@ def stream_command(sources, every, fps, policy, max_batch, out_path, fmt, alert_
             return
         score_batch = checked(scorer.score_arrays)
         warm_up(score_batch)
-        out = sys.stdout if out_path == "-" else open(out_path, "w", newline="", encoding="utf-8")
+        if out_path == "-":
+            out, header = sys.stdout, True
+        else:
+            header = not (append and os.path.exists(out_path) and os.path.getsize(out_path) > 0)
+            out = open(out_path, "a" if append else "w", newline="", encoding="utf-8")
         outputs.append(out)
-        sink = SafeSink(WRITERS[fmt](out), stop)
+        sink = SafeSink(WRITERS[fmt](out, header=header), stop)
         try:
             start = time.monotonic()
             result = StreamRuntime(specs, score_batch, sink, options, stop=stop).run()

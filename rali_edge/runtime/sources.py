@@ -258,13 +258,15 @@ class ImageFolderReader:
         return True
 
     def retrieve(self) -> np.ndarray | None:
-        from PIL import Image
+        # open_image: the colour rules of `rali-edge score` (alpha onto white, 16-bit grey scaled),
+        # so a folder streamed here scores exactly as the same files scored there.
+        from rali_edge.errors import ImageError
+        from rali_edge.images import open_image
 
         try:
-            with Image.open(self._current) as image:
-                return np.asarray(image.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            self.last_error = f"{self._current.name}: {e}"
+            return np.asarray(open_image(self._current))
+        except ImageError as e:
+            self.last_error = str(e)
             return None
 
     def close(self) -> None:

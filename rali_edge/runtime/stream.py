@@ -547,7 +547,7 @@ class JsonlWriter:
     """One JSON object per line. Each record is written as one whole line and flushed, so a reader
     tailing the file, or a stop at any moment, never sees half a line."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, header: bool = True):
         self.stream = stream
 
     def write(self, record: dict) -> None:
@@ -561,12 +561,13 @@ class JsonlWriter:
 class CsvWriter:
     """A header, then one row per record with the RECORD_FIELDS columns (empty where not relevant)."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, header: bool = True):
         self.stream = stream
         self._buffer = io.StringIO()
         self._csv = csv.DictWriter(self._buffer, RECORD_FIELDS, lineterminator="\n")
-        self._csv.writeheader()
-        self._emit()
+        if header:  # not when appending to a file that has one
+            self._csv.writeheader()
+            self._emit()
 
     def _emit(self) -> None:
         self.stream.write(self._buffer.getvalue())  # one whole line per write
