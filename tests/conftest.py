@@ -28,3 +28,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "tensorrt" in item.keywords and not _has_tensorrt():
             item.add_marker(skip_trt)
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory):
+    """Folder of a small random rali-edge model (CLIP-architecture encoder + folded head)."""
+    from small_model import make_small_model
+
+    return make_small_model(tmp_path_factory.mktemp("model") / "small")
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """Freely licensed photographs from scikit-image (CC0 / public domain), written as JPEG and
+    PNG files of several sizes and aspect ratios."""
+    from PIL import Image
+    from skimage import data
+
+    out = tmp_path_factory.mktemp("photos")
+    paths = []
+    for name, size in [("astronaut", (512, 512)), ("chelsea", (451, 300)), ("coffee", (400, 600)), ("rocket", (427, 640))]:
+        img = Image.fromarray(getattr(data, name)()).resize(size, Image.BICUBIC)
+        path = out / f"{name}.{'jpg' if len(paths) % 2 else 'png'}"
+        img.save(path, quality=90) if path.suffix == ".jpg" else img.save(path)
+        paths.append(path)
+    return paths

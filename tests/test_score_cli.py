@@ -1,0 +1,108 @@
+"""`rali-edge score` through click: input expansion, formats, bad files, exit codes."""
+
+import csv
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import rali_edge
+from rali_edge.cli import main
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def test_json_scores_match_python_api_in_input_order(small_model, photos):
+    result = run("score", "--model", small_model, "--format", "json", "--batch-size", 3, *photos)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["path"] for r in rows] == [str(p) for p in photos]
+    expected = rali_edge.load(small_model).score(photos)
+    # Same code path in a different batching: fp32 rounding only.
+    assert [r["score"] for r in rows] == pytest.approx(expected, abs=1e-5)
+
+
+def test_folder_glob_and_csv(small_model, photos, tmp_path):
+    folder = photos[0].parent
+    out = tmp_path / "scores.csv"
+    result = run("score", "--model", small_model, "--format", "csv", "-o", out, folder, str(folder / "*.jpg"))
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open()))
+    jpgs = sorted(str(p) for p in folder.glob("*.jpg"))
+    assert [r["path"] for r in rows] == sorted(str(p) for p in photos) + jpgs
+    assert all(1.0 <= float(r["score"]) <= 5.0 and r["error"] == "" for r in rows)
+
+
+def test_bad_inputs_are_reported_and_others_scored(small_model, tmp_path):
+    from bad_images import write_bad_images
+
+    cases = write_bad_images(tmp_path)
+    paths = [str(path) for path, _ in cases.values()] + [str(tmp_path / "does-not-exist.jpg")]
+    result = run("score", "--model", small_model, "--format", "json", *paths)
+    assert result.exit_code == 1, result.output  # some failed, the rest were scored
+    rows = {r["path"]: r for r in json.loads(result.stdout)}
+    assert list(rows) == paths
+    for name, (path, expect_ok) in cases.items():
+        row = rows[str(path)]
+        if expect_ok:
+            assert "score" in row and 1.0 <= row["score"] <= 5.0, (name, row)
+        else:
+            assert row.get("error"), (name, row)
+    assert "error" in rows[str(tmp_path / "does-not-exist.jpg")]
+    assert "Traceback" not in result.output
+
+
+def test_all_good_inputs_exit_zero_table(small_model, photos):
+    result = run("score", "--model", small_model, photos[0])
+    assert result.exit_code == 0
+    assert str(photos[0]) in result.stdout and "score" in result.stdout
+
+
+def test_usage_error_exit_code(small_model):
+    assert run("score", "--model", small_model, "--format", "xml", "a.jpg").exit_code == 2
+    assert run("score").exit_code == 2
+
+
+def test_malformed_model_folder_exit_3_names_the_file(tmp_path, photos):
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{not json")
+    result = run("score", "--model", bad, photos[0])
+    assert result.exit_code == 3
+    assert "manifest.json" in result.stderr and "Traceback" not in result.output
+
+
+def test_head_triton_equals_torch_on_real_images(small_model, photos):
+    """The fused kernel (under TRITON_INTERPRET=1 on this CPU) against the eager head, on the
+    same encoder outputs: both accumulate in fp32, so 1e-4 on the 1..5 scale is generous."""
+    triton_rows = json.loads(run("score", "--model", small_model, "--head", "triton", "--format", "json", *photos).stdout)
+    torch_rows = json.loads(run("score", "--model", small_model, "--head", "torch", "--format", "json", *photos).stdout)
+    diffs = [abs(a["score"] - b["score"]) for a, b in zip(triton_rows, torch_rows)]
+    assert len(diffs) == len(photos) and max(diffs) <= 1e-4
+
+
+def test_help_explains_exit_codes_and_examples():
+    result = run("score", "--help")
+    assert result.exit_code == 0
+    assert "Exit code" in result.stdout and "Examples" in result.stdout
+    assert "130" in run("--help").stdout
+
+
+def test_python_api_accepts_every_input_kind(small_model, photos):
+    from PIL import Image
+    import numpy as np
+
+    scorer = rali_edge.load(small_model)
+    by_path = scorer.score(photos)
+    pil = [Image.open(p).convert("RGB") for p in photos]
+    assert scorer.score(pil) == pytest.approx(by_path, abs=1e-6)
+    assert scorer.score([np.asarray(im) for im in pil]) == pytest.approx(by_path, abs=1e-6)
+    assert scorer.score(str(photos[0])) == pytest.approx(by_path[:1], abs=1e-6)
+    pixels = scorer.preprocess(pil)
+    assert scorer.score(pixels) == pytest.approx(by_path, abs=1e-6)
+    assert isinstance(scorer.score(pixels[:1])[0], float)
+    assert torch.is_tensor(pixels) and pixels.shape[0] == len(photos)
