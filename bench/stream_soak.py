@@ -135,14 +135,14 @@ def main(argv=None) -> int:
     growth = half[-1]["rss_mib"] - half[0]["rss_mib"]
     t = np.array([s["t"] for s in half])
     rss = np.array([s["rss_mib"] for s in half])
-    slope = float(np.polyfit(t, rss, 1)[0] * 60) if len(half) >= 3 else float("nan")
+    slope = round(float(np.polyfit(t, rss, 1)[0] * 60), 3) if len(half) >= 3 else None  # MiB per minute
     scored = sum(s["scored"] for s in result.streams)
     verdict = {
         "sources": args.sources, "seconds": round(elapsed, 1), "scorer": scorer_name, "policy": args.policy,
         "frames_scored": scored, "fps_scored": round(scored / elapsed, 2), "batches": result.batches,
         "rss_start_mib": samples[0]["rss_mib"], "rss_peak_mib": max(s["rss_mib"] for s in samples),
         "rss_end_mib": samples[-1]["rss_mib"], "second_half_growth_mib": round(growth, 1),
-        "second_half_slope_mib_per_min": round(slope, 3),
+        "second_half_slope_mib_per_min": slope,
         "host": platform.node(), "python": platform.python_version(),
     }
     print(json.dumps(verdict, indent=1))

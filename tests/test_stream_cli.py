@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -225,6 +224,13 @@ def test_missing_opencv_is_exit_4_with_install_hint(video, monkeypatch):
     assert result.exit_code == 4
     assert "pip install 'rali-edge[stream]'" in result.output
     assert loaded == []
+
+
+@pytest.mark.skipif(cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER), reason="this OpenCV has GStreamer")
+def test_gstreamer_pipeline_without_gstreamer_opencv_is_exit_4():
+    result = CliRunner().invoke(main, ["stream", "videotestsrc ! videoconvert ! appsink"])
+    assert result.exit_code == 4
+    assert "no GStreamer support" in result.output and "JetPack" in result.output
 
 
 def test_image_folder_needs_no_opencv(tmp_path, quality_model, monkeypatch):

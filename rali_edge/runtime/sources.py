@@ -148,9 +148,10 @@ def check_available(spec: SourceSpec) -> None:
     if spec.kind == "gstreamer" and not cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER):
         raise MissingDependencyError(
             "this OpenCV build has no GStreamer support, so GStreamer pipelines cannot be read. "
-            "opencv-python-headless from PyPI is built without it: on Jetson use JetPack's OpenCV "
-            "(`pip uninstall opencv-python-headless`; `sudo apt install python3-opencv`), elsewhere build OpenCV "
-            "with -DWITH_GSTREAMER=ON."
+            "opencv-python-headless from PyPI is built without it: on Jetson, `pip uninstall opencv-python-headless` "
+            "and use the OpenCV that JetPack installs (a venv needs --system-site-packages to see it); elsewhere "
+            "Ubuntu's python3-opencv or an OpenCV built with -DWITH_GSTREAMER=ON. Check with: "
+            "python3 -c \"import cv2; print(cv2.getBuildInformation())\" | grep GStreamer"
         )
 
 

@@ -29,6 +29,7 @@ import io
 import json
 import math
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -84,7 +85,7 @@ class StreamOptions:
     realtime: bool = False  # read files at their own frame rate, as if they were cameras
     alert_below: float | None = None
     alert_frames: int = 10
-    on_alert: str | None = None  # shell command run (not waited for) on each alert and recovery
+    on_alert: str | None = None  # shell command run on each alert and recovery (in order, in the background)
     summary_every: float = 10.0  # seconds between summary lines; 0 or less: only the final one
     backoff: Backoff = field(default_factory=Backoff)
     file_retries: int = 3  # reopen attempts in a row for a failing file or folder before giving up
@@ -217,7 +218,7 @@ class StreamRuntime:
         self.cond = threading.Condition()
         self.batches = 0
         self._rotation = 0
-        self._hooks: list[subprocess.Popen] = []
+        self._hooks = HookRunner(self.log)
         self._threads: list[threading.Thread] = []
 
     # ---------------------------------------------------------------- readers
@@ -295,7 +296,10 @@ class StreamRuntime:
                     if image is None:
                         with self.cond:
                             state.skipped += 1
-                        self.log(f"stream {state.id} ({spec.text}): frame {index} skipped: {getattr(reader, 'last_error', '')}")
+                            n = state.skipped
+                        if n <= 3 or n % 100 == 0:  # a camera sending garbage must not flood stderr
+                            why = getattr(reader, "last_error", "") or "undecodable"
+                            self.log(f"stream {state.id} ({spec.text}): frame {index} skipped ({n} so far): {why}")
                         continue
                     failures = 0
                     if not self._put(state, Frame(state.id, index, ts, time.monotonic(), image)):
@@ -427,13 +431,7 @@ class StreamRuntime:
             RALI_WALL_TIME=f"{record['wall_time']:.3f}",
             RALI_RECORD=json.dumps(_clean(record)),
         )
-        self._hooks = [p for p in self._hooks if p.poll() is None]  # reap finished hooks
-        try:
-            # Not waited for: a slow hook must not stall scoring. Its stdout goes to our stderr so
-            # that it never mixes into records written to stdout (--out -).
-            self._hooks.append(subprocess.Popen(self.options.on_alert, shell=True, env=env, stdin=subprocess.DEVNULL, stdout=_stderr_fd()))
-        except OSError as e:
-            self.log(f"--on-alert command could not start: {e}")
+        self._hooks.submit(self.options.on_alert, env)
 
     # ---------------------------------------------------------------- summaries
 
@@ -458,6 +456,7 @@ class StreamRuntime:
                 lines.append(
                     f"stream {s.id} [{state}] {s.spec.text}: in {(s.frames_in - in0) / dt:.1f} fps, "
                     f"scored {n_scored / dt:.1f} fps, dropped {s.dropped}, mean score {mean:.3f}"
+                    + (f", skipped {s.skipped}" if s.skipped else "")
                 )
                 s.window = (now, s.frames_in, s.scored, s.score_sum)
         return lines
@@ -492,7 +491,7 @@ class StreamRuntime:
                     done = not batch and (self.stop.is_set() or all(s.finished for s in self.states))
                 if batch:
                     self._score(batch)
-                if time.monotonic() >= next_summary:
+                if time.monotonic() >= next_summary and not self.stop.is_set():  # (the final summary follows)
                     for line in self.summary_lines():
                         self.log(line)
                     next_summary = time.monotonic() + opts.summary_every
@@ -505,18 +504,60 @@ class StreamRuntime:
             self.stop.set()
             for thread in self._threads:
                 thread.join(timeout=2.0)  # a reader stuck in a network read is a daemon: not waited for
-            self._wait_hooks()
+            self._hooks.close()
         for line in self.summary_lines(final=True):
             self.log(line)
         return RunResult([s.stats() for s in self.states], self.batches, stopped_by_request)
 
-    def _wait_hooks(self, timeout: float = 5.0) -> None:
-        end = time.monotonic() + timeout
-        for p in self._hooks:
+
+class HookRunner:
+    """Runs --on-alert commands one after the other in a thread of its own: scoring never waits
+    for a hook, and a "recovered" hook never runs before the "low" one it answers."""
+
+    TIMEOUT = 60.0  # a hung hook is killed so that the next alerts still run
+    QUEUE = 100  # alerts waiting for their hook; more are reported, not queued (memory stays bounded)
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self.queue: queue.Queue = queue.Queue(self.QUEUE)
+        self.thread: threading.Thread | None = None
+
+    def submit(self, command: str, env: dict) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="rali-alert-hooks", daemon=True)
+            self.thread.start()
+        try:
+            self.queue.put_nowait((command, env))
+        except queue.Full:
+            self.log(f"--on-alert: {self.QUEUE} alerts already wait for their command; this one ({env['RALI_ALERT']}, stream {env['RALI_STREAM_ID']}) is not run")
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            command, env = item
             try:
-                p.wait(max(0.0, end - time.monotonic()))
+                # stdout to our stderr: it must never mix into records written to stdout (--out -)
+                done = subprocess.run(command, shell=True, env=env, stdin=subprocess.DEVNULL, stdout=_stderr_fd(), timeout=self.TIMEOUT)
+                if done.returncode:
+                    self.log(f"--on-alert command exited with code {done.returncode}")
             except subprocess.TimeoutExpired:
-                self.log(f"--on-alert command still running at exit (pid {p.pid}); not waited for")
+                self.log(f"--on-alert command still running after {self.TIMEOUT:.0f} s: killed")
+            except OSError as e:
+                self.log(f"--on-alert command could not start: {e}")
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Let the queued hooks run (up to `timeout` seconds), then stop the thread."""
+        if self.thread is None:
+            return
+        try:
+            self.queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.log("--on-alert commands still running at exit; not waited for")
 
 
 def run_streams(sources: list[SourceSpec], score_batch: ScoreBatch, sink, options: StreamOptions | None = None, **kwargs) -> RunResult:
