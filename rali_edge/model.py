@@ -22,6 +22,21 @@ NORMALIZE_EPS = 1e-12  # F.normalize's default, as in the published PrototypeSco
 LOGIT_SCALE_MIN = 1e-6  # published: tau = 1 / logit_scale.clamp(min=1e-6)
 
 
+# HF CLIPVisionConfig defaults, for fields a config.json leaves out.
+HF_VISION_DEFAULTS = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 32,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 512,
+}
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """The fields of an HF CLIPVisionConfig that the vision tower needs."""
@@ -39,13 +54,24 @@ class EncoderConfig:
 
     @classmethod
     def from_hf(cls, config: dict) -> "EncoderConfig":
-        """Build from an HF CLIP `config.json` (a CLIPConfig with `vision_config`, or a vision config)."""
-        vision = dict(config.get("vision_config") or config)
-        # CLIPConfig keeps projection_dim at the top level; the vision sub-config may carry its own.
-        if "projection_dim" not in vision and "projection_dim" in config:
-            vision["projection_dim"] = config["projection_dim"]
+        """Build from an HF CLIP `config.json`: a CLIPConfig (with `vision_config`) or a
+        CLIPVisionConfig. Fields left out take HF's defaults (ViT-B/32's, not ours). For a
+        CLIPConfig the top-level projection_dim is the one CLIPModel uses: transformers 5 also
+        writes its default 512 inside vision_config, which CLIPModel ignores."""
+        if isinstance(config.get("vision_config"), dict) or config.get("model_type") == "clip":
+            vision = {**HF_VISION_DEFAULTS, **(config.get("vision_config") or {})}
+            vision["projection_dim"] = config.get("projection_dim", HF_VISION_DEFAULTS["projection_dim"])
+        else:
+            vision = {**HF_VISION_DEFAULTS, **config}
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in vision.items() if k in known})
+        cfg = cls(**{k: v for k, v in vision.items() if k in known})
+        activation(cfg.hidden_act)  # ValueError naming the supported ones
+        if cfg.hidden_size % cfg.num_attention_heads or cfg.image_size % cfg.patch_size:
+            raise ValueError(
+                f"hidden_size {cfg.hidden_size} / {cfg.num_attention_heads} heads or image_size "
+                f"{cfg.image_size} / patch_size {cfg.patch_size} does not divide"
+            )
+        return cfg
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +81,7 @@ class EncoderConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
-def _activation(name: str):
+def activation(name: str):
     if name == "quick_gelu":
         return lambda x: x * torch.sigmoid(1.702 * x)
     if name == "gelu":
@@ -86,7 +112,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        self.act = _activation(cfg.hidden_act)
+        self.act = activation(cfg.hidden_act)
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 

@@ -19,21 +19,31 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from published import (
+    E,
+    K,
+    P,
+    make_published_folder,
+    published_clip,
+    published_reference_scores,
+)
 
-from published import E, K, P, make_published_folder, published_clip, published_reference_scores
-
-from rali_edge.errors import MissingDependencyError, ModelFormatError, RaliEdgeError, UnsafePickleError
+from rali_edge.errors import (
+    MissingDependencyError,
+    ModelFormatError,
+    RaliEdgeError,
+    UnsafePickleError,
+)
 from rali_edge.loading import (
     convert_published,
     default_name,
     encoder_config_from_hf,
     fetch_published,
-    load_pickle_safely,
-    read_pca_pickle,
     read_published,
 )
 from rali_edge.model import EncoderConfig, head_torch, reference_head
 from rali_edge.model_file import load_model
+from rali_edge.safe_pickle import load_pickle_safely, read_pca_pickle
 
 pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
