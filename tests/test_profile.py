@@ -1,0 +1,260 @@
+"""`rali-edge profile` end to end on a CPU: the report files, the figures' consistency, power
+sources that are absent, failing or fake (a Jetson Orin sysfs tree), and the Q-Insight baseline
+with a tiny random Qwen2.5-VL. No timing is asserted: only how the figures relate."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rali_edge.cli import main
+
+STAGES = ("decode", "preprocess", "encoder", "head", "total")
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    # --threads sets torch's global thread count; put it back for the other tests.
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def image_dir(photos):
+    return str(photos[0].parent)
+
+
+def run_profile(*args):
+    result = CliRunner().invoke(main, ["profile", "--threads", "1", "--warmup", "1", *args])
+    return result
+
+
+def load_report(folder):
+    return json.loads((folder / "profile.json").read_text())
+
+
+def check_summary(s, count):
+    assert s["count"] == count
+    # Order statistics of the same samples: exact inequalities, no tolerance needed.
+    assert s["min_ms"] <= s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"]
+    assert s["min_ms"] <= s["mean_ms"] <= s["max_ms"]
+    assert s["min_ms"] >= 0
+
+
+def test_cpu_profile_writes_the_full_report(small_model, image_dir, tmp_path):
+    out = tmp_path / "report"
+    result = run_profile("--model", str(small_model), "--device", "cpu", "--batch-sizes", "3,1",
+                         "--iters", "3", "--power", "none", "--images", image_dir, "--report", str(out))
+    assert result.exit_code == 0, result.output
+    report = load_report(out)
+    # Every file the report lists exists, and nothing else was written.
+    assert sorted(report["files"]) == sorted(p.name for p in out.iterdir())
+    assert {"profile.json", "profile.md", "latency.png", "time_per_image.png"} <= set(report["files"])
+    assert "energy_per_image.png" not in report["files"]  # no power: said in the notes instead
+    assert any("energy plot skipped" in n for n in report["notes"])
+
+    runs = report["rali"]["runs"]
+    assert [r["batch_size"] for r in runs] == [1, 3]  # sorted
+    for run in runs:
+        b = run["batch_size"]
+        assert run["iterations"] == 3 and run["images"] == 3 * b
+        assert set(run["stages"]) == set(STAGES)
+        for s in run["stages"].values():
+            check_summary(s, 3)
+        total = run["stages"]["total"]["mean_ms"]
+        # total encloses the other stages in every iteration, so it does in the mean too.
+        assert total >= sum(run["stages"][s]["mean_ms"] for s in STAGES[:-1])
+        # throughput = images / time = batch * 1000 / mean total ms (float rounding only: 1e-9).
+        assert run["images_per_s"] == pytest.approx(b * 1000.0 / total, rel=1e-9)
+        assert run["per_image_ms"] == pytest.approx(total / b, rel=1e-9)
+        assert run["peak_host_rss_bytes"] > 0 and run["peak_gpu_bytes"] is None
+        assert run["energy"]["available"] is False
+
+    from rali_edge.model import count_parameters
+    from rali_edge.model_file import load_model
+
+    model, _ = load_model(small_model)
+    assert report["rali"]["model"]["parameters"] == count_parameters(model.encoder) + count_parameters(model.head)
+    assert report["power"] == {**report["power"], "available": False, "source": "none"}
+    assert "--power none" in report["power"]["unavailable_reason"]
+    assert report["images"]["origin"] == "files" and report["images"]["count"] == 4
+    assert report["command_line"].startswith("rali-edge profile --model")
+    assert report["environment"]["versions"]["torch"] == torch.__version__
+    assert "baseline" not in report
+
+    comp = report["comparison"]
+    assert comp["rali_smallest_batch"]["batch_size"] == 1
+    best = max(runs, key=lambda r: r["images_per_s"])
+    assert comp["rali_best_throughput"]["images_per_s"] == best["images_per_s"]
+
+    md = (out / "profile.md").read_text()
+    assert "| time per image (ms) |" in md and "RALI, batch 1" in md
+    assert "Power unavailable" in md and "![latency](latency.png)" in md
+    # The terminal shows the summary table on stdout.
+    assert "time per image (ms)" in result.stdout and "power: unavailable" in result.stdout
+
+
+class FailingNvml:
+    """pynvml whose library is missing (as on a machine without the NVIDIA driver)."""
+
+    class NVMLError_LibraryNotFound(Exception):
+        pass
+
+    def nvmlInit(self):
+        raise self.NVMLError_LibraryNotFound("NVML Shared Library Not Found")
+
+    def nvmlShutdown(self):
+        pass
+
+
+@pytest.mark.parametrize("pynvml", [None, FailingNvml()], ids=["absent", "failing"])
+def test_nvml_absent_or_failing_reports_power_unavailable(small_model, image_dir, tmp_path, monkeypatch, pynvml):
+    monkeypatch.setitem(sys.modules, "pynvml", pynvml)  # None makes `import pynvml` raise ImportError
+    out = tmp_path / "report"
+    result = run_profile("--model", str(small_model), "--batch-sizes", "2", "--iters", "2", "--power", "nvml",
+                         "--images", image_dir, "--report", str(out))
+    assert result.exit_code == 0, result.output
+    report = load_report(out)
+    assert report["power"]["available"] is False and report["power"]["source"] == "nvml"
+    reason = report["power"]["unavailable_reason"]
+    assert ("nvidia-ml-py" in reason) if pynvml is None else ("NVML Shared Library Not Found" in reason)
+    run = report["rali"]["runs"][0]
+    assert run["iterations"] == 2 and run["energy"]["available"] is False and run["energy"]["j_per_image"] is None
+    assert "Power unavailable" in (out / "profile.md").read_text()
+
+
+def _orin_nano(root, vdd_in_ma):
+    """A Jetson Orin Nano INA3221 tree (mainline hwmon driver). VDD_IN is the board total."""
+    d = root / "bus" / "i2c" / "drivers" / "ina3221" / "1-0040" / "hwmon" / "hwmon1"
+    d.mkdir(parents=True, exist_ok=True)
+    for n, (label, mv, ma) in {1: ("VDD_IN", 5000, vdd_in_ma), 2: ("VDD_CPU_GPU_CV", 5000, 200),
+                               3: ("VDD_SOC", 5000, 300)}.items():
+        (d / f"in{n}_label").write_text(label + "\n")
+        (d / f"in{n}_input").write_text(f"{mv}\n")
+        (d / f"curr{n}_input").write_text(f"{ma}\n")
+
+
+def test_jetson_power_gives_energy_per_image(small_model, image_dir, tmp_path, monkeypatch):
+    from rali_edge.profiling import runner
+
+    sysfs = tmp_path / "sys"
+    idle_ma, load_ma = 500, 1200  # 2.5 W idle, 6.0 W under load (5 V rail)
+    _orin_nano(sysfs, load_ma)
+    real_measure_idle = runner.measure_idle
+
+    def measure_idle_at_idle_current(sampler, seconds):
+        _orin_nano(sysfs, idle_ma)
+        try:
+            return real_measure_idle(sampler, seconds)
+        finally:
+            _orin_nano(sysfs, load_ma)
+
+    monkeypatch.setattr(runner, "measure_idle", measure_idle_at_idle_current)
+    out = tmp_path / "report"
+    result = run_profile("--model", str(small_model), "--batch-sizes", "2", "--iters", "3", "--power", "jetson",
+                         "--sysfs-root", str(sysfs), "--idle-seconds", "0.2", "--images", image_dir,
+                         "--report", str(out))
+    assert result.exit_code == 0, result.output
+    report = load_report(out)
+    power = report["power"]
+    assert power["available"] and power["source"] == "ina3221"
+    # Board power is VDD_IN alone (not the sum of rails): 5000 mV * 500 mA = 2.5 W.
+    assert power["idle_w"] == pytest.approx(2.5, rel=1e-12)
+    e = report["rali"]["runs"][0]["energy"]
+    assert e["available"] and e["images"] == 6
+    assert e["load_avg_w"] == pytest.approx(6.0, rel=1e-12)  # constant readings: exact up to rounding
+    window = e["load_window_s"]
+    assert e["j_per_image"] == pytest.approx(6.0 * window / 6, rel=1e-9)
+    assert e["j_per_image_above_idle"] == pytest.approx((6.0 - 2.5) * window / 6, rel=1e-9)
+    # Three tiny iterations are far shorter than 5 sensor periods: the report must say so.
+    assert any("shorter than" in w for w in e["warnings"])
+    assert "energy_per_image.png" in report["files"] and (out / "energy_per_image.png").stat().st_size > 0
+    md = (out / "profile.md").read_text()
+    assert "Idle power 2.5 W" in md and "shorter than" in md
+
+
+def test_baseline_random_tiny_qwen25vl_on_cpu(small_model, image_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    try:  # transformers 5 (no torchvision needed); 4.x keeps it in the slow image processor
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    except ImportError:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    from rali_edge.profiling.baseline import QWEN25VL_TINY, SYSTEM_PROMPT, USER_PROMPT
+
+    out = tmp_path / "report"
+    result = run_profile("--model", str(small_model), "--batch-sizes", "1,2", "--iters", "2", "--power", "none",
+                         "--images", image_dir, "--baseline-random-weights", "--baseline-config", "tiny",
+                         "--baseline-tokens", "8", "--baseline-images", "2", "--report", str(out))
+    assert result.exit_code == 0, result.output
+    report = load_report(out)
+    base = report["baseline"]
+    info, run = base["info"], base["run"]
+    assert info["mode"] == "random-weights" and info["architecture"] == "tiny"
+    assert info["generation"]["min_new_tokens"] == info["generation"]["max_new_tokens"] == 8
+    assert run["extra"]["tokens_generated"] == [8, 8] and run["extra"]["tokens_per_image"] == 8
+
+    # Parameters: the same architecture built independently on the meta device.
+    with torch.device("meta"):
+        ref = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**QWEN25VL_TINY))
+    assert info["parameters"] == sum(p.numel() for p in ref.parameters())
+
+    # Image tokens: transformers' own resize rule (tiny caps at 112x112 pixels), 2x2 patches merged.
+    for size, n_image, n_prompt in zip(report["images"]["sizes"], run["extra"]["image_tokens"],
+                                       run["extra"]["prompt_tokens"]):
+        h, w = smart_resize(size[1], size[0], factor=28, min_pixels=3136, max_pixels=112 * 112)
+        assert n_image == (h // 14) * (w // 14) // 4
+        # Chat-template layout: 15 special/role tokens + estimated text (4 chars/token) + image.
+        assert n_prompt == 15 + math.ceil(len(SYSTEM_PROMPT) / 4) + math.ceil(len(USER_PROMPT) / 4) + n_image
+
+    assert set(run["stages"]) == {"decode", "preprocess", "prefill", "generation", "total"}
+    for s in run["stages"].values():
+        check_summary(s, 2)
+    assert run["stages"]["total"]["mean_ms"] >= sum(
+        run["stages"][s]["mean_ms"] for s in ("decode", "preprocess", "prefill", "generation"))
+
+    comp = report["comparison"]
+    rali1 = report["rali"]["runs"][0]
+    assert comp["ratios_smallest_batch"]["ms_per_image"] == pytest.approx(
+        run["per_image_ms"] / rali1["per_image_ms"], rel=1e-12)
+    assert comp["ratios_smallest_batch"]["parameters"] == pytest.approx(
+        info["parameters"] / report["rali"]["model"]["parameters"], rel=1e-12)
+    md = (out / "profile.md").read_text()
+    assert "## RALI against Q-Insight" in md and "Q-Insight (random weights)" in md
+    assert "architecture-cost measurement" in md
+    assert "tokens generated per image" in md
+    assert "Q-Insight" in result.stdout
+
+
+def test_baseline_needs_weights_or_random(small_model):
+    result = run_profile("--model", str(small_model), "--baseline", "qinsight", "--power", "none")
+    assert result.exit_code == 2
+    assert "--baseline-model" in result.output and "--baseline-random-weights" in result.output
+
+
+def test_baseline_without_transformers_exits_4(small_model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    result = run_profile("--model", str(small_model), "--baseline-random-weights", "--power", "none")
+    assert result.exit_code == 4
+    assert "pip install 'rali-edge[baseline]'" in result.output
+
+
+def test_iters_and_duration_exclude_each_other(small_model):
+    result = run_profile("--model", str(small_model), "--iters", "2", "--duration", "1", "--power", "none")
+    assert result.exit_code == 2 and "exclude" in result.output
+
+
+def test_duration_budget_runs_until_the_time_is_spent(small_model, image_dir, tmp_path):
+    out = tmp_path / "report"
+    result = run_profile("--model", str(small_model), "--batch-sizes", "1", "--duration", "0.3", "--power", "none",
+                         "--images", image_dir, "--report", str(out))
+    assert result.exit_code == 0, result.output
+    run = load_report(out)["rali"]["runs"][0]
+    assert run["wall_s"] >= 0.3 and run["iterations"] >= 1
+    assert run["stages"]["total"]["count"] == run["iterations"]
