@@ -189,6 +189,10 @@ def profile_command(ctx, batch_sizes, warmup, iters, duration, image_paths, powe
             line.keep(f"power: unavailable ({sampler.unavailable_reason})")
 
         scorer = _load_rali(model_kwargs)
+        # An engine may run elsewhere than --device says (TensorRT runs on a GPU): the baseline
+        # and the environment follow where RALI really ran.
+        device = str(scorer.encoder.device)
+        settings["effective_device"] = device
         profile["rali"] = {"model": _rali_model_info(scorer, model_kwargs), "timing": _timing_note(scorer, device)}
         runs = runner.profile_rali(scorer, images, batch_sizes, budget, sampler, idle, line)
         profile["rali"]["runs"] = [r.to_dict() for r in runs]
@@ -263,6 +267,7 @@ def _load_rali(model_kwargs):
 
 def _rali_model_info(scorer, model_kwargs) -> dict:
     from rali_edge.model import count_parameters
+    from rali_edge.profiling.runner import head_in_encoder
     from rali_edge.scoring import default_model_path
 
     path = model_kwargs.get("model") or str(default_model_path())
@@ -274,7 +279,8 @@ def _rali_model_info(scorer, model_kwargs) -> dict:
     return {
         "name": scorer.manifest.name, "path": path, "sha256": scorer.model_sha256, "parameters": params,
         "backend": model_kwargs.get("backend"), "engine": model_kwargs.get("engine"),
-        "dtype": model_kwargs.get("dtype"), "head": getattr(scorer.head, "impl", None),
+        "dtype": model_kwargs.get("dtype"),
+        "head": "in engine" if head_in_encoder(scorer) else getattr(scorer.head, "impl", None),
         "image_size": [scorer.preprocess.config.crop_height, scorer.preprocess.config.crop_width],
         "encoder": scorer.manifest.encoder.to_dict(),
     }
