@@ -1,0 +1,249 @@
+"""What an engine computes, as a torch module, and its ONNX export.
+
+`ExportEncoder` is the one definition of an engine's function: float32 pixels [B, 3, H, W] in,
+float32 class-token state [B, D] (head outside) or score [B] (head inside) out. The ONNX export,
+the AOTInductor package and (through the ONNX file) the TensorRT engine are all made from it.
+
+Precision policy for fp16/bf16 (ViTs overflow in fp16 layernorm: NVIDIA/TensorRT#2564, #2709):
+- convolution, linear layers, attention matmuls and the residual stream run in the low precision;
+- every layernorm and every attention softmax runs in fp32 (cast in, cast back out);
+- the RALI head runs entirely in fp32: its softmax over prototype similarities is multiplied by
+  the logit scale (~14-100), so one fp16 ulp of a similarity already moves the score.
+The casts are explicit in the graph, so a strongly typed TensorRT network (TensorRT 11, or 10 with
+--typing strong) and ONNX Runtime compute exactly this. The engine's inputs and outputs stay fp32.
+
+The ONNX graph uses opset 18 (torch's exporter has no lower one; >= 17 keeps LayerNormalization
+one node, which TensorRT maps to its normalization layer). Head nodes are renamed `rali_head/...`
+so that the TensorRT 10 weak-typing builder can pin them to fp32 by name.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rali_edge.errors import MissingDependencyError, RaliEdgeError
+from rali_edge.model import RaliModel, head_torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ONNX_OPSET = 18
+HEAD_PREFIX = "rali_head/"
+# ONNX ops that stay fp32 in every precision (the TensorRT 10 builder pins their layers too).
+FP32_OPS = ("LayerNormalization", "Softmax", "ReduceL2", "ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceMax")
+METADATA_KEY = "rali_edge"
+
+
+class _Fp32Head(nn.Module):
+    """The folded RALI head in fp32, with the logit scale as a Python constant: `float(tensor)`
+    inside forward would be a data-dependent value that torch.export cannot trace."""
+
+    def __init__(self, model: RaliModel):
+        super().__init__()
+        head = model.head
+        for name in ("weight", "bias", "prototypes", "proto_scores"):
+            self.register_buffer(name, getattr(head, name).detach().float().clone())
+        self.logit_scale = float(head.logit_scale)
+        self.ln_eps = float(head.ln_eps)
+
+    def forward(self, cls: torch.Tensor) -> torch.Tensor:
+        return head_torch(cls.float(), self.weight, self.bias, self.prototypes, self.proto_scores,
+                          self.logit_scale, self.ln_eps)
+
+
+class ExportEncoder(nn.Module):
+    """fp32 pixels [B, 3, H, W] -> fp32 score [B] (outputs="score") or class token [B, D]."""
+
+    def __init__(self, model: RaliModel, precision: str = "fp32", outputs: str = "score"):
+        super().__init__()
+        if precision not in DTYPES:
+            raise RaliEdgeError(f"unknown precision {precision!r}; choose one of {', '.join(DTYPES)}")
+        if outputs not in ("score", "class_token"):
+            raise RaliEdgeError(f"unknown outputs {outputs!r}; choose score or class_token")
+        self.precision, self.outputs, self.dtype = precision, outputs, DTYPES[precision]
+        encoder = model.encoder
+        if self.dtype != torch.float32:
+            # A low-precision copy of the matmul weights; layernorms keep their fp32 parameters.
+            encoder = copy.deepcopy(encoder)
+            for module in encoder.modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                    module.to(self.dtype)
+            emb = encoder.vision_model.embeddings
+            emb.class_embedding = nn.Parameter(emb.class_embedding.detach().to(self.dtype), requires_grad=False)
+        self.encoder = encoder.eval()
+        self.head = _Fp32Head(model) if outputs == "score" else None
+        self.config = model.encoder.config
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        vm = self.encoder.vision_model
+        emb = vm.embeddings
+        x = pixels.to(self.dtype)
+        patches = emb.patch_embedding(x).flatten(2).transpose(1, 2)
+        cls = emb.class_embedding.expand(patches.shape[0], 1, -1)
+        h = torch.cat([cls, patches], dim=1) + emb.position_embedding.weight
+        h = _layer_norm32(vm.pre_layrnorm, h)
+        for block in vm.encoder.layers:
+            h = h + _attention(block.self_attn, _layer_norm32(block.layer_norm1, h))
+            h = h + block.mlp(_layer_norm32(block.layer_norm2, h))
+        cls_state = h[:, 0].float()
+        return cls_state if self.head is None else self.head(cls_state)
+
+
+def _layer_norm32(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """Layernorm computed in fp32 whatever x's dtype; the result goes back to x's dtype."""
+    return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(x.dtype)
+
+
+def _attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Multi-head self-attention with the softmax in fp32. q is scaled before q @ k^T (as SDPA
+    does) so that the low-precision scores stay small."""
+    b, n, d = x.shape
+    h = attn.num_heads
+    scale = 1.0 / math.sqrt(d // h)
+
+    def heads(t):
+        return t.view(b, n, h, d // h).transpose(1, 2)
+
+    q, k, v = heads(attn.q_proj(x) * scale), heads(attn.k_proj(x)), heads(attn.v_proj(x))
+    weights = torch.softmax((q @ k.transpose(-1, -2)).float(), dim=-1).to(x.dtype)
+    return attn.out_proj((weights @ v).transpose(1, 2).reshape(b, n, d))
+
+
+def example_pixels(model: RaliModel, batch: int = 2) -> torch.Tensor:
+    cfg = model.encoder.config
+    return torch.randn(batch, cfg.num_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+
+
+def dynamic_batch(batch_min: int, batch_max: int):
+    """torch.export's dynamic shape spec for the batch axis, or None for a fixed batch."""
+    if batch_min == batch_max:
+        return None
+    return {"pixels": {0: torch.export.Dim("batch", min=batch_min, max=batch_max)}}
+
+
+def example_batch(batch_min: int, batch_max: int) -> int:
+    # An example of size 1 would make torch.export specialise the batch axis to 1.
+    return batch_min if batch_min == batch_max else max(2, batch_min)
+
+
+@contextlib.contextmanager
+def quiet_export():
+    """torch.export and the ONNX exporter log pages of graph dumps and warnings at WARNING level;
+    a build shows its own progress instead. Errors still raise."""
+    names = ("torch.onnx", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes", "torch._dynamo",
+             "onnxscript")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_onnx(model: RaliModel, path: str | Path, precision: str = "fp32", outputs: str = "score",
+                batch_min: int = 1, batch_max: int = 16) -> Path:
+    """Write the engine function as an ONNX file (one file, weights inside) with a dynamic batch
+    axis `batch`, input `pixels` and output `score` or `class_token`. Returns the path."""
+    try:
+        import onnx
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("ONNX export needs onnx and onnxscript: pip install 'rali-edge[onnx]'") from None
+    path = Path(path)
+    module = ExportEncoder(model, precision, outputs).eval()
+    example = example_pixels(model, example_batch(batch_min, batch_max))
+    try:
+        with torch.no_grad(), quiet_export():
+            program = torch.onnx.export(
+                module, (example,), input_names=["pixels"], output_names=[outputs], opset_version=ONNX_OPSET,
+                dynamo=True, dynamic_shapes=dynamic_batch(batch_min, batch_max), verbose=False,
+            )
+    except Exception as e:
+        raise RaliEdgeError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    proto = program.model_proto
+    mark_head_nodes(proto)
+    _set_metadata(proto, {"precision": precision, "outputs": outputs, "head_prefix": HEAD_PREFIX,
+                          "fp32_ops": list(FP32_OPS), "batch": [batch_min, batch_max]})
+    import onnx
+
+    # Weights inside the file: a ViT-L is 1.2 GB in fp32, under protobuf's 2 GB limit.
+    onnx.save_model(proto, str(path), save_as_external_data=proto.ByteSize() > (1 << 31) - (1 << 26))
+    return path
+
+
+def node_scopes(node) -> list[str]:
+    """The torch module path of an exported ONNX node (from the exporter's node metadata)."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                return [str(s) for s in ast.literal_eval(prop.value)]
+            except (ValueError, SyntaxError):
+                return []
+    return []
+
+
+def mark_head_nodes(proto) -> int:
+    """Prefix the names of the head's nodes with HEAD_PREFIX; returns how many were renamed."""
+    renamed = 0
+    for node in proto.graph.node:
+        if "head" in node_scopes(node) and not node.name.startswith(HEAD_PREFIX):
+            node.name = HEAD_PREFIX + node.name
+            renamed += 1
+    return renamed
+
+
+def _set_metadata(proto, values: dict) -> None:
+    entry = next((p for p in proto.metadata_props if p.key == METADATA_KEY), None)
+    if entry is None:
+        entry = proto.metadata_props.add()
+        entry.key = METADATA_KEY
+    entry.value = json.dumps(values)
+
+
+def read_metadata(path: str | Path) -> dict:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    entry = next((p for p in proto.metadata_props if p.key == METADATA_KEY), None)
+    return json.loads(entry.value) if entry else {}
+
+
+def onnx_session(path: str | Path, threads: int | None = None):
+    """An ONNX Runtime CPU session for an exported engine."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise MissingDependencyError("running ONNX files needs onnxruntime: pip install 'rali-edge[onnx]'") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+__all__ = [
+    "DTYPES",
+    "FP32_OPS",
+    "HEAD_PREFIX",
+    "ONNX_OPSET",
+    "ExportEncoder",
+    "export_onnx",
+    "mark_head_nodes",
+    "onnx_session",
+    "read_metadata",
+]

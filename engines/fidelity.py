@@ -1,0 +1,175 @@
+"""The fidelity check: does an engine score images like fp32 PyTorch does?
+
+Every `rali-edge build` ends with it, and `rali-edge check-engine` runs it on its own. A set of
+images (the bundled samples, or --calib-dir) is scored by the engine, exactly as a user would run
+it (its backend, its device, the head it uses), and by the fp32 PyTorch model with the eager head;
+the check reports the largest |score difference| (scores are on the 1..5 scale) and the rank
+correlation (SRCC) between the two, and fails above --max-score-diff.
+
+The two scorers run one after the other, not side by side: on an 8 GB Jetson a ViT-L in fp32 and
+its engine together would not leave much room.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from rali_edge.errors import RaliEdgeError
+
+DEFAULT_MAX_SCORE_DIFF = 0.02
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+@dataclass
+class FidelityReport:
+    images: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    srcc: float
+    max_score_diff: float
+    passed: bool
+    worst_image: str
+    reference: str  # what the engine was compared with
+    skipped: int = 0  # images that could not be read
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        srcc = "n/a" if np.isnan(self.srcc) else f"{self.srcc:.4f}"
+        text = (f"{verdict}: {self.images} images, max |score diff| {self.max_abs_diff:.4f} "
+                f"(limit {self.max_score_diff}), mean {self.mean_abs_diff:.4f}, SRCC {srcc} vs {self.reference}")
+        if not self.passed:
+            text += f"; worst: {self.worst_image}"
+        if self.skipped:
+            text += f"; {self.skipped} unreadable images skipped"
+        return text
+
+
+def sample_images() -> list[Path]:
+    """The images bundled with rali-edge (rali_edge/assets/samples/)."""
+    folder = Path(str(resources.files("rali_edge") / "assets" / "samples"))
+    return _images_in(folder) if folder.is_dir() else []
+
+
+def find_images(calib_dir: str | Path | None = None) -> list[Path]:
+    """Images of --calib-dir (searched recursively), else the bundled samples."""
+    if calib_dir is not None:
+        folder = Path(calib_dir)
+        if not folder.is_dir():
+            raise RaliEdgeError(f"--calib-dir {folder}: not a folder")
+        images = _images_in(folder)
+        if not images:
+            raise RaliEdgeError(f"--calib-dir {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return images
+    images = sample_images()
+    if not images:
+        raise RaliEdgeError(
+            "no images for the fidelity check: this install has no bundled samples; pass --calib-dir DIR "
+            "(a few dozen typical images), or --no-check to skip the check"
+        )
+    return images
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def srcc(a, b) -> float:
+    """Spearman rank correlation; rali_edge.evaluation's when that module exists."""
+    try:
+        from rali_edge.evaluation import srcc as project_srcc
+    except ImportError:
+        return _srcc(a, b)
+    return float(project_srcc(a, b))
+
+
+def _srcc(a, b) -> float:
+    """Pearson correlation of average ranks (ties share their mean rank); nan if a side is constant."""
+    ra, rb = _ranks(np.asarray(a, np.float64)), _ranks(np.asarray(b, np.float64))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = np.arange(1, len(x) + 1)
+    for value in np.unique(x):  # average ranks over ties
+        tied = x == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def compare(reference: dict[str, float], engine: dict[str, float], max_score_diff: float,
+            reference_name: str = "fp32 PyTorch", skipped: int = 0) -> FidelityReport:
+    """Compare two {image: score} maps over the images both scored."""
+    common = [k for k in reference if k in engine]
+    if not common:
+        raise RaliEdgeError("fidelity check: no image could be scored")
+    ref = np.array([reference[k] for k in common], np.float64)
+    got = np.array([engine[k] for k in common], np.float64)
+    diff = np.abs(got - ref)
+    worst = int(np.argmax(diff))
+    # NaN scores (an engine that overflowed) must fail, and np.max would propagate them anyway.
+    max_diff = float(np.max(diff)) if not np.isnan(diff).any() else float("inf")
+    return FidelityReport(
+        images=len(common), max_abs_diff=max_diff, mean_abs_diff=float(np.nanmean(diff)),
+        srcc=srcc(ref, got) if len(common) > 1 else float("nan"), max_score_diff=max_score_diff,
+        passed=max_diff <= max_score_diff, worst_image=common[worst], reference=reference_name, skipped=skipped,
+    )
+
+
+def score_files(scorer, paths: list[Path], batch_size: int) -> tuple[dict[str, float], int]:
+    scores, failed = {}, 0
+    for result in scorer.score_files([str(p) for p in paths], batch_size=batch_size):
+        if result.error is None:
+            scores[result.path] = result.score
+        else:
+            failed += 1
+    return scores, failed
+
+
+def check_engine(model_path: str | Path, engine_path: str | Path, backend: str, images: list[Path],
+                 max_score_diff: float = DEFAULT_MAX_SCORE_DIFF, device: str | None = None,
+                 batch_size: int = 8) -> FidelityReport:
+    """Score `images` with the engine (as rali_edge.load would run it) and with the fp32 PyTorch
+    model on the same device, then compare."""
+    import torch
+
+    from rali_edge.engines.runners import open_engine
+
+    from rali_edge.model_file import load_model
+    from rali_edge.scoring import Scorer
+
+    model, manifest = load_model(model_path)
+    encoder = open_engine(backend, engine_path, manifest, device=device, model_ref=str(model_path))
+    run_device = encoder.device
+    engine_scores, skipped = score_files(Scorer(model, manifest, device=run_device, encoder=encoder), images, batch_size)
+    del encoder, model
+    gc.collect()
+    if run_device.type == "cuda":
+        torch.cuda.empty_cache()
+    model, manifest = load_model(model_path, verify=False)
+    reference = Scorer(model, manifest, device=run_device, dtype="fp32", head="torch")
+    reference_scores, _ = score_files(reference, images, batch_size)
+    return compare(reference_scores, engine_scores, max_score_diff, f"fp32 PyTorch on {run_device}", skipped)
+
+
+__all__ = [
+    "DEFAULT_MAX_SCORE_DIFF",
+    "FidelityReport",
+    "check_engine",
+    "compare",
+    "find_images",
+    "sample_images",
+    "srcc",
+]

@@ -1,0 +1,611 @@
+"""TensorRT engines: the builder (ONNX -> plan, TensorRT Python API) and two runners.
+
+Two precision paths, picked from the installed TensorRT's major version (`plan_precision`):
+- TensorRT 10 (JetPack 6 on Orin): weak typing. The fp32 ONNX is parsed, BuilderFlag.FP16/BF16
+  lets TensorRT choose low precision per layer, and OBEY_PRECISION_CONSTRAINTS pins layernorm,
+  softmax, reductions and every RALI head layer to fp32 (`pin_fp32_layers`). `--typing strong`
+  uses the TensorRT 11 path instead, which also needs less memory to build (fp16 weights in the
+  ONNX): useful on an 8 GB Orin.
+- TensorRT 11: strongly typed networks only (the weak-typing flags are gone). The ONNX file itself
+  is mixed precision (export.py casts layernorm/softmax/head to fp32) and TensorRT follows it.
+
+Runners:
+- `TensorRTEncoder`: an EncoderBackend for rali_edge.load(..., backend="tensorrt") on torch CUDA
+  tensors, with `execute_async_v3` on torch's current stream and a CUDA graph for batch 1.
+- `TensorRTScorer`: no torch at all (pycuda buffers, numpy preprocessing, the head inside the
+  engine), for devices where installing torch is a burden:
+      TensorRTScorer("rali.trt10.3.sm87.fp16.b1-8.plan").score(["a.jpg", "b.jpg"])
+
+Only this module imports `tensorrt`, and only inside functions: everything around it (names,
+sidecars, precision plans, which layers to pin) is plain Python that is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rali_edge.engines.naming import (
+    INPUT_NAME,
+    BatchRange,
+    EngineInfo,
+    RuntimeInfo,
+    check_compatible,
+    compute_capability_tag,
+    device_model,
+    read_sidecar,
+)
+from rali_edge.errors import (
+    EngineMismatchError,
+    ImageError,
+    MissingDependencyError,
+    RaliEdgeError,
+)
+
+HEAD_PREFIX = "rali_head/"  # same as export.HEAD_PREFIX (export.py imports torch; this module must not)
+FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "REDUCE")
+GIB = 1 << 30
+
+INSTALL_HINT = (
+    "TensorRT's Python package is not installed (or not visible to this Python). "
+    "On a Jetson, use the TensorRT that ships with JetPack: `sudo apt install python3-libnvinfer "
+    "python3-libnvinfer-dev`, and create your virtualenv with --system-site-packages so it sees it "
+    "(never pip-install another TensorRT there). On a desktop GPU: pip install 'rali-edge[tensorrt]'. "
+    "Without TensorRT, `--target aoti` builds an engine with PyTorch alone."
+)
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise MissingDependencyError(INSTALL_HINT) from None
+    except OSError as e:  # the bindings are there but libnvinfer.so is not
+        raise MissingDependencyError(f"TensorRT is installed but cannot load its libraries ({e}). {INSTALL_HINT}") from None
+    return trt
+
+
+def tensorrt_major(version: str) -> int:
+    m = re.match(r"(\d+)", str(version))
+    if not m:
+        raise RaliEdgeError(f"cannot read the TensorRT version {version!r}")
+    return int(m.group(1))
+
+
+# ---------------------------------------------------------------------------------- precision
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """How to get a precision out of a given TensorRT version."""
+
+    onnx_precision: str  # the precision of the ONNX file to export ("fp32" = weights fp32, no casts)
+    strongly_typed: bool
+    builder_flags: tuple[str, ...] = ()  # BuilderFlag names to set
+    cleared_flags: tuple[str, ...] = ()  # BuilderFlag names to clear when they exist
+    pin_fp32: bool = False  # pin layernorm/softmax/reduce/head layers to fp32 (weak typing only)
+
+    @property
+    def typing(self) -> str:
+        return "strong" if self.strongly_typed else "weak"
+
+
+def plan_precision(trt_major: int, precision: str, typing: str = "auto") -> PrecisionPlan:
+    """TensorRT 10: weak typing (builder flags + fp32 constraints) unless typing="strong";
+    TensorRT 11+: strong typing only, precision from the ONNX types."""
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise RaliEdgeError(f"unknown precision {precision!r}; choose fp32, fp16 or bf16")
+    if typing not in ("auto", "weak", "strong"):
+        raise RaliEdgeError(f"unknown typing {typing!r}; choose auto, weak or strong")
+    if trt_major < 10:
+        raise MissingDependencyError(
+            f"TensorRT {trt_major}.x is too old: rali-edge needs TensorRT >= 10 (JetPack 6.1 or newer on Jetson); "
+            "use --target aoti meanwhile")
+    # TF32 rounds fp32 matmul inputs to 10 mantissa bits; "fp32" should mean fp32.
+    no_tf32 = ("TF32",) if precision == "fp32" else ()
+    if trt_major >= 11 or typing == "strong":
+        if trt_major >= 11 and typing == "weak":
+            raise RaliEdgeError("TensorRT 11 removed weak typing (builder precision flags); use --typing strong or auto")
+        return PrecisionPlan(precision, strongly_typed=True, cleared_flags=no_tf32)
+    if precision == "fp32":
+        return PrecisionPlan("fp32", strongly_typed=False, cleared_flags=no_tf32)
+    return PrecisionPlan("fp32", strongly_typed=False, builder_flags=(precision.upper(), "OBEY_PRECISION_CONSTRAINTS"),
+                         pin_fp32=True)
+
+
+def wants_fp32(layer_name: str, layer_type: str) -> bool:
+    """Whether a TensorRT layer must stay fp32 under weak typing: layernorm, softmax and
+    reductions anywhere (the ViT fp16 overflow), and every layer the parser made from a head node
+    (export.py names those nodes `rali_head/...`; the parser keeps node names in layer names)."""
+    return layer_type in FP32_LAYER_TYPES or HEAD_PREFIX in layer_name
+
+
+def pin_fp32_layers(trt, network) -> list[str]:
+    """Set precision and output types to fp32 on the layers `wants_fp32` picks; returns their names.
+    Layers with non-float outputs (shapes, indices) and constants are left alone."""
+    floats = {trt.float32, trt.float16} | ({trt.bfloat16} if hasattr(trt, "bfloat16") else set())
+    pinned = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == trt.LayerType.CONSTANT or not wants_fp32(layer.name, layer.type.name):
+            continue
+        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        if not outputs or any(t.dtype not in floats for t in outputs):
+            continue
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            layer.set_output_type(j, trt.float32)
+        pinned.append(layer.name)
+    return pinned
+
+
+# ------------------------------------------------------------------------------------- memory
+def estimate_build_memory_gib(onnx_bytes: int, workspace_gib: float, engine_weight_fraction: float = 1.0) -> float:
+    """A rough upper estimate of the memory a TensorRT build of this ONNX file takes. On Jetson the
+    GPU shares the RAM, so all of it counts against the board's memory:
+    the parsed ONNX and the network's copy of its weights (2x the file), the engine's weights
+    (x engine_weight_fraction: 0.5 when fp32 weights become fp16), the workspace, and ~1 GiB for
+    the CUDA context, cuBLAS/cuDNN handles and tactic scratch."""
+    weights = onnx_bytes / GIB
+    return round(2 * weights + engine_weight_fraction * weights + workspace_gib + 1.0, 1)
+
+
+def available_memory_gib() -> float | None:
+    """MemAvailable from /proc/meminfo (Linux), in GiB."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / GIB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_advice(needed_gib: float, available_gib: float | None, plan: PrecisionPlan) -> str | None:
+    """A warning when the build probably does not fit (the kernel's OOM killer ends it without a
+    word from TensorRT: nanoowl#5, jetson-containers#598)."""
+    if available_gib is None or available_gib >= needed_gib:
+        return None
+    tips = ["--workspace 1"]
+    if not plan.strongly_typed and plan.onnx_precision == "fp32" and plan.builder_flags:
+        tips.insert(0, "--typing strong (fp16 weights in the ONNX: half the memory)")
+    return (
+        f"this build may need ~{needed_gib:.1f} GiB but only {available_gib:.1f} GiB is available; if it gets "
+        f"killed, try {' and '.join(tips)}, stop the desktop (sudo systemctl isolate multi-user.target) "
+        "and other GPU programs, or build on a bigger board of the same JetPack and GPU"
+    )
+
+
+# ------------------------------------------------------------------------------------ runtime
+def gpu_info(device_index: int = 0) -> tuple[str, str, str | None]:
+    """(GPU name, compute capability tag, CUDA version) from torch when it has CUDA, else pycuda."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(device_index)
+            return torch.cuda.get_device_name(device_index), compute_capability_tag(major, minor), torch.version.cuda
+    except ImportError:
+        pass
+    try:
+        import pycuda.driver as cuda
+    except ImportError:
+        raise MissingDependencyError(
+            "no CUDA GPU visible: install torch with CUDA, or pycuda (pip install pycuda) for the torch-free runner"
+        ) from None
+    try:
+        cuda.init()
+        device = cuda.Device(device_index)
+        version = ".".join(str(v) for v in cuda.get_version()[:2])
+        return device.name(), compute_capability_tag(*device.compute_capability()), version
+    except cuda.Error as e:
+        raise MissingDependencyError(f"no usable CUDA GPU: {e}") from None
+
+
+def tensorrt_runtime(device_index: int = 0) -> RuntimeInfo:
+    trt = import_tensorrt()
+    name, cc, cuda_version = gpu_info(device_index)
+    return RuntimeInfo(device_type="cuda", tensorrt_version=trt.__version__, cuda_version=cuda_version, gpu_name=name,
+                       compute_capability=cc, device_model=device_model())
+
+
+def _logger(trt, collected: list[str] | None = None):
+    """A TensorRT logger that prints warnings and errors and keeps the errors for our messages."""
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            # Severity: INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4.
+            if int(severity) <= int(trt.ILogger.Severity.ERROR) and collected is not None:
+                collected.append(str(msg))
+            if int(severity) <= int(trt.ILogger.Severity.WARNING):
+                print(f"[TensorRT] {msg}", file=sys.stderr, flush=True)
+
+    return Logger()
+
+
+# ------------------------------------------------------------------------------------ builder
+ProgressCallback = Callable[[str, str, int, int], bool]  # (event, phase, step, num_steps) -> keep going
+
+
+def _progress_monitor(trt, callback: ProgressCallback):
+    """Adapt TensorRT's IProgressMonitor (10.0+) to a plain callback; returning False cancels."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.steps: dict[str, int] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self.steps[phase_name] = num_steps
+            callback("start", phase_name, 0, num_steps)
+
+        def step_complete(self, phase_name, step):
+            try:
+                return bool(callback("step", phase_name, step, self.steps.get(phase_name, 0)))
+            except KeyboardInterrupt:
+                return False  # cancels the build cleanly instead of raising through C++
+
+        def phase_finish(self, phase_name):
+            callback("finish", phase_name, self.steps.pop(phase_name, 0), 0)
+
+    return Monitor()
+
+
+@dataclass
+class BuildResult:
+    plan_path: Path
+    tensorrt_version: str
+    typing: str
+    pinned_layers: list[str] = field(default_factory=list)
+    timing_cache_written: bool = False
+
+
+def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch: BatchRange, image_size: tuple[int, int],
+                 plan: PrecisionPlan, workspace_gib: float | None = None, timing_cache: str | Path | None = None,
+                 progress: ProgressCallback | None = None) -> BuildResult:
+    """Parse the ONNX file, configure precision, one optimisation profile (batch.min/opt/max),
+    the workspace limit and the timing cache, and write the serialized engine to plan_path."""
+    trt = import_tensorrt()
+    errors: list[str] = []
+    logger = _logger(trt, errors)
+    builder = trt.Builder(logger)
+    flags = 0
+    if plan.strongly_typed:
+        # TensorRT 10 needs the flag; in 11 every network is strongly typed (the flag may be gone).
+        strong = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        if strong is not None:
+            flags |= 1 << int(strong)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        details = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "; ".join(errors)
+        raise RaliEdgeError(f"TensorRT could not parse {onnx_path}: {details}")
+    _check_network_io(network, image_size)
+
+    config = builder.create_builder_config()
+    if workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * GIB))
+    for name in plan.builder_flags:
+        if not hasattr(trt.BuilderFlag, name):
+            raise RaliEdgeError(f"TensorRT {trt.__version__} has no BuilderFlag.{name}; try --typing strong")
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    for name in plan.cleared_flags:
+        if hasattr(trt.BuilderFlag, name):
+            config.clear_flag(getattr(trt.BuilderFlag, name))
+    pinned = pin_fp32_layers(trt, network) if plan.pin_fp32 else []
+
+    profile = builder.create_optimization_profile()
+    shape = lambda b: (b, 3, *image_size)
+    profile.set_shape(INPUT_NAME, shape(batch.min), shape(batch.opt), shape(batch.max))
+    config.add_optimization_profile(profile)
+
+    if timing_cache is not None:
+        cached = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
+        cache = config.create_timing_cache(cached)
+        if not config.set_timing_cache(cache, False):
+            # A cache from another GPU, CUDA or TensorRT: start a fresh one rather than fail.
+            print(f"[rali-edge] timing cache {timing_cache} does not match this device; starting a new one", file=sys.stderr, flush=True)
+            config.set_timing_cache(config.create_timing_cache(b""), False)
+    if progress is not None and hasattr(config, "progress_monitor"):
+        config.progress_monitor = _progress_monitor(trt, progress)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RaliEdgeError(
+            "TensorRT could not build the engine"
+            + (f": {'; '.join(errors[-3:])}" if errors else "")
+            + ". If it ran out of memory, lower --workspace or try --typing strong; if it was cancelled, run it again."
+        )
+    plan_path = Path(plan_path)
+    plan_path.write_bytes(memoryview(serialized))
+    written = False
+    if timing_cache is not None:
+        Path(timing_cache).write_bytes(memoryview(config.get_timing_cache().serialize()))
+        written = True
+    return BuildResult(plan_path, trt.__version__, plan.typing, pinned, written)
+
+
+def _check_network_io(network, image_size: tuple[int, int]) -> None:
+    if network.num_inputs != 1 or network.get_input(0).name != INPUT_NAME:
+        names = [network.get_input(i).name for i in range(network.num_inputs)]
+        raise RaliEdgeError(f"the ONNX file has inputs {names}; expected one input named {INPUT_NAME!r}")
+    dims = tuple(network.get_input(0).shape)
+    if dims[1:] != (3, *image_size):
+        raise RaliEdgeError(f"the ONNX input is {dims}; expected (batch, 3, {image_size[0]}, {image_size[1]})")
+
+
+def _deserialize(trt, path: str | Path):
+    errors: list[str] = []
+    logger = _logger(trt, errors)
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+    if engine is None:
+        raise EngineMismatchError(
+            f"{path}: TensorRT {trt.__version__} could not load this engine ({'; '.join(errors[-2:]) or 'no details'}); "
+            "rebuild it on this machine with `rali-edge build`"
+        )
+    return runtime, engine, logger
+
+
+def _io_names(trt, engine) -> tuple[str, str]:
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    if inputs != [INPUT_NAME] or len(outputs) != 1:
+        raise EngineMismatchError(f"engine has inputs {inputs} and outputs {outputs}; not a rali-edge engine")
+    return inputs[0], outputs[0]
+
+
+# ------------------------------------------------------------------------- runner with torch
+class TensorRTEncoder:
+    """EncoderBackend: torch CUDA tensors in and out, execute_async_v3 on torch's current stream.
+    Batch 1 replays a CUDA graph (captured on first use) on its own execution context, which
+    saves the per-layer launch cost that dominates small batches on Jetson CPUs."""
+
+    def __init__(self, path: str | Path, info: EngineInfo, device: str = "cuda", cuda_graph: bool | None = None):
+        import torch
+
+        trt = import_tensorrt()
+        self.torch, self.trt = torch, trt
+        self.outputs, self.batch, self.image_size = info.outputs, info.batch, tuple(info.image_size)
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise RaliEdgeError(f"TensorRT engines run on CUDA devices; got --device {device}")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        with torch.cuda.device(self.device):
+            self._runtime, self.engine, self._logger = _deserialize(trt, path)
+            self.context = self.engine.create_execution_context()
+        self.input_name, self.output_name = _io_names(trt, self.engine)
+        self.out_dtype = _torch_dtype(torch, trt, self.engine.get_tensor_dtype(self.output_name))
+        if cuda_graph is None:
+            cuda_graph = os.environ.get("RALI_TRT_CUDA_GRAPH", "1") != "0"
+        self.use_graph = cuda_graph and self.batch.min == 1
+        self._graph = None
+
+    def __call__(self, pixels):
+        torch = self.torch
+        pixels = pixels.to(self.device, torch.float32)
+        with torch.cuda.device(self.device):
+            return torch.cat([self._run(chunk) for chunk in pixels.split(self.batch.max)])
+
+    def _run(self, chunk):
+        n = chunk.shape[0]
+        if n == 1 and self.use_graph:
+            out = self._run_graph(chunk)
+            if out is not None:
+                return out
+        if n < self.batch.min:
+            chunk = self.torch.cat([chunk, chunk[-1:].expand(self.batch.min - n, *chunk.shape[1:])])
+        chunk = chunk.contiguous()
+        self.context.set_input_shape(self.input_name, tuple(chunk.shape))
+        out = self.torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.out_dtype,
+                               device=self.device)
+        self.context.set_tensor_address(self.input_name, chunk.data_ptr())
+        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        if not self.context.execute_async_v3(self.torch.cuda.current_stream(self.device).cuda_stream):
+            raise RaliEdgeError("TensorRT execute_async_v3 failed (see the TensorRT messages above)")
+        return out[:n]
+
+    def _run_graph(self, chunk):
+        if self._graph is None:
+            try:
+                self._graph = self._capture()
+            except Exception as e:  # noqa: BLE001  not every engine can be captured; run without
+                print(f"[rali-edge] CUDA graph capture failed ({type(e).__name__}: {e}); running batch 1 without it", file=sys.stderr)
+                self.use_graph = False
+                return None
+        graph, static_in, static_out = self._graph
+        static_in.copy_(chunk)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self):
+        torch = self.torch
+        context = self.engine.create_execution_context()  # its own context: shapes stay at batch 1
+        static_in = torch.zeros((1, 3, *self.image_size), device=self.device)
+        context.set_input_shape(self.input_name, tuple(static_in.shape))
+        static_out = torch.empty(tuple(context.get_tensor_shape(self.output_name)), dtype=self.out_dtype,
+                                 device=self.device)
+        context.set_tensor_address(self.input_name, static_in.data_ptr())
+        context.set_tensor_address(self.output_name, static_out.data_ptr())
+        stream = torch.cuda.Stream(self.device)
+        # One plain run first: TensorRT finishes its lazy setup on the first enqueue, which must
+        # not happen inside the capture.
+        context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            context.execute_async_v3(stream.cuda_stream)
+        self._graph_context = context  # the graph uses its memory: keep it alive
+        return graph, static_in, static_out
+
+
+def _torch_dtype(torch, trt, dtype):
+    table = {trt.float32: torch.float32, trt.float16: torch.float16}
+    if hasattr(trt, "bfloat16"):
+        table[trt.bfloat16] = torch.bfloat16
+    if dtype not in table:
+        raise EngineMismatchError(f"engine output type {dtype} is not supported")
+    return table[dtype]
+
+
+# ------------------------------------------------------------------------------ torch-free
+class NumpyPreprocessor:
+    """CLIP preprocessing with Pillow and numpy only, for the torch-free runner. Same steps and
+    the same float32 values as rali_edge.preprocess.Preprocessor's Pillow path (tested equal):
+    shortest-edge resize (long edge truncated), centre crop with zero padding, then one lookup
+    table per channel for rescale + normalise. (preprocess.py imports torch, hence this copy.)"""
+
+    MAX_RESIZED_PIXELS = 1 << 24  # Preprocessor crops very thin images before resizing; we refuse them
+
+    def __init__(self, config: dict):
+        self.c = dict(config)
+        levels = np.arange(256, dtype=np.float64)
+        x = (levels * self.c.get("rescale_factor", 1 / 255)).astype(np.float32) if self.c.get("do_rescale", True) \
+            else levels.astype(np.float32)
+        x = np.broadcast_to(x, (3, 256))
+        if self.c.get("do_normalize", True):
+            mean = np.asarray(self.c["mean"], dtype=np.float32)[:, None]
+            std = np.asarray(self.c["std"], dtype=np.float32)[:, None]
+            x = (x - mean) / std
+        self.lut = np.ascontiguousarray(x, dtype=np.float32)  # [3, 256]
+
+    def image_to_array(self, img) -> np.ndarray:
+        """RGB PIL image -> float32 [3, H, W]."""
+        c = self.c
+        if c.get("do_resize", True):
+            h, w = img.height, img.width
+            short, long = (w, h) if w <= h else (h, w)
+            new_long = int(c["resize_shortest_edge"] * long / short)
+            nh, nw = (new_long, c["resize_shortest_edge"]) if w <= h else (c["resize_shortest_edge"], new_long)
+            if nh * nw > self.MAX_RESIZED_PIXELS:
+                raise ImageError(f"{w}x{h} image: aspect ratio too extreme for the torch-free preprocessor")
+            img = img.resize((nw, nh), resample=c.get("resample", 3))
+        if c.get("do_center_crop", True):
+            ch, cw = c["crop_height"], c["crop_width"]
+            top, left = (img.height - ch) // 2, (img.width - cw) // 2
+            if (top, left, img.height, img.width) != (0, 0, ch, cw):
+                img = img.crop((left, top, left + cw, top + ch))  # Pillow zero-fills outside the image
+        pixels = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+        return self.lut[np.arange(3)[:, None, None], pixels]
+
+    def __call__(self, images) -> np.ndarray:
+        from rali_edge.images import open_image
+
+        return np.stack([self.image_to_array(open_image(x)) for x in images])
+
+
+class TensorRTScorer:
+    """Images in, scores out, with TensorRT, pycuda and numpy only (no torch). Needs an engine
+    built with the head inside (`rali-edge build ... --target tensorrt --head engine`)."""
+
+    def __init__(self, engine_path: str | Path, model_sha256: str | None = None, device_index: int = 0):
+        trt = import_tensorrt()
+        try:
+            import pycuda.driver as cuda
+        except ImportError:
+            raise MissingDependencyError("the torch-free TensorRT runner needs pycuda: pip install pycuda") from None
+        self.path = Path(engine_path)
+        self.info = read_sidecar(self.path)
+        self.warnings = check_compatible(self.info, model_sha256, tensorrt_runtime(device_index), backend="tensorrt")
+        if self.info.outputs != "score":
+            raise RaliEdgeError(
+                f"{self.path}: this engine outputs class tokens (built with --head triton); the torch-free runner "
+                f"needs the head inside the engine: {self.info.rebuild_command().replace('--head triton', '--head engine')}"
+            )
+        self.preprocess = NumpyPreprocessor(self.info.preprocess)
+        self.cuda = cuda
+        cuda.init()
+        self._context = cuda.Device(device_index).retain_primary_context()
+        self._context.push()
+        try:
+            self._runtime, self.engine, self._logger = _deserialize(trt, self.path)
+            self.context = self.engine.create_execution_context()
+            self.input_name, self.output_name = _io_names(trt, self.engine)
+            b, (h, w) = self.info.batch.max, self.info.image_size
+            self.host_in = cuda.pagelocked_empty((b, 3, h, w), np.float32)
+            self.host_out = cuda.pagelocked_empty((b,), trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
+            self.dev_in = cuda.mem_alloc(self.host_in.nbytes)
+            self.dev_out = cuda.mem_alloc(self.host_out.nbytes)
+            self.stream = cuda.Stream()
+        finally:
+            self._context.pop()
+
+    def score(self, images, batch_size: int | None = None) -> list[float]:
+        """Paths, PIL images or HxWx3 uint8 arrays (one or a list) -> one float per image."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        step = min(batch_size or self.info.batch.max, self.info.batch.max)
+        scores: list[float] = []
+        for start in range(0, len(images), step):
+            scores += self.score_pixels(self.preprocess(images[start : start + step])).tolist()
+        return scores
+
+    def score_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Preprocessed float32 [B, 3, H, W] -> float32 scores [B]."""
+        out = [self._run(np.ascontiguousarray(chunk, dtype=np.float32))
+               for chunk in np.array_split(pixels, range(self.info.batch.max, len(pixels), self.info.batch.max))]
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def _run(self, pixels: np.ndarray) -> np.ndarray:
+        cuda, n = self.cuda, pixels.shape[0]
+        m = max(n, self.info.batch.min)
+        self.host_in[:n] = pixels
+        self.host_in[n:m] = pixels[-1:]  # padding up to the engine's minimum batch, dropped below
+        self._context.push()
+        try:
+            self.context.set_input_shape(self.input_name, (m, *pixels.shape[1:]))
+            self.context.set_tensor_address(self.input_name, int(self.dev_in))
+            self.context.set_tensor_address(self.output_name, int(self.dev_out))
+            cuda.memcpy_htod_async(self.dev_in, self.host_in[:m], self.stream)
+            if not self.context.execute_async_v3(self.stream.handle):
+                raise RaliEdgeError("TensorRT execute_async_v3 failed (see the TensorRT messages above)")
+            cuda.memcpy_dtoh_async(self.host_out[:m], self.dev_out, self.stream)
+            self.stream.synchronize()
+        finally:
+            self._context.pop()
+        return self.host_out[:n].astype(np.float32)
+
+    def close(self) -> None:
+        if getattr(self, "_context", None) is not None:
+            self._context.push()
+            try:
+                self.dev_in.free()
+                self.dev_out.free()
+                self.context = self.engine = None
+            finally:
+                self._context.pop()
+                self._context.detach()
+                self._context = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+__all__ = [
+    "INSTALL_HINT",
+    "NumpyPreprocessor",
+    "PrecisionPlan",
+    "TensorRTEncoder",
+    "TensorRTScorer",
+    "available_memory_gib",
+    "build_engine",
+    "estimate_build_memory_gib",
+    "import_tensorrt",
+    "memory_advice",
+    "pin_fp32_layers",
+    "plan_precision",
+    "tensorrt_runtime",
+    "wants_fp32",
+]

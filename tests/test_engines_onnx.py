@@ -1,0 +1,172 @@
+"""ONNX export of the engine function, run with ONNX Runtime and compared with PyTorch, and the
+`rali-edge build --target onnx` / `check-engine` commands end to end.
+
+Reference everywhere: the model's own fp32 PyTorch path (RaliModel.forward / Encoder.class_token),
+not ExportEncoder, so that the export wrapper is checked as well."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rali_edge.cli import main
+from rali_edge.engines.export import HEAD_PREFIX, ONNX_OPSET, export_onnx, onnx_session
+from rali_edge.model_file import load_model
+from rali_edge.preprocess import PreprocessConfig, Preprocessor
+
+VARIANTS = [(p, o) for p in ("fp32", "fp16") for o in ("score", "class_token")]
+
+
+@pytest.fixture(scope="module")
+def model(small_model):
+    return load_model(small_model)
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx")
+    return {(p, o): export_onnx(model[0], folder / f"{p}.{o}.onnx", p, o, batch_min=1, batch_max=8) for p, o in VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def inputs(model, photos):
+    """Random pixels (wider than real ones: stresses the layernorms) and real photographs."""
+    random = torch.randn(5, 3, 56, 56, generator=torch.Generator().manual_seed(1)) * 1.5
+    real = Preprocessor(PreprocessConfig.from_dict(model[1].preprocess))(photos)
+    return {"random": random, "real": real}
+
+
+def reference(model, pixels, outputs):
+    with torch.no_grad():
+        return (model(pixels) if outputs == "score" else model.encoder.class_token(pixels)).numpy()
+
+
+@pytest.mark.parametrize("kind", ["random", "real"])
+@pytest.mark.parametrize("precision, outputs", VARIANTS)
+def test_onnxruntime_matches_pytorch(model, exported, inputs, precision, outputs, kind):
+    pixels = inputs[kind]
+    got = onnx_session(exported[precision, outputs]).run(None, {"pixels": pixels.numpy()})[0]
+    want = reference(model[0], pixels, outputs)
+    assert got.shape == want.shape and got.dtype == np.float32
+    err = np.abs(got - want).max()
+    if precision == "fp32":
+        # Same fp32 maths in another order (ORT's GEMMs, fused layernorm): ~1e-6 seen; the
+        # acceptance bound for the score is 1e-4.
+        assert err <= 1e-4, err
+    elif outputs == "score":
+        # fp16 matmuls (11-bit mantissa) give class tokens ~1e-3 off; the fp32 head turns that
+        # into ~1e-3 of score (seen: 1.5e-3). 0.01 is half the product's fidelity limit (0.02).
+        assert err <= 0.01, err
+    else:
+        # Relative to the size of the class-token state.
+        assert err / np.abs(want).max() <= 1e-2, err
+
+
+def test_dynamic_batch_gives_the_same_per_image_results(model, exported, inputs):
+    session = onnx_session(exported["fp32", "score"])
+    pixels = inputs["random"].numpy()
+    together = session.run(None, {"pixels": pixels})[0]
+    alone = np.concatenate([session.run(None, {"pixels": pixels[i : i + 1]})[0] for i in range(len(pixels))])
+    # Batch 1 and batch 5 (the export example was batch 2) share one graph; fp32 reordering only.
+    assert together.shape == (5,)
+    np.testing.assert_allclose(alone, together, atol=1e-5)
+
+
+def _types(path):
+    """ONNX elem_type of every tensor, after shape inference."""
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    graph = proto.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return proto, types
+
+
+@pytest.mark.parametrize("precision, outputs", VARIANTS)
+def test_graph_keeps_layernorm_softmax_and_head_in_fp32(model, exported, precision, outputs):
+    proto, types = _types(exported[precision, outputs])
+    layers = model[0].encoder.config.num_hidden_layers
+    assert max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")) >= 17
+    nodes = proto.graph.node
+    norms = [n for n in nodes if n.op_type == "LayerNormalization"]
+    # opset >= 17: each layernorm is one node (pre-LN + 2 per block, + the head's own).
+    assert len(norms) == 1 + 2 * layers + (outputs == "score")
+    for n in norms + [n for n in nodes if n.op_type == "Softmax"]:
+        assert types[n.input[0]] == onnx.TensorProto.FLOAT, (n.name, n.op_type)
+    graph_io = [*proto.graph.input, *proto.graph.output]
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in graph_io)
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
+    low = [n for n in nodes if n.op_type in ("MatMul", "Gemm") and types[n.input[0]] == onnx.TensorProto.FLOAT16]
+    # fp16 must really be fp16: q, k, v, out, fc1, fc2 and the two attention matmuls per block.
+    assert len(low) == (8 * layers if precision == "fp16" else 0)
+
+
+def test_every_head_node_is_marked_for_tensorrt(exported):
+    proto = onnx.load(str(exported["fp32", "score"]))
+    nodes = list(proto.graph.node)
+    head = [n for n in nodes if n.name.startswith(HEAD_PREFIX)]
+    assert {"LayerNormalization", "MatMul", "ReduceL2", "Softmax"} <= {n.op_type for n in head}
+    # Everything computed from the class token is head; the rest of the head is shape plumbing.
+    head_ln = next(n for n in head if n.op_type == "LayerNormalization")
+    downstream, frontier = set(), {head_ln.input[0]}
+    while frontier:
+        users = [n for n in nodes if set(n.input) & frontier and n.name not in downstream]
+        downstream |= {n.name for n in users}
+        frontier = {o for n in users for o in n.output}
+    assert downstream and all(name.startswith(HEAD_PREFIX) for name in downstream)
+    extra = {n.op_type for n in head if n.name not in downstream}
+    assert extra <= {"Concat", "Shape", "Gather", "Unsqueeze", "Reshape", "Slice", "Constant", "Expand"}
+    class_token_only = onnx.load(str(exported["fp32", "class_token"]))
+    assert not any(n.name.startswith(HEAD_PREFIX) for n in class_token_only.graph.node)
+
+
+# -------------------------------------------------------------------------------------- CLI
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_build_onnx_then_check_engine(small_model, photos, tmp_path):
+    calib = photos[0].parent
+    result = run("build", small_model, "--target", "onnx", "--head", "triton", "--batch", "1:2:4",
+                 "--calib-dir", calib, "-o", tmp_path)
+    assert result.exit_code == 0, result.output
+    engine = tmp_path / "rali-test-0.opset18.fp32.b1-4.enc.onnx"
+    assert result.stdout.strip() == str(engine)
+    sidecar = json.loads((tmp_path / (engine.name + ".json")).read_text())
+    assert sidecar["outputs"] == "class_token" and sidecar["onnx_opset"] == ONNX_OPSET
+    assert sidecar["fidelity"]["passed"] and sidecar["fidelity"]["images"] == len(photos)
+    assert sidecar["fidelity"]["max_abs_diff"] <= 1e-4  # fp32: see test_onnxruntime_matches_pytorch
+    assert "fidelity: PASS" in result.output and "[1/2] exporting ONNX" in result.output
+
+    checked = run("check-engine", engine, "--model", small_model, "--calib-dir", calib, "--json")
+    assert checked.exit_code == 0, checked.output
+    report = json.loads(checked.stdout)
+    assert report["passed"] and report["images"] == len(photos) and report["srcc"] == pytest.approx(1.0)
+    strict = run("check-engine", engine, "--model", small_model, "--calib-dir", calib, "--max-score-diff", "0")
+    if report["max_abs_diff"] > 0:  # ORT and PyTorch round differently: a zero limit must fail
+        assert strict.exit_code == 1 and "fidelity check failed" in strict.output
+
+
+def test_cli_failed_fidelity_check_deletes_the_engine(small_model, photos, tmp_path):
+    result = run("build", small_model, "--target", "onnx", "--precision", "fp16", "--batch", "1:2:4",
+                 "--calib-dir", photos[0].parent, "--max-score-diff", "1e-7", "-o", tmp_path)
+    assert result.exit_code == 1, result.output
+    assert "fidelity check failed: max |score diff|" in result.output and "deleted" in result.output
+    assert list(tmp_path.iterdir()) == [] and "Traceback" not in result.output
+
+
+def test_cli_refuses_bf16_onnx_clearly(small_model, tmp_path):
+    result = run("build", small_model, "--target", "onnx", "--precision", "bf16", "-o", tmp_path)
+    assert result.exit_code == 1
+    assert "bf16 is not supported" in result.output and "--target tensorrt" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_without_images_says_how_to_give_some(small_model, tmp_path, monkeypatch):
+    from rali_edge.engines import fidelity
+
+    monkeypatch.setattr(fidelity, "sample_images", list)
+    result = run("build", small_model, "--target", "onnx", "-o", tmp_path)
+    assert result.exit_code == 1 and "--calib-dir DIR" in result.output and "--no-check" in result.output

@@ -1,0 +1,264 @@
+"""TensorRT: everything around the TensorRT API is tested here on any machine (precision plans,
+which layers stay fp32, memory advice, the torch-free preprocessing, the missing-TensorRT path);
+builds and runs are marked `tensorrt` and skip, with the reason, where TensorRT or a GPU is absent."""
+
+import importlib.util
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import rali_edge
+from rali_edge.cli import main
+from rali_edge.cli.build import Progress
+from rali_edge.engines import export
+from rali_edge.engines.naming import major_minor, sidecar_path
+from rali_edge.engines.tensorrt import (
+    HEAD_PREFIX,
+    NumpyPreprocessor,
+    PrecisionPlan,
+    estimate_build_memory_gib,
+    memory_advice,
+    plan_precision,
+    tensorrt_major,
+    wants_fp32,
+)
+from rali_edge.errors import EngineMismatchError, MissingDependencyError, RaliEdgeError
+from rali_edge.images import open_image
+from rali_edge.preprocess import PreprocessConfig, Preprocessor
+
+HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+# ------------------------------------------------------------------------ without TensorRT
+@pytest.mark.skipif(HAVE_TENSORRT, reason="TensorRT is installed here; this checks the message when it is not")
+def test_build_tensorrt_without_tensorrt_is_a_clear_error(small_model, tmp_path):
+    result = run("build", small_model, "--target", "tensorrt", "-o", tmp_path)
+    assert result.exit_code == 4, result.output  # EXIT_ENVIRONMENT: a needed library is missing
+    assert "error: TensorRT's Python package is not installed" in result.output
+    assert "sudo apt install python3-libnvinfer" in result.output and "--system-site-packages" in result.output
+    assert "pip install 'rali-edge[tensorrt]'" in result.output and "--target aoti" in result.output
+    assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(HAVE_TENSORRT, reason="TensorRT is installed here; this checks the message when it is not")
+def test_tensorrt_engines_without_tensorrt_are_a_clear_error(small_model, photos, tmp_path):
+    from rali_edge.engines.naming import (
+        BatchRange,
+        EngineInfo,
+        RuntimeInfo,
+        write_sidecar,
+    )
+    from rali_edge.engines.tensorrt import TensorRTScorer
+
+    from rali_edge.model_file import read_manifest
+
+    manifest = read_manifest(small_model)
+    engine = tmp_path / "m.plan"
+    engine.write_bytes(b"plan")
+    write_sidecar(engine, EngineInfo("tensorrt", "fp16", "score", BatchRange(1, 1, 4), (56, 56), manifest.name,
+                                     manifest.weights_sha256, RuntimeInfo(device_type="cuda", tensorrt_version="10.3.0")))
+    result = run("score", "--model", small_model, "--backend", "tensorrt", "--engine", engine, photos[0])
+    assert result.exit_code == 4 and "python3-libnvinfer" in result.output and "Traceback" not in result.output
+    with pytest.raises(MissingDependencyError, match="rali-edge\\[tensorrt\\]"):
+        TensorRTScorer(engine)
+
+
+# ---------------------------------------------------------------------------- precision plans
+def test_tensorrt10_fp16_uses_builder_flags_and_fp32_constraints():
+    plan = plan_precision(10, "fp16")
+    assert plan == PrecisionPlan("fp32", strongly_typed=False, builder_flags=("FP16", "OBEY_PRECISION_CONSTRAINTS"),
+                                 pin_fp32=True)
+    assert plan.typing == "weak"
+    assert plan_precision(10, "bf16").builder_flags == ("BF16", "OBEY_PRECISION_CONSTRAINTS")
+
+
+def test_tensorrt11_is_strongly_typed_with_precision_from_the_onnx_types():
+    for precision in ("fp16", "bf16"):
+        plan = plan_precision(11, precision)
+        assert plan.strongly_typed and plan.onnx_precision == precision
+        assert plan.builder_flags == () and not plan.pin_fp32  # these flags no longer exist in 11
+    assert plan_precision(10, "fp16", typing="strong") == plan_precision(11, "fp16")
+    with pytest.raises(RaliEdgeError, match="TensorRT 11 removed weak typing"):
+        plan_precision(11, "fp16", typing="weak")
+
+
+def test_fp32_turns_tf32_off_and_old_tensorrt_is_refused():
+    assert plan_precision(10, "fp32").cleared_flags == ("TF32",)
+    assert plan_precision(11, "fp32").cleared_flags == ("TF32",)
+    assert plan_precision(10, "fp16").cleared_flags == ()
+    with pytest.raises(MissingDependencyError, match="TensorRT >= 10"):
+        plan_precision(8, "fp16")
+    with pytest.raises(RaliEdgeError, match="precision"):
+        plan_precision(10, "int8")
+    assert tensorrt_major("10.3.0.30") == 10 and tensorrt_major("11.4.1") == 11
+
+
+def test_layers_kept_in_fp32():
+    """Names as the ONNX parser gives them (the node name, sometimes with a suffix)."""
+    assert export.HEAD_PREFIX == HEAD_PREFIX  # the exporter marks what the builder pins
+    for name, kind in [("node_layer_norm_3", "NORMALIZATION"), ("node_softmax_1", "SOFTMAX"),
+                       ("node_linalg_vector_norm", "REDUCE"), (HEAD_PREFIX + "node_matmul_1", "MATRIX_MULTIPLY"),
+                       (HEAD_PREFIX + "node_div", "ELEMENTWISE"), (HEAD_PREFIX + "node_add_231_12", "ELEMENTWISE")]:
+        assert wants_fp32(name, kind), name
+    for name, kind in [("node_matmul_17", "MATRIX_MULTIPLY"), ("node_Conv_176", "CONVOLUTION"),
+                       ("node_add_41", "ELEMENTWISE"), ("node_sigmoid_2", "ACTIVATION")]:
+        assert not wants_fp32(name, kind), name
+
+
+# ------------------------------------------------------------------------------------ memory
+def test_build_memory_estimate_and_advice():
+    vit_l_fp32_onnx = int(1.22 * 2**30)
+    weak = plan_precision(10, "fp16")
+    # 2 x 1.22 (parsed + network) + 0.61 (fp16 engine weights) + 2 workspace + 1 overhead
+    assert estimate_build_memory_gib(vit_l_fp32_onnx, 2.0, 0.5) == pytest.approx(6.0, abs=0.1)
+    assert memory_advice(6.0, 16.0, weak) is None
+    assert memory_advice(6.0, None, weak) is None  # unknown: say nothing
+    advice = memory_advice(6.0, 5.2, weak)
+    assert "~6.0 GiB" in advice and "5.2 GiB" in advice and "--typing strong" in advice and "--workspace 1" in advice
+    assert "--typing strong" not in memory_advice(6.0, 5.2, plan_precision(10, "fp16", "strong"))
+
+
+# -------------------------------------------------------------------- torch-free preprocessing
+def _cases(photos):
+    rng = np.random.default_rng(0)
+    yield from photos
+    yield rng.integers(0, 256, (31, 97, 3), dtype=np.uint8)  # wide and smaller than the crop
+    yield rng.integers(0, 256, (200, 57), dtype=np.uint8)  # grey, tall
+    rgba = Image.fromarray(rng.integers(0, 256, (80, 60, 4), dtype=np.uint8), "RGBA")  # alpha onto white
+    yield rgba
+
+
+@pytest.mark.parametrize("config", [
+    PreprocessConfig(resize_shortest_edge=56, crop_height=56, crop_width=56),
+    PreprocessConfig(resize_shortest_edge=64, crop_height=48, crop_width=60, resample=2),
+    PreprocessConfig(crop_height=100, crop_width=120, do_resize=False),  # zero padding around small images
+])
+def test_numpy_preprocessing_equals_the_torch_preprocessor(photos, config):
+    want = Preprocessor(config)
+    got = NumpyPreprocessor(config.to_dict())
+    for image in _cases(photos):
+        expected = want.pil_to_tensor(open_image(image)).numpy()
+        actual = got([image])[0]
+        assert actual.dtype == np.float32 and actual.shape == expected.shape
+        np.testing.assert_array_equal(actual, expected)  # same Pillow resize, same lookup table
+
+
+def test_progress_lines_in_logs():
+    out = io.StringIO()
+    ui = Progress(2, out=out, live=False)
+    with ui.step("building"):
+        ui.tensorrt_callback("start", "Building engine", 0, 3)
+        ui.tensorrt_callback("step", "Building engine", 1, 3)
+    with pytest.raises(ValueError), ui.step("checking"):
+        raise ValueError("boom")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[1/2] building ..."
+    assert lines[1] == "    Building engine (3 steps)"
+    assert lines[2].startswith("[1/2] building: done in ")
+    assert lines[3] == "[2/2] checking ..." and lines[4].startswith("[2/2] checking: failed after ")
+
+
+# ------------------------------------------------------------- with TensorRT and a CUDA GPU
+@pytest.fixture(scope="module")
+def plan(small_model, photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trt")
+    cache = out / "timing.cache"
+    result = run("build", small_model, "--target", "tensorrt", "--precision", "fp16", "--batch", "1:2:4",
+                 "--timing-cache", cache, "--calib-dir", photos[0].parent, "-o", out)
+    assert result.exit_code == 0, result.output
+    return Path(result.stdout.strip()), cache
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_build_names_and_records_the_engine(plan):
+    import tensorrt as trt
+
+    path, cache = plan
+    major, minor = torch.cuda.get_device_capability()
+    assert path.name == f"rali-test-0.trt{major_minor(trt.__version__)}.sm{major}{minor}.fp16.b1-4.plan"
+    sidecar = json.loads(sidecar_path(path).read_text())
+    assert sidecar["tensorrt"]["version"] == trt.__version__
+    assert sidecar["tensorrt"]["typing"] == ("weak" if int(trt.__version__.split(".")[0]) == 10 else "strong")
+    assert sidecar["gpu"]["compute_capability"] == f"sm{major}{minor}"
+    assert sidecar["gpu"]["name"] == torch.cuda.get_device_name()
+    assert sidecar["fidelity"]["passed"]  # within the default 0.02
+    assert cache.stat().st_size > 0  # timing cache written
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("batch", [1, 3, 7])  # 1: CUDA graph; 3: dynamic shape; 7: split 4 + 3
+def test_tensorrt_scores_match_pytorch(plan, small_model, batch):
+    engine = rali_edge.load(small_model, device="cuda", backend="tensorrt", engine=plan[0])
+    pixels = torch.randn(batch, 3, 56, 56, generator=torch.Generator().manual_seed(batch))
+    want = rali_edge.load(small_model, head="torch").score_pixels(pixels)
+    # fp16 encoder, fp32 head: the build's fidelity limit.
+    torch.testing.assert_close(engine.score_pixels(pixels).cpu(), want, atol=0.02, rtol=0)
+    if batch == 1:
+        assert engine.encoder._graph is not None or not engine.encoder.use_graph
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(importlib.util.find_spec("pycuda") is None, reason="the torch-free runner needs pycuda")
+def test_torch_free_runner_matches_pytorch(plan, small_model, photos):
+    from rali_edge.engines.tensorrt import TensorRTScorer
+
+    from rali_edge.model_file import read_manifest
+
+    with TensorRTScorer(plan[0], model_sha256=read_manifest(small_model).weights_sha256) as scorer:
+        got = scorer.score([str(p) for p in photos])
+    assert got == pytest.approx(rali_edge.load(small_model).score(photos), abs=0.02)
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_refuses_other_gpu_or_version(plan, small_model, tmp_path):
+    copy = tmp_path / plan[0].name
+    shutil.copy(plan[0], copy)
+    sidecar = json.loads(sidecar_path(plan[0]).read_text())
+    sidecar_path(copy).write_text(json.dumps(sidecar | {"gpu": {"name": "Orin", "compute_capability": "sm87"}}))
+    if sidecar["gpu"]["compute_capability"] != "sm87":
+        with pytest.raises(EngineMismatchError, match="compute capability sm87"):
+            rali_edge.load(small_model, device="cuda", backend="tensorrt", engine=copy)
+    sidecar["tensorrt"]["version"] = "9.9.9"
+    sidecar_path(copy).write_text(json.dumps(sidecar))
+    with pytest.raises(EngineMismatchError, match="built with TensorRT 9.9.9"):
+        rali_edge.load(small_model, device="cuda", backend="tensorrt", engine=copy)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("args, limit", [(["--precision", "fp32"], 1e-3), (["--typing", "strong"], 0.02),
+                                         (["--head", "triton"], 0.02)])
+def test_tensorrt_other_builds(small_model, photos, tmp_path, args, limit):
+    result = run("build", small_model, "--target", "tensorrt", "--batch", "1:2:4", "--calib-dir", photos[0].parent,
+                 "--max-score-diff", limit, "-o", tmp_path, *args)
+    assert result.exit_code == 0, result.output
+    engine = rali_edge.load(small_model, device="cuda", backend="tensorrt", engine=result.stdout.strip())
+    assert engine.score(photos) == pytest.approx(rali_edge.load(small_model).score(photos), abs=limit)
+
+
+def test_torch_free_modules_import_without_torch(photos, tmp_path):
+    """The TensorRT runner's modules must import, and preprocess, on a device without torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from rali_edge.engines.tensorrt import TensorRTScorer, NumpyPreprocessor\n"
+        "from rali_edge.engines.naming import read_sidecar, check_compatible\n"
+        "import json\n"
+        f"pixels = NumpyPreprocessor(json.loads({json.dumps(json.dumps(PreprocessConfig(resize_shortest_edge=56, crop_height=56, crop_width=56).to_dict()))}))([{str(photos[0])!r}])\n"
+        "print(pixels.shape, pixels.dtype)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(1, 3, 56, 56) float32"
