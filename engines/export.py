@@ -176,9 +176,13 @@ def export_onnx(model: RaliModel, path: str | Path, precision: str = "fp32", out
     except Exception as e:
         raise RaliEdgeError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
     proto = program.model_proto
-    mark_head_nodes(proto)
+    head_nodes = mark_head_nodes(proto)
+    if outputs == "score" and head_nodes == 0:
+        # TensorRT 10's weak typing finds the head by these names; without them it could run the
+        # head in fp16 without a word. (The exporter's node metadata is where the names come from.)
+        raise RaliEdgeError("ONNX export: could not find the head's nodes (torch's exporter metadata changed?)")
     _set_metadata(proto, {"precision": precision, "outputs": outputs, "head_prefix": HEAD_PREFIX,
-                          "fp32_ops": list(FP32_OPS), "batch": [batch_min, batch_max]})
+                          "head_nodes": head_nodes, "fp32_ops": list(FP32_OPS), "batch": [batch_min, batch_max]})
     import onnx
 
     # Weights inside the file: a ViT-L is 1.2 GB in fp32, under protobuf's 2 GB limit.

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from rali_edge.errors import RaliEdgeError
+from rali_edge.evaluation import srcc
 
 DEFAULT_MAX_SCORE_DIFF = 0.02
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
@@ -79,34 +80,6 @@ def find_images(calib_dir: str | Path | None = None) -> list[Path]:
 
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def srcc(a, b) -> float:
-    """Spearman rank correlation; rali_edge.evaluation's when that module exists."""
-    try:
-        from rali_edge.evaluation import srcc as project_srcc
-    except ImportError:
-        return _srcc(a, b)
-    return float(project_srcc(a, b))
-
-
-def _srcc(a, b) -> float:
-    """Pearson correlation of average ranks (ties share their mean rank); nan if a side is constant."""
-    ra, rb = _ranks(np.asarray(a, np.float64)), _ranks(np.asarray(b, np.float64))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), np.float64)
-    ranks[order] = np.arange(1, len(x) + 1)
-    for value in np.unique(x):  # average ranks over ties
-        tied = x == value
-        if tied.sum() > 1:
-            ranks[tied] = ranks[tied].mean()
-    return ranks
 
 
 def compare(reference: dict[str, float], engine: dict[str, float], max_score_diff: float,
@@ -171,5 +144,4 @@ __all__ = [
     "compare",
     "find_images",
     "sample_images",
-    "srcc",
 ]

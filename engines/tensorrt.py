@@ -269,7 +269,7 @@ class BuildResult:
 
 def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch: BatchRange, image_size: tuple[int, int],
                  plan: PrecisionPlan, workspace_gib: float | None = None, timing_cache: str | Path | None = None,
-                 progress: ProgressCallback | None = None) -> BuildResult:
+                 progress: ProgressCallback | None = None, head_in_engine: bool = True) -> BuildResult:
     """Parse the ONNX file, configure precision, one optimisation profile (batch.min/opt/max),
     the workspace limit and the timing cache, and write the serialized engine to plan_path."""
     trt = import_tensorrt()
@@ -300,6 +300,11 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch: BatchRa
         if hasattr(trt.BuilderFlag, name):
             config.clear_flag(getattr(trt.BuilderFlag, name))
     pinned = pin_fp32_layers(trt, network) if plan.pin_fp32 else []
+    if plan.pin_fp32 and head_in_engine and not any(HEAD_PREFIX in name for name in pinned):
+        raise RaliEdgeError(
+            "TensorRT's layer names do not carry the ONNX node names, so the head cannot be kept in fp32 "
+            "with weak typing; build with --typing strong instead"
+        )
 
     profile = builder.create_optimization_profile()
     shape = lambda b: (b, 3, *image_size)
@@ -311,10 +316,13 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch: BatchRa
         cache = config.create_timing_cache(cached)
         if not config.set_timing_cache(cache, False):
             # A cache from another GPU, CUDA or TensorRT: start a fresh one rather than fail.
-            print(f"[rali-edge] timing cache {timing_cache} does not match this device; starting a new one", file=sys.stderr, flush=True)
+            print(f"[rali-edge] timing cache {timing_cache} does not match this device; starting a new one",
+                  file=sys.stderr, flush=True)
             config.set_timing_cache(config.create_timing_cache(b""), False)
+    monitor = None  # held here: TensorRT calls into it until the build returns
     if progress is not None and hasattr(config, "progress_monitor"):
-        config.progress_monitor = _progress_monitor(trt, progress)
+        monitor = _progress_monitor(trt, progress)
+        config.progress_monitor = monitor
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -323,6 +331,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch: BatchRa
             + (f": {'; '.join(errors[-3:])}" if errors else "")
             + ". If it ran out of memory, lower --workspace or try --typing strong; if it was cancelled, run it again."
         )
+    del monitor
     plan_path = Path(plan_path)
     plan_path.write_bytes(memoryview(serialized))
     written = False
@@ -373,6 +382,11 @@ class TensorRTEncoder:
         import torch
 
         trt = import_tensorrt()
+        if not torch.cuda.is_available():
+            raise MissingDependencyError(
+                "the TensorRT backend runs on torch CUDA tensors, but this torch has no CUDA; install "
+                "NVIDIA's CUDA build of torch, or use the torch-free rali_edge.engines.tensorrt.TensorRTScorer"
+            )
         self.torch, self.trt = torch, trt
         self.outputs, self.batch, self.image_size = info.outputs, info.batch, tuple(info.image_size)
         self.device = torch.device(device)
@@ -419,7 +433,8 @@ class TensorRTEncoder:
             try:
                 self._graph = self._capture()
             except Exception as e:  # noqa: BLE001  not every engine can be captured; run without
-                print(f"[rali-edge] CUDA graph capture failed ({type(e).__name__}: {e}); running batch 1 without it", file=sys.stderr)
+                print(f"[rali-edge] CUDA graph capture failed ({type(e).__name__}: {e}); running batch 1 without it",
+                      file=sys.stderr)
                 self.use_graph = False
                 return None
         graph, static_in, static_out = self._graph
@@ -437,6 +452,7 @@ class TensorRTEncoder:
         context.set_tensor_address(self.input_name, static_in.data_ptr())
         context.set_tensor_address(self.output_name, static_out.data_ptr())
         stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # static_in's zeros come first
         # One plain run first: TensorRT finishes its lazy setup on the first enqueue, which must
         # not happen inside the capture.
         context.execute_async_v3(stream.cuda_stream)

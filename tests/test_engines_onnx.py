@@ -170,3 +170,17 @@ def test_cli_without_images_says_how_to_give_some(small_model, tmp_path, monkeyp
     monkeypatch.setattr(fidelity, "sample_images", list)
     result = run("build", small_model, "--target", "onnx", "-o", tmp_path)
     assert result.exit_code == 1 and "--calib-dir DIR" in result.output and "--no-check" in result.output
+
+
+def test_fidelity_comparison():
+    from rali_edge.engines.fidelity import compare
+
+    ref = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}
+    report = compare(ref, {"a": 1.01, "b": 2.0, "c": 2.99, "d": 4.005, "extra": 5.0}, 0.02)
+    assert report.passed and report.images == 4  # only images both sides scored
+    assert report.max_abs_diff == pytest.approx(0.01) and report.mean_abs_diff == pytest.approx(0.00625)
+    assert report.srcc == pytest.approx(1.0)
+    report = compare(ref, {"a": 1.0, "b": 2.5, "c": 3.0, "d": 4.0}, 0.02)
+    assert not report.passed and report.worst_image == "b" and "FAIL" in report.summary()
+    nan = compare(ref, {"a": 1.0, "b": float("nan"), "c": 3.0, "d": 4.0}, 0.02)
+    assert not nan.passed and nan.max_abs_diff == float("inf")  # an overflowed engine must fail

@@ -262,3 +262,24 @@ def test_torch_free_modules_import_without_torch(photos, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(1, 3, 56, 56) float32"
+
+
+def test_strongly_typed_bf16_onnx_for_tensorrt11(small_model, tmp_path):
+    """TensorRT 11 takes its precision from the ONNX types: bf16 matmuls, fp32 layernorm,
+    softmax and head, fp32 inputs and outputs."""
+    import onnx
+
+    from rali_edge.model_file import load_model
+
+    model, _ = load_model(small_model)
+    path = export.export_onnx(model, tmp_path / "m.onnx", plan_precision(11, "bf16").onnx_precision, "score", 1, 4)
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.value_info, *proto.graph.input]}
+    types.update({t.name: t.data_type for t in proto.graph.initializer})
+    bf16, fp32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    first_input = {(n.op_type, n.name.startswith(HEAD_PREFIX), types[n.input[0]]) for n in proto.graph.node
+                   if n.op_type in ("MatMul", "Conv", "LayerNormalization", "Softmax")}
+    assert first_input == {("Conv", False, bf16), ("MatMul", False, bf16), ("MatMul", True, fp32),
+                           ("LayerNormalization", False, fp32), ("LayerNormalization", True, fp32),
+                           ("Softmax", False, fp32), ("Softmax", True, fp32)}
+    assert proto.graph.output[0].type.tensor_type.elem_type == fp32

@@ -262,7 +262,7 @@ def _build(ui: Progress, model_path: Path, target, precision, batch, outputs, wo
                          f"batch {batch}); this takes minutes"):
                 result = trt_engines.build_engine(onnx_path, engine, batch=batch, image_size=(size, size), plan=plan,
                                                   workspace_gib=workspace, timing_cache=timing_cache,
-                                                  progress=ui.tensorrt_callback)
+                                                  progress=ui.tensorrt_callback, head_in_engine=outputs == "score")
         finally:
             if not keep_onnx:
                 onnx_path.unlink(missing_ok=True)
