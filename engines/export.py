@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rali_edge.errors import MissingDependencyError, RaliEdgeError
-from rali_edge.model import RaliModel, head_torch
+from rali_edge.model import RaliModel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ONNX_OPSET = 18
@@ -42,23 +42,6 @@ HEAD_PREFIX = "rali_head/"
 # ONNX ops that stay fp32 in every precision (the TensorRT 10 builder pins their layers too).
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceL2", "ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceMax")
 METADATA_KEY = "rali_edge"
-
-
-class _Fp32Head(nn.Module):
-    """The folded RALI head in fp32, with the logit scale as a Python constant: `float(tensor)`
-    inside forward would be a data-dependent value that torch.export cannot trace."""
-
-    def __init__(self, model: RaliModel):
-        super().__init__()
-        head = model.head
-        for name in ("weight", "bias", "prototypes", "proto_scores"):
-            self.register_buffer(name, getattr(head, name).detach().float().clone())
-        self.logit_scale = float(head.logit_scale)
-        self.ln_eps = float(head.ln_eps)
-
-    def forward(self, cls: torch.Tensor) -> torch.Tensor:
-        return head_torch(cls.float(), self.weight, self.bias, self.prototypes, self.proto_scores,
-                          self.logit_scale, self.ln_eps)
 
 
 class ExportEncoder(nn.Module):
@@ -81,7 +64,10 @@ class ExportEncoder(nn.Module):
             emb = encoder.vision_model.embeddings
             emb.class_embedding = nn.Parameter(emb.class_embedding.detach().to(self.dtype), requires_grad=False)
         self.encoder = encoder.eval()
-        self.head = _Fp32Head(model) if outputs == "score" else None
+        self.head = None
+        if outputs == "score":  # the head always computes in fp32, in eager PyTorch
+            self.head = copy.deepcopy(model.head).float().eval()
+            self.head.impl = "torch"
         self.config = model.encoder.config
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

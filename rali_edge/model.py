@@ -249,7 +249,7 @@ def fold_head(
     )
 
 
-def head_torch(cls, weight, bias, prototypes, proto_scores, logit_scale: float, ln_eps: float, return_weights=False):
+def head_torch(cls, weight, bias, prototypes, proto_scores, logit_scale, ln_eps: float, return_weights=False):
     """The folded head in eager PyTorch, computed in float32 whatever the input dtype.
 
     An all-zero projected row (z = 0) normalises to 0, so every similarity is 0, the softmax is
@@ -287,7 +287,8 @@ class RaliHead(nn.Module):
         return head
 
     def forward(self, cls: torch.Tensor, return_weights: bool = False):
-        args = (self.weight, self.bias, self.prototypes, self.proto_scores, float(self.logit_scale), self.ln_eps)
+        # logit_scale stays a 0-d tensor: float() here would stop torch.export and torch.compile.
+        args = (self.weight, self.bias, self.prototypes, self.proto_scores, self.logit_scale, self.ln_eps)
         if self.impl == "triton":
             from rali_edge.kernels.rali_head import rali_head_triton
 

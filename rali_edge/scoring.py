@@ -24,7 +24,7 @@ from rali_edge.model_file import Manifest, load_model
 from rali_edge.preprocess import PreprocessConfig, Preprocessor
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-BACKENDS = ("torch", "aoti", "tensorrt")
+BACKENDS = ("torch", "aoti", "tensorrt", "onnx")
 HEADS = ("auto", "triton", "torch")
 
 
@@ -200,8 +200,8 @@ def load(
 ) -> Scorer:
     """Load a rali-edge model folder (None: the built-in default model) as a Scorer.
 
-    backend "torch" runs the encoder in PyTorch on `device` in `dtype`; "aoti" and "tensorrt"
-    run a built engine (`engine=PATH`, see `rali-edge build`), checked against this model.
+    backend "torch" runs the encoder in PyTorch on `device` in `dtype`; "aoti", "tensorrt" and
+    "onnx" (ONNX Runtime) run a built engine (`engine=PATH`, see `rali-edge build`), checked against this model.
     """
     if dtype not in DTYPES:
         raise RaliEdgeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")

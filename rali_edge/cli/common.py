@@ -6,7 +6,7 @@ import functools
 
 import click
 
-BACKEND_HELP = "torch: PyTorch encoder; aoti, tensorrt: an engine from `rali-edge build` (needs --engine)."
+BACKEND_HELP = "torch: PyTorch encoder; aoti, tensorrt, onnx: an engine from `rali-edge build` (needs --engine)."
 
 
 def model_options(fn):
@@ -17,7 +17,7 @@ def model_options(fn):
     @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
     @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
                   help="Encoder precision (the head always runs in fp32).")
-    @click.option("--backend", type=click.Choice(["torch", "aoti", "tensorrt"]), default="torch", show_default=True, help=BACKEND_HELP)
+    @click.option("--backend", type=click.Choice(["torch", "aoti", "tensorrt", "onnx"]), default="torch", show_default=True, help=BACKEND_HELP)
     @click.option("--engine", type=click.Path(exists=True), help="Engine file for --backend aoti/tensorrt.")
     @click.option("--head", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
                   help="RALI head: the fused Triton kernel (auto picks it on CUDA) or eager PyTorch.")
