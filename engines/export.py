@@ -25,16 +25,14 @@ import copy
 import io
 import json
 import logging
-import math
 import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rali_edge.errors import MissingDependencyError, RaliEdgeError
-from rali_edge.model import RaliModel
+from rali_edge.model import Attention, RaliModel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ONNX_OPSET = 18
@@ -45,7 +43,12 @@ METADATA_KEY = "rali_edge"
 
 
 class ExportEncoder(nn.Module):
-    """fp32 pixels [B, 3, H, W] -> fp32 score [B] (outputs="score") or class token [B, D]."""
+    """fp32 pixels [B, 3, H, W] -> fp32 score [B] (outputs="score") or class token [B, D].
+
+    The model's own encoder, on a copy whose convolution, linear and embedding weights are cast
+    to the precision; its layernorms compute in fp32 (model.LayerNorm) and its attention softmax
+    is switched to fp32, so the exported graph carries those casts for TensorRT and ONNX Runtime.
+    """
 
     def __init__(self, model: RaliModel, precision: str = "fp32", outputs: str = "score"):
         super().__init__()
@@ -54,16 +57,16 @@ class ExportEncoder(nn.Module):
         if outputs not in ("score", "class_token"):
             raise RaliEdgeError(f"unknown outputs {outputs!r}; choose score or class_token")
         self.precision, self.outputs, self.dtype = precision, outputs, DTYPES[precision]
-        encoder = model.encoder
+        encoder = copy.deepcopy(model.encoder).eval()
         if self.dtype != torch.float32:
-            # A low-precision copy of the matmul weights; layernorms keep their fp32 parameters.
-            encoder = copy.deepcopy(encoder)
             for module in encoder.modules():
                 if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
                     module.to(self.dtype)
+                if isinstance(module, Attention):
+                    module.softmax_fp32 = True
             emb = encoder.vision_model.embeddings
             emb.class_embedding = nn.Parameter(emb.class_embedding.detach().to(self.dtype), requires_grad=False)
-        self.encoder = encoder.eval()
+        self.encoder = encoder
         self.head = None
         if outputs == "score":  # the head always computes in fp32, in eager PyTorch
             self.head = copy.deepcopy(model.head).float().eval()
@@ -71,38 +74,8 @@ class ExportEncoder(nn.Module):
         self.config = model.encoder.config
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        vm = self.encoder.vision_model
-        emb = vm.embeddings
-        x = pixels.to(self.dtype)
-        patches = emb.patch_embedding(x).flatten(2).transpose(1, 2)
-        cls = emb.class_embedding.expand(patches.shape[0], 1, -1)
-        h = torch.cat([cls, patches], dim=1) + emb.position_embedding.weight
-        h = _layer_norm32(vm.pre_layrnorm, h)
-        for block in vm.encoder.layers:
-            h = h + _attention(block.self_attn, _layer_norm32(block.layer_norm1, h))
-            h = h + block.mlp(_layer_norm32(block.layer_norm2, h))
-        cls_state = h[:, 0].float()
+        cls_state = self.encoder.class_token(pixels).float()
         return cls_state if self.head is None else self.head(cls_state)
-
-
-def _layer_norm32(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """Layernorm computed in fp32 whatever x's dtype; the result goes back to x's dtype."""
-    return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(x.dtype)
-
-
-def _attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Multi-head self-attention with the softmax in fp32. q is scaled before q @ k^T (as SDPA
-    does) so that the low-precision scores stay small."""
-    b, n, d = x.shape
-    h = attn.num_heads
-    scale = 1.0 / math.sqrt(d // h)
-
-    def heads(t):
-        return t.view(b, n, h, d // h).transpose(1, 2)
-
-    q, k, v = heads(attn.q_proj(x) * scale), heads(attn.k_proj(x)), heads(attn.v_proj(x))
-    weights = torch.softmax((q @ k.transpose(-1, -2)).float(), dim=-1).to(x.dtype)
-    return attn.out_proj((weights @ v).transpose(1, 2).reshape(b, n, d))
 
 
 def example_pixels(model: RaliModel, batch: int = 2) -> torch.Tensor:

@@ -91,12 +91,24 @@ def activation(name: str):
     raise ValueError(f"unsupported hidden_act {name!r} (expected quick_gelu, gelu, gelu_new or gelu_pytorch_tanh)")
 
 
+class LayerNorm(nn.LayerNorm):
+    """Computed in fp32 whatever the input dtype, returned in the input dtype (a no-op for fp32).
+    ViT layernorms overflow in fp16 (NVIDIA/TensorRT#2564), and an exported graph must say
+    explicitly that they run in fp32 for TensorRT to keep them there."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         d = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        # Engines in fp16/bf16 set this: the softmax then runs in fp32, written out so that the
+        # exported graph carries the casts (SDPA would export a low-precision softmax).
+        self.softmax_fp32 = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -105,7 +117,12 @@ class Attention(nn.Module):
         def heads(t):
             return t.view(b, n, h, d // h).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
+        if self.softmax_fp32:
+            # q is scaled before q @ k^T, as SDPA does, so that low-precision scores stay small.
+            q, k, v = heads(self.q_proj(x) * (d // h) ** -0.5), heads(self.k_proj(x)), heads(self.v_proj(x))
+            out = torch.softmax((q @ k.transpose(-1, -2)).float(), dim=-1).to(x.dtype) @ v
+        else:
+            out = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -123,9 +140,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = Attention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(self, x):
@@ -160,9 +177,9 @@ class VisionTower(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.embeddings = Embeddings(cfg)
-        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: HF's spelling
+        self.pre_layrnorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: HF's spelling
         self.encoder = _Layers(cfg)
-        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
 class Encoder(nn.Module):
