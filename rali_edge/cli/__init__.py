@@ -70,3 +70,4 @@ def main():
     2 usage error, 3 model/engine cannot be loaded, 4 missing library or device,
     130 interrupted (results so far were written).
     """
+
