@@ -86,10 +86,11 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
 @triton.jit
 def _finish_rows(
     sim, sumsq, rows, row_ok, offs_k, k_ok, proto_score_ptr, stride_ps, score_ptr, weights_out_ptr, K,
-    logit_scale, norm_eps, RETURN_WEIGHTS: tl.constexpr,
+    logit_scale_ptr, norm_eps, RETURN_WEIGHTS: tl.constexpr,
 ):
     # normalize(z) @ protos.T == (z @ protos.T) / max(|z|, eps): an all-zero z gives sim 0 -> uniform weights.
     inv_norm = tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(sumsq), norm_eps))
+    logit_scale = tl.load(logit_scale_ptr).to(tl.float32)  # read on the GPU: no host sync per call
     logits = sim * (inv_norm * logit_scale)[:, None]
     logits = tl.where(k_ok[None, :], logits, float("-inf"))  # padded prototypes get no weight
     e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
@@ -109,7 +110,7 @@ def _rali_head_kernel(
     score_ptr, weights_out_ptr, partial_sim_ptr, partial_sumsq_ptr, arrivals_ptr,
     B, D, P, K,
     stride_cb, stride_cd, stride_wp, stride_wd, stride_bias, stride_pk, stride_pp, stride_ps,
-    logit_scale, ln_eps, norm_eps,
+    logit_scale_ptr, ln_eps, norm_eps,
     p_per_split,  # P columns handled by one split, a multiple of BLOCK_P
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, K_PAD: tl.constexpr,
     N_SPLITS: tl.constexpr,
@@ -172,7 +173,7 @@ def _rali_head_kernel(
 
     if N_SPLITS == 1:
         _finish_rows(sim, sumsq, rows, row_ok, offs_k, k_ok, proto_score_ptr, stride_ps, score_ptr,
-                     weights_out_ptr, K, logit_scale, norm_eps, RETURN_WEIGHTS)
+                     weights_out_ptr, K, logit_scale_ptr, norm_eps, RETURN_WEIGHTS)
     else:
         # Workspace layout: partial_sim [N_SPLITS, B, K], partial_sumsq [N_SPLITS, B]; int64 offsets.
         rows64 = rows.to(tl.int64)
@@ -195,7 +196,7 @@ def _rali_head_kernel(
                 sumsq += tl.load(sumsq_ptrs + s * batch64, mask=row_ok, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(arrivals_ptr + pid_b, 0)  # ready for the next launch, no memset needed
             _finish_rows(sim, sumsq, rows, row_ok, offs_k, k_ok, proto_score_ptr, stride_ps, score_ptr,
-                         weights_out_ptr, K, logit_scale, norm_eps, RETURN_WEIGHTS)
+                         weights_out_ptr, K, logit_scale_ptr, norm_eps, RETURN_WEIGHTS)
 
 
 INTERPRETED = type(_rali_head_kernel).__name__ == "InterpretedFunction"
@@ -295,6 +296,14 @@ def _check_inputs(cls, weight, bias, prototypes, proto_scores):
         raise ValueError("the Triton head needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
 
 
+def _scale_on(logit_scale, device) -> torch.Tensor:
+    """The logit scale as a one-element fp32 tensor on `device`. A buffer already there is used
+    as it is: float() of a CUDA tensor would wait for the GPU on every call."""
+    if torch.is_tensor(logit_scale) and logit_scale.device == device and logit_scale.dtype == torch.float32:
+        return logit_scale.reshape(1)
+    return torch.as_tensor(logit_scale, dtype=torch.float32).reshape(1).to(device)
+
+
 def _launch_plan(cls, weight, bias, prototypes, proto_scores, logit_scale, ln_eps, score, weights_out,
                  return_weights, precision, cfg: HeadConfig, workspace):
     """(grid, positional args, keyword meta-parameters) of one launch."""
@@ -316,7 +325,7 @@ def _launch_plan(cls, weight, bias, prototypes, proto_scores, logit_scale, ln_ep
         B, D, P, K,
         cls.stride(0), cls.stride(1), weight.stride(0), weight.stride(1), bias.stride(0),
         prototypes.stride(0), prototypes.stride(1), proto_scores.stride(0),
-        float(logit_scale), float(ln_eps), NORMALIZE_EPS,
+        _scale_on(logit_scale, cls.device), float(ln_eps), NORMALIZE_EPS,
         p_tiles_per_split * cfg.block_p,
     ]
     meta = {
@@ -327,7 +336,7 @@ def _launch_plan(cls, weight, bias, prototypes, proto_scores, logit_scale, ln_ep
     return (n_btiles, n_splits), args, meta
 
 
-def rali_head_triton(cls, weight, bias, prototypes, proto_scores, logit_scale: float, ln_eps: float,
+def rali_head_triton(cls, weight, bias, prototypes, proto_scores, logit_scale, ln_eps: float,
                      return_weights=False, *, precision: str | None = None, config: HeadConfig | None = None):
     """Fused RALI head, same signature and result as `rali_head_reference` (rali_edge.model.head_torch).
 
