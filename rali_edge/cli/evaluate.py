@@ -1,0 +1,88 @@
+"""`rali-edge eval`: SRCC, KRCC and PLCC of a model or engine on labelled images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import click
+
+from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
+
+
+def _run_or_exit(fn):
+    """A RaliEdgeError becomes `error: <message>` on stderr and its exit code, never a traceback."""
+    from rali_edge.errors import RaliEdgeError
+
+    try:
+        return fn()
+    except RaliEdgeError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+
+
+@click.command(
+    "eval",
+    epilog="""\b
+Examples:
+  rali-edge eval default koniq_test.json --root data/       # DeQA-Score metas, built-in model
+  rali-edge eval rali-vitl14-336 mine.csv --device cuda --dtype fp16 --format json
+  rali-edge eval rali-vitl14-336 mine.csv --backend tensorrt --engine rali.plan   # engine vs fp32: run both
+""",
+)
+@click.argument("model")
+@click.argument("dataset", type=click.Path(dir_okay=False))
+@click.option("--root", type=click.Path(file_okay=False), help="Folder the image paths are relative to. Default: the dataset file's folder.")
+@click.option("--label", type=click.Choice(["auto", "gt_score", "gt_score_norm"]), default="auto", show_default=True,
+              help="Metas JSON: which label to use (auto: gt_score_norm when every entry has it). Rank metrics do not depend on it.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="Encoder precision.")
+@click.option("--backend", type=click.Choice(["torch", "aoti", "tensorrt"]), default="torch", show_default=True,
+              help="torch: PyTorch encoder; aoti, tensorrt: an engine from `rali-edge build` (needs --engine).")
+@click.option("--engine", type=click.Path(exists=True), help="Engine file for --backend aoti/tensorrt.")
+@click.option("--head", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True, help="RALI head implementation.")
+@click.option("--batch-size", "-b", default=16, show_default=True, type=click.IntRange(min=1), help="Images per encoder call.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--predictions", type=click.Path(dir_okay=False, writable=True), help="Also write path,mos,score for every scored image (CSV).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
+def eval_command(model, dataset, root, label, device, dtype, backend, engine, head, batch_size, fmt, predictions, progress):
+    """Measure how well MODEL's scores agree with the labels of DATASET.
+
+    MODEL is a rali-edge model folder, or `default` for the built-in model. DATASET is a
+    DeQA-Score metas .json (a list of {"image", "gt_score"[, "gt_score_norm"]}) or a .csv
+    with `path` and `mos` columns. Reports SRCC, KRCC, PLCC without a fit, PLCC after the
+    4-parameter logistic fit of IQA papers, the image count, failures and time.
+
+    Images that cannot be read are listed and left out; the exit code is then 1 (0 when every
+    image was scored).
+    """
+    from rali_edge.cli.common import load_scorer
+    from rali_edge.evaluation import evaluate, read_dataset
+
+    def go():
+        items = read_dataset(dataset, root=root, label=label)
+        scorer = load_scorer(None if model == "default" else model, device=device, dtype=dtype,
+                             backend=backend, engine=engine, head=head)
+        show = sys.stderr.isatty() if progress is None else progress
+        with click.progressbar(length=len(items), label="scoring", file=sys.stderr, hidden=not show) as bar:
+            return evaluate(scorer, items, batch_size=batch_size, name=str(dataset), progress=bar.update)
+
+    try:
+        report = _run_or_exit(go)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if predictions:
+        with open(predictions, "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["path", "mos", "score"])
+            writer.writerows([p["path"], p["mos"], f"{p['score']:.6f}"] for p in report.predictions)
+    if fmt == "json":
+        click.echo(json.dumps(report.to_dict(), indent=1))
+    else:
+        click.echo(report.table(), nl=False)
+    sys.exit(EXIT_SOME_FAILED if report.failures else EXIT_OK)
+
+
+__all__ = ["eval_command"]
