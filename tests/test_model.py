@@ -1,0 +1,52 @@
+"""The encoder against transformers' CLIP vision tower."""
+
+import pytest
+import torch
+
+from rali_edge.model import Encoder, EncoderConfig
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_vision(hidden_act: str, seed: int):
+    cfg = transformers.CLIPVisionConfig(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        image_size=42, patch_size=14, projection_dim=24, hidden_act=hidden_act,
+    )
+    torch.manual_seed(seed)
+    model = transformers.CLIPVisionModelWithProjection(cfg).eval()
+    with torch.no_grad():  # HF initialises layernorms to identity and biases to 0: make every term count
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return cfg, model
+
+
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_encoder_matches_clip_vision_model_with_projection(hidden_act, seed):
+    """Same fp32 operations in the same order (SDPA on both sides): 1e-5 leaves room only for
+    a different kernel choice, not for a wrong term."""
+    cfg, hf = hf_vision(hidden_act, seed)
+    ours = Encoder(EncoderConfig.from_hf(cfg.to_dict())).eval()
+    state = {k: v for k, v in hf.state_dict().items() if not k.endswith("position_ids")}
+    ours.load_state_dict(state, strict=True)
+    pixels = torch.randn(3, 3, 42, 42)
+    with torch.no_grad():
+        expected = hf(pixel_values=pixels)
+        assert (ours.embed(pixels) - expected.image_embeds).abs().max() <= 1e-5
+        # The class token before the post-layernorm is what the fused head reads.
+        assert (ours.class_token(pixels) - expected.last_hidden_state[:, 0]).abs().max() <= 1e-5
+
+
+def test_fp32_softmax_attention_equals_sdpa_in_fp32():
+    """The explicit attention that engines export computes what SDPA computes."""
+    cfg, hf = hf_vision("quick_gelu", 0)
+    ours = Encoder(EncoderConfig.from_hf(cfg.to_dict())).eval()
+    ours.load_state_dict({k: v for k, v in hf.state_dict().items() if not k.endswith("position_ids")})
+    pixels = torch.randn(2, 3, 42, 42)
+    with torch.no_grad():
+        sdpa = ours.class_token(pixels)
+        for block in ours.vision_model.encoder.layers:
+            block.self_attn.softmax_fp32 = True
+        explicit = ours.class_token(pixels)
+    assert (sdpa - explicit).abs().max() <= 1e-5
