@@ -43,7 +43,6 @@ from rali_edge.engines.naming import (
 )
 from rali_edge.errors import (
     EngineMismatchError,
-    ImageError,
     MissingDependencyError,
     RaliEdgeError,
 )
@@ -474,51 +473,6 @@ def _torch_dtype(torch, trt, dtype):
 
 
 # ------------------------------------------------------------------------------ torch-free
-class NumpyPreprocessor:
-    """CLIP preprocessing with Pillow and numpy only, for the torch-free runner. Same steps and
-    the same float32 values as rali_edge.preprocess.Preprocessor's Pillow path (tested equal):
-    shortest-edge resize (long edge truncated), centre crop with zero padding, then one lookup
-    table per channel for rescale + normalise. (preprocess.py imports torch, hence this copy.)"""
-
-    MAX_RESIZED_PIXELS = 1 << 24  # Preprocessor crops very thin images before resizing; we refuse them
-
-    def __init__(self, config: dict):
-        self.c = dict(config)
-        levels = np.arange(256, dtype=np.float64)
-        x = (levels * self.c.get("rescale_factor", 1 / 255)).astype(np.float32) if self.c.get("do_rescale", True) \
-            else levels.astype(np.float32)
-        x = np.broadcast_to(x, (3, 256))
-        if self.c.get("do_normalize", True):
-            mean = np.asarray(self.c["mean"], dtype=np.float32)[:, None]
-            std = np.asarray(self.c["std"], dtype=np.float32)[:, None]
-            x = (x - mean) / std
-        self.lut = np.ascontiguousarray(x, dtype=np.float32)  # [3, 256]
-
-    def image_to_array(self, img) -> np.ndarray:
-        """RGB PIL image -> float32 [3, H, W]."""
-        c = self.c
-        if c.get("do_resize", True):
-            h, w = img.height, img.width
-            short, long = (w, h) if w <= h else (h, w)
-            new_long = int(c["resize_shortest_edge"] * long / short)
-            nh, nw = (new_long, c["resize_shortest_edge"]) if w <= h else (c["resize_shortest_edge"], new_long)
-            if nh * nw > self.MAX_RESIZED_PIXELS:
-                raise ImageError(f"{w}x{h} image: aspect ratio too extreme for the torch-free preprocessor")
-            img = img.resize((nw, nh), resample=c.get("resample", 3))
-        if c.get("do_center_crop", True):
-            ch, cw = c["crop_height"], c["crop_width"]
-            top, left = (img.height - ch) // 2, (img.width - cw) // 2
-            if (top, left, img.height, img.width) != (0, 0, ch, cw):
-                img = img.crop((left, top, left + cw, top + ch))  # Pillow zero-fills outside the image
-        pixels = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
-        return self.lut[np.arange(3)[:, None, None], pixels]
-
-    def __call__(self, images) -> np.ndarray:
-        from rali_edge.images import open_image
-
-        return np.stack([self.image_to_array(open_image(x)) for x in images])
-
-
 class TensorRTScorer:
     """Images in, scores out, with TensorRT, pycuda and numpy only (no torch). Needs an engine
     built with the head inside (`rali-edge build ... --target tensorrt --head engine`)."""
@@ -537,7 +491,9 @@ class TensorRTScorer:
                 f"{self.path}: this engine outputs class tokens (built with --head triton); the torch-free runner "
                 f"needs the head inside the engine: {self.info.rebuild_command().replace('--head triton', '--head engine')}"
             )
-        self.preprocess = NumpyPreprocessor(self.info.preprocess)
+        from rali_edge.preprocess import PreprocessConfig, Preprocessor  # numpy path: no torch
+
+        self.preprocess = Preprocessor(PreprocessConfig.from_dict(self.info.preprocess))
         self.cuda = cuda
         cuda.init()
         self._context = cuda.Device(device_index).retain_primary_context()
@@ -559,10 +515,13 @@ class TensorRTScorer:
         """Paths, PIL images or HxWx3 uint8 arrays (one or a list) -> one float per image."""
         if not isinstance(images, (list, tuple)):
             images = [images]
+        from rali_edge.images import open_image
+
         step = min(batch_size or self.info.batch.max, self.info.batch.max)
         scores: list[float] = []
         for start in range(0, len(images), step):
-            scores += self.score_pixels(self.preprocess(images[start : start + step])).tolist()
+            batch = np.stack([self.preprocess.pil_to_array(open_image(x)) for x in images[start : start + step]])
+            scores += self.score_pixels(batch).tolist()
         return scores
 
     def score_pixels(self, pixels: np.ndarray) -> np.ndarray:
@@ -611,7 +570,6 @@ class TensorRTScorer:
 
 __all__ = [
     "INSTALL_HINT",
-    "NumpyPreprocessor",
     "PrecisionPlan",
     "TensorRTEncoder",
     "TensorRTScorer",

@@ -24,13 +24,19 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from rali_edge.errors import ModelFormatError
 from rali_edge.images import open_image
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the tensor methods only: `PreprocessConfig`, `resize_and_crop` and
+# `pil_to_array` serve the torch-free TensorRT runner (engines/tensorrt.py) as they are.
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -116,21 +122,29 @@ class Preprocessor:
 
     def __init__(self, config: PreprocessConfig | None = None):
         self.config = config or PreprocessConfig()
-        self.lut = rescale_normalize_lut(self.config)  # [3, 256] float32
+        self.lut = rescale_normalize_lut(self.config)  # [3, 256] float32 (numpy)
 
     def __call__(self, images: list) -> torch.Tensor:
         """Anything `open_image` accepts; the first bad input raises ImageError. To skip bad files
         and go on, call open_image per input and pil_to_tensor on the good ones."""
+        import torch
+
         if not images:
             raise ValueError("Preprocessor needs at least one image")
         return torch.stack([self.pil_to_tensor(open_image(x)) for x in images])
 
     def pil_to_tensor(self, img: Image.Image) -> torch.Tensor:
         """One RGB PIL image -> [3, H, W] float32 (any other mode goes through open_image first)."""
+        import torch
+
+        return torch.from_numpy(self.pil_to_array(img))
+
+    def pil_to_array(self, img: Image.Image) -> np.ndarray:
+        """One RGB PIL image -> [3, H, W] float32 numpy array (no torch needed)."""
         if img.mode != "RGB":
             img = open_image(img)
-        pixels = torch.from_numpy(np.array(self.resize_and_crop(img))).permute(2, 0, 1)
-        return self.normalize_uint8(pixels)
+        pixels = np.asarray(self.resize_and_crop(img), dtype=np.uint8).transpose(2, 0, 1)
+        return self.lut[np.arange(3)[:, None, None], pixels]
 
     def resize_and_crop(self, img: Image.Image) -> Image.Image:
         """The uint8 pixels the model sees, before rescale and normalisation."""
@@ -146,6 +160,8 @@ class Preprocessor:
         """Video frames (RGB uint8 HxWx3 arrays) -> [B, 3, H, W] float32 on `device`. Frames of one
         shape resize together with torch; others (other shapes, absurd aspect ratios, filters torch
         lacks) go through the Pillow path one by one."""
+        import torch
+
         if not frames:
             raise ValueError("arrays_to_tensor needs at least one frame")
         if self._torch_can_batch(frames):
@@ -169,7 +185,9 @@ class Preprocessor:
     def normalize_uint8(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [..., 3, H, W] -> float32 by table lookup: bit-identical to transformers' rescale
         (float64 multiply, cast to float32) followed by its float32 normalisation."""
-        lut = self.lut.to(pixels.device)
+        import torch
+
+        lut = torch.from_numpy(self.lut).to(pixels.device)
         channel_offset = (torch.arange(3, device=pixels.device) * 256).view(3, 1, 1)
         return lut.flatten()[pixels.long() + channel_offset]
 
@@ -185,7 +203,7 @@ class Preprocessor:
         return self.config.resample in TORCH_MODES and nh * nw <= RESIZE_PIXEL_BUDGET
 
 
-def rescale_normalize_lut(c: PreprocessConfig) -> torch.Tensor:
+def rescale_normalize_lut(c: PreprocessConfig) -> np.ndarray:
     """[3, 256] float32: the value transformers computes for each channel and uint8 level."""
     levels = np.arange(256, dtype=np.float64)
     x = (levels * c.rescale_factor).astype(np.float32) if c.do_rescale else levels.astype(np.float32)
@@ -194,7 +212,7 @@ def rescale_normalize_lut(c: PreprocessConfig) -> torch.Tensor:
         mean = np.asarray(c.mean, dtype=np.float32)[:, None]
         std = np.asarray(c.std, dtype=np.float32)[:, None]
         x = (x - mean) / std  # float32 throughout, as transformers' normalize
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
@@ -224,6 +242,8 @@ def center_crop_tensor(x: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
     pad_bottom = max(0, top + crop[0] - x.shape[-2])
     pad_right = max(0, left + crop[1] - x.shape[-1])
     if pad_top or pad_left or pad_bottom or pad_right:
+        import torch.nn.functional as F
+
         x = F.pad(x, (pad_left, pad_right, pad_top, pad_bottom))
         top, left = top + pad_top, left + pad_left
     return x[..., top : top + crop[0], left : left + crop[1]]
@@ -252,6 +272,9 @@ def resize_crop_window(img: Image.Image, size: tuple[int, int], crop: tuple[int,
 
 def _torch_resize_1d(x: torch.Tensor, new: int, dim: int, mode: str) -> torch.Tensor:
     """One antialiased pass along `dim`, rounded and clipped to uint8 like Pillow's passes."""
+    import torch
+    import torch.nn.functional as F
+
     if x.shape[dim] == new:
         return x
     size = (x.shape[-2], new) if dim == -1 else (new, x.shape[-1])
