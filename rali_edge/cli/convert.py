@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 
@@ -19,17 +17,6 @@ def report(out, manifest) -> None:
     )
 
 
-def run_or_exit(fn):
-    """Run fn(); a RaliEdgeError becomes `error: <message>` on stderr and its exit code."""
-    from rali_edge.errors import RaliEdgeError
-
-    try:
-        return fn()
-    except RaliEdgeError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
-
-
 @click.command("convert")
 @click.argument("src_dir", type=click.Path(file_okay=False, path_type=str))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
@@ -43,12 +30,8 @@ def convert_command(src_dir, out, name):
     a restricted unpickler (numpy arrays and scikit-learn PCA attributes only): nothing in the
     folder can run code. ckpt.pt's tensors win over best/ and basis.npz, as in the published code.
     """
+    from rali_edge.loading import convert_published
+    from rali_edge.model_file import read_manifest
 
-    def go():
-        from rali_edge.loading import convert_published
-        from rali_edge.model_file import read_manifest
-
-        path = convert_published(src_dir, out, name=name)
-        report(path, read_manifest(path))
-
-    run_or_exit(go)
+    path = convert_published(src_dir, out, name=name)
+    report(path, read_manifest(path))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from rali_edge.cli.convert import report, run_or_exit
+from rali_edge.cli.convert import report
 
 
 @click.command("fetch")
@@ -21,13 +21,9 @@ def fetch_command(out, cache_dir, revision, name):
     Needs huggingface_hub (pip install 'rali-edge[hub]'). Offline (HF_HUB_OFFLINE=1) it uses the
     local hub cache. Without the hub, download the RALI folder by hand and run `rali-edge convert`.
     """
+    from rali_edge.loading import PUBLISHED_REPO, PUBLISHED_SUBFOLDER, fetch_published
+    from rali_edge.model_file import read_manifest
 
-    def go():
-        from rali_edge.loading import PUBLISHED_REPO, PUBLISHED_SUBFOLDER, fetch_published
-        from rali_edge.model_file import read_manifest
-
-        click.echo(f"fetching {PUBLISHED_REPO}/{PUBLISHED_SUBFOLDER} (revision {revision or 'main'})...", err=True)
-        path = fetch_published(out, cache_dir=cache_dir, revision=revision, name=name)
-        report(path, read_manifest(path))
-
-    run_or_exit(go)
+    click.echo(f"fetching {PUBLISHED_REPO}/{PUBLISHED_SUBFOLDER} (revision {revision or 'main'})...", err=True)
+    path = fetch_published(out, cache_dir=cache_dir, revision=revision, name=name)
+    report(path, read_manifest(path))
