@@ -217,5 +217,6 @@ def load(
             raise RaliEdgeError(f"backend {backend!r} needs an engine file (--engine PATH); build one with `rali-edge build`")
         from rali_edge.engines.runners import open_engine
 
-        encoder = open_engine(backend, engine, manifest, device=device)
+        # model_ref: the rebuild command in a mismatch error names this model folder.
+        encoder = open_engine(backend, engine, manifest, device=device, model_ref=str(path))
     return Scorer(rali_model, manifest, device=device, dtype=dtype, head=head, encoder=encoder)
