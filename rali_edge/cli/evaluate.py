@@ -22,6 +22,13 @@ def _run_or_exit(fn):
         sys.exit(e.exit_code)
 
 
+def model_or_default(model: str):
+    """`default` means the built-in model, unless a folder of that name is there."""
+    from pathlib import Path
+
+    return None if model == "default" and not Path(model).is_dir() else model
+
+
 @click.command(
     "eval",
     epilog="""\b
@@ -62,7 +69,7 @@ def eval_command(model, dataset, root, label, device, dtype, backend, engine, he
 
     def go():
         items = read_dataset(dataset, root=root, label=label)
-        scorer = load_scorer(None if model == "default" else model, device=device, dtype=dtype,
+        scorer = load_scorer(model_or_default(model), device=device, dtype=dtype,
                              backend=backend, engine=engine, head=head)
         show = sys.stderr.isatty() if progress is None else progress
         with click.progressbar(length=len(items), label="scoring", file=sys.stderr, hidden=not show) as bar:
