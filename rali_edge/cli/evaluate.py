@@ -11,17 +11,6 @@ import click
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
 
 
-def _run_or_exit(fn):
-    """A RaliEdgeError becomes `error: <message>` on stderr and its exit code, never a traceback."""
-    from rali_edge.errors import RaliEdgeError
-
-    try:
-        return fn()
-    except RaliEdgeError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
-
-
 def model_or_default(model: str):
     """`default` means the built-in model, unless a folder of that name is there."""
     from pathlib import Path
@@ -76,7 +65,7 @@ def eval_command(model, dataset, root, label, device, dtype, backend, engine, he
             return evaluate(scorer, items, batch_size=batch_size, name=str(dataset), progress=bar.update)
 
     try:
-        report = _run_or_exit(go)
+        report = go()  # a RaliEdgeError reaches the CLI group's handler: `error: ...`, its exit code
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
-from rali_edge.cli.evaluate import _run_or_exit, model_or_default
+from rali_edge.cli.evaluate import model_or_default
 
 
 @click.command(
@@ -72,7 +72,7 @@ def fit_head_command(encoder_model, dataset, out, root, label, pca_dim, prototyp
                                   dataset_name=str(dataset), log=log, progress=bar.update)
 
     try:
-        path, report, embedded = _run_or_exit(go)
+        path, report, embedded = go()  # RaliEdgeError: handled by the CLI group (`error: ...`)
     except KeyboardInterrupt:
         click.echo("interrupted: nothing written", err=True)
         sys.exit(EXIT_INTERRUPTED)
