@@ -58,6 +58,7 @@ class Recipe:
     weight_decay: float = 0.05
     warmup_steps: int = 200
     train_prototypes: int = 32  # of the differentiable head used while training the encoder
+    class_weight: float = 1.0  # of the cross-entropy on the distortion class (see NUM_CLASSES)
     encoder: dict = field(default_factory=lambda: dict(
         hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
         image_size=128, patch_size=16, projection_dim=64, hidden_act="quick_gelu",
@@ -79,6 +80,17 @@ def to_uint8_pixels(samples, pre: Preprocessor) -> torch.Tensor:
     ])
 
 
+# Which distortion at which level (0 = clean): a second training target. The MS-SSIM label also
+# depends on content (the same blur costs a texture more than a sky), so regressing it alone lets
+# the encoder get far on content cues from the few photographs; the distortion and level were
+# drawn independently of content, so predicting them makes it look at the distortions.
+NUM_CLASSES = 1 + len(DISTORTIONS) * 5
+
+
+def distortion_class(sample) -> int:
+    return 0 if sample.kind == "clean" else 1 + list(DISTORTIONS).index(sample.kind) * 5 + sample.level - 1
+
+
 class TrainingHead(torch.nn.Module):
     """Differentiable head of RALI's form on the projected embedding: standardise (BatchNorm
     without affine, as the head's PCA scaling), normalise, cosine similarity to prototypes,
@@ -97,14 +109,16 @@ class TrainingHead(torch.nn.Module):
         self.scores = torch.nn.Parameter(torch.linspace(1.0, 5.0, prototypes))
         self.log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.linear = torch.nn.Linear(dim, 1)
+        self.classify = torch.nn.Linear(dim, NUM_CLASSES)
         with torch.no_grad():
             self.linear.weight.normal_(0, 0.01, generator=generator)
             self.linear.bias.fill_(3.0)
 
-    def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z = self.standardise(emb)
         sim = F.normalize(z, dim=-1) @ F.normalize(self.prototypes, dim=-1).T
-        return torch.softmax(sim * self.log_scale.exp(), dim=-1) @ self.scores, self.linear(z).squeeze(-1)
+        proto = torch.softmax(sim * self.log_scale.exp(), dim=-1) @ self.scores
+        return proto, self.linear(z).squeeze(-1), self.classify(z)
 
 
 def dct_patch_filters(hidden: int, patch: int) -> torch.Tensor:
@@ -194,16 +208,18 @@ def train(recipe: Recipe, out: Path, device: str = "cpu", threads: int = 1, work
     if cached is not None and cached.is_file():
         with np.load(cached) as z:
             train_pixels, train_labels = torch.from_numpy(z["pixels"]), torch.from_numpy(z["labels"])
+            train_classes = torch.from_numpy(z["classes"])
         log(f"training samples read from {cached}")
     else:
         log(f"making {recipe.train_samples} training samples from {', '.join(data.TRAIN_SOURCES)} ({workers} processes)")
         train_samples = data.training_samples(recipe.seed, recipe.train_samples, workers=workers)
         train_pixels = to_uint8_pixels(train_samples, pre)
         train_labels = torch.tensor([s.label for s in train_samples], dtype=torch.float32)
+        train_classes = torch.tensor([distortion_class(s) for s in train_samples])
         del train_samples
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cached, pixels=train_pixels.numpy(), labels=train_labels.numpy())
+            np.savez(cached, pixels=train_pixels.numpy(), labels=train_labels.numpy(), classes=train_classes.numpy())
     heldout = data.heldout_grid(recipe.seed + 1, recipe.heldout_crops, workers=workers)
     heldout_pixels = to_uint8_pixels(heldout, pre)
     heldout_labels = [s.label for s in heldout]
@@ -241,8 +257,9 @@ def train(recipe: Recipe, out: Path, device: str = "cpu", threads: int = 1, work
             pixels = pre.normalize_uint8(x).to(device)
             head.train()
             target = train_labels[idx].to(device)
-            proto, linear = head(encoder.embed(pixels))
-            loss = F.mse_loss(proto, target) + F.mse_loss(linear, target)
+            proto, linear, logits = head(encoder.embed(pixels))
+            loss = (F.mse_loss(proto, target) + F.mse_loss(linear, target)
+                    + recipe.class_weight * F.cross_entropy(logits, train_classes[idx].to(device)))
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, recipe)
             opt.zero_grad(set_to_none=True)
