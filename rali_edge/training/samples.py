@@ -24,7 +24,7 @@ from rali_edge.training.data import HELDOUT_SOURCES, SOURCES, load_source
 SAMPLES = (
     ("chelsea", [("blur", 3), ("noise", 3), ("jpeg", 4), ("underexpose", 4)]),
     ("coffee", [("pixelate", 3), ("motion", 3), ("jpeg2000", 4), ("contrast", 4)]),
-    ("camera", [("blur", 4), ("noise", 4), ("overexpose", 3), ("jpeg", 5)]),
+    ("astronaut", [("blur", 4), ("noise", 4), ("overexpose", 3), ("jpeg", 5)]),
 )
 SHORT_SIDE = 192
 JPEG_QUALITY = 95
