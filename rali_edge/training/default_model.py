@@ -17,7 +17,7 @@
 4. Held-out check: the saved model scores every distortion and level of crops of the held-out
    photographs; SRCC and PLCC against the labels go into TRAINING.md and the manifest.
 
-Runs in about half an hour on two CPU cores (two processes making the data, then `--threads`
+Runs in about 35 minutes on two CPU cores (two processes making the data, then `--threads`
 torch threads training); `--device cuda` trains on a GPU. Seeded: the same torch version, thread count and machine
 give the same weights.
 """
