@@ -158,16 +158,28 @@ class Preprocessor:
 
     def arrays_to_tensor(self, frames: list, device: torch.device | str | None = None) -> torch.Tensor:
         """Video frames (RGB uint8 HxWx3 arrays) -> [B, 3, H, W] float32 on `device`. Frames of one
-        shape resize together with torch; others (other shapes, absurd aspect ratios, filters torch
-        lacks) go through the Pillow path one by one."""
+        shape resize together with torch, so cameras of different resolutions sharing a batch
+        still take that path, one group per shape; the rest (absurd aspect ratios, filters torch
+        lacks, arrays that are not RGB uint8) go through the Pillow path one by one."""
         import torch
 
         if not frames:
             raise ValueError("arrays_to_tensor needs at least one frame")
-        if self._torch_can_batch(frames):
-            batch = torch.from_numpy(np.stack(frames)).to(device).permute(0, 3, 1, 2)
-            return self.normalize_uint8(self.resize_and_crop_tensor(batch))
-        return torch.stack([self.pil_to_tensor(open_image(f)) for f in frames]).to(device)
+        groups: dict = {}
+        for i, f in enumerate(frames):
+            groups.setdefault(f.shape if isinstance(f, np.ndarray) else id(f), []).append(i)
+        parts = []
+        for indices in groups.values():
+            group = [frames[i] for i in indices]
+            if self._torch_can_batch(group):
+                batch = torch.from_numpy(np.stack(group)).to(device).permute(0, 3, 1, 2)
+                parts.append(self.normalize_uint8(self.resize_and_crop_tensor(batch)))
+            else:
+                parts.append(torch.stack([self.pil_to_tensor(open_image(f)) for f in group]).to(device))
+        if len(parts) == 1:
+            return parts[0]
+        order = torch.tensor([i for indices in groups.values() for i in indices], device=parts[0].device)
+        return torch.cat(parts).index_select(0, torch.argsort(order))
 
     def resize_and_crop_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, h, w] -> uint8 [B, 3, H, W], Pillow-like: separable passes, uint8 rounding

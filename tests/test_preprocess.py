@@ -176,12 +176,21 @@ def test_fast_path_exact_when_no_resize_is_needed():
     np.testing.assert_array_equal(pp.arrays_to_tensor(frames).numpy(), reference([Image.fromarray(f) for f in frames]))
 
 
-def test_fast_path_falls_back_to_pil_for_mixed_or_odd_frames():
-    frames = [video_frames("coffee", (640, 480), 1)[0], video_frames("rocket", (300, 200), 1)[0], np.asarray(photo("camera"))]
-    got = Preprocessor().arrays_to_tensor(frames).numpy()
-    np.testing.assert_array_equal(got, reference([Image.fromarray(f) for f in frames]))
+def test_mixed_frames_group_by_shape_and_odd_ones_fall_back_to_pil():
+    # Two cameras of different resolutions (interleaved, as a stream batches them) and a
+    # greyscale array: each camera's frames take the torch path in one group, exactly as they
+    # would alone; the greyscale one goes through Pillow, exactly as the reference; order kept.
+    big = video_frames("coffee", (640, 480), 2)
+    small = video_frames("rocket", (300, 200), 2)
+    grey = np.asarray(photo("camera"))
+    pp = Preprocessor()
+    got = pp.arrays_to_tensor([big[0], small[0], grey, big[1], small[1]]).numpy()
+    np.testing.assert_array_equal(got[[0, 3]], pp.arrays_to_tensor(big).numpy())
+    np.testing.assert_array_equal(got[[1, 4]], pp.arrays_to_tensor(small).numpy())
+    np.testing.assert_array_equal(got[2], reference([Image.fromarray(grey)])[0])
+    assert not np.array_equal(got[[0, 3]], reference([Image.fromarray(f) for f in big]))  # really the torch path
     with pytest.raises(ImageError):
-        Preprocessor().arrays_to_tensor([np.zeros((4, 4, 3), np.float32), frames[0]])
+        pp.arrays_to_tensor([np.zeros((4, 4, 3), np.float32), big[0]])
 
 
 @pytest.mark.gpu
