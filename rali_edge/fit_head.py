@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from rali_edge.errors import ImageError, RaliEdgeError
-from rali_edge.model import LOGIT_SCALE_MIN, FoldedHead, fold_head, reference_head
+from rali_edge.model import LOGIT_SCALE_MIN, FoldedHead, PrototypeHead
 
 PCA_SCALE_FLOOR = 1e-10  # as the published code: smaller standard deviations are set to 1
 CACHE_VERSION = 1
@@ -48,22 +48,6 @@ class HeadRecipe:
     learn_temperature: bool = False
     kmeans_iters: int = 50
     seed: int = 0
-
-
-@dataclass
-class PrototypeHead:
-    """The head's tensors in the published form (what `reference_head` takes)."""
-
-    pca_mean: torch.Tensor  # [E]
-    pca_scale: torch.Tensor  # [E]
-    pca_components: torch.Tensor  # [P, E]
-    prototypes: torch.Tensor  # [K, P]
-    proto_scores: torch.Tensor  # [K]
-    logit_scale: float
-
-    def __call__(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return reference_head(embeddings, self.pca_mean, self.pca_scale, self.pca_components,
-                              self.prototypes, self.proto_scores, self.logit_scale)
 
 
 @dataclass
@@ -216,13 +200,10 @@ def fit_prototype_head(embeddings, scores, recipe: HeadRecipe = HeadRecipe(), lo
 
 
 def fold_for(encoder, head: PrototypeHead) -> FoldedHead:
-    """Fold the head with `encoder`'s post-layernorm and projection (model.fold_head)."""
+    """Fold the head with `encoder`'s post-layernorm and projection."""
     vm = encoder.vision_model
-    return fold_head(
-        vm.post_layernorm.weight.detach(), vm.post_layernorm.bias.detach(), encoder.config.layer_norm_eps,
-        encoder.visual_projection.weight.detach(), head.pca_mean, head.pca_scale, head.pca_components,
-        head.prototypes, head.proto_scores, head.logit_scale,
-    )
+    return head.fold(vm.post_layernorm.weight.detach(), vm.post_layernorm.bias.detach(),
+                     encoder.config.layer_norm_eps, encoder.visual_projection.weight.detach())
 
 
 # --- images -> embeddings, cached -----------------------------------------------------------

@@ -46,9 +46,8 @@ from rali_edge.model import (
     Encoder,
     EncoderConfig,
     FoldedHead,
-    fold_head,
+    PrototypeHead,
     head_torch,
-    reference_head,
 )
 from rali_edge.safe_pickle import (
     read_pca_pickle,
@@ -178,12 +177,7 @@ class PublishedCheckpoint:
 
     encoder: EncoderConfig
     vision_state: dict  # HF names: vision_model.*, visual_projection.weight (float32)
-    pca_mean: torch.Tensor  # [E]
-    pca_scale: torch.Tensor  # [E]
-    pca_components: torch.Tensor  # [P, E]
-    prototypes: torch.Tensor  # [K, P]
-    proto_scores: torch.Tensor  # [K]
-    logit_scale: float
+    head: PrototypeHead
     preprocess: dict
     files: dict = field(default_factory=dict)  # path relative to the folder -> sha256
     # where each value came from: HEAD_TENSORS -> "file:key" (or the default used),
@@ -192,39 +186,23 @@ class PublishedCheckpoint:
 
     @property
     def pca_dim(self) -> int:
-        return self.pca_components.shape[0]
+        return self.head.pca_dim
 
     @property
     def num_prototypes(self) -> int:
-        return self.prototypes.shape[0]
+        return self.head.num_prototypes
 
     def fold(self) -> FoldedHead:
         s = self.vision_state
-        return fold_head(
-            s["vision_model.post_layernorm.weight"],
-            s["vision_model.post_layernorm.bias"],
-            self.encoder.layer_norm_eps,
-            s["visual_projection.weight"],
-            self.pca_mean,
-            self.pca_scale,
-            self.pca_components,
-            self.prototypes,
-            self.proto_scores,
-            self.logit_scale,
-        )
-
-    def reference_scores(self, embedding: torch.Tensor) -> torch.Tensor:
-        """The published head, term by term, on projected embeddings [B, E]."""
-        return reference_head(
-            embedding, self.pca_mean, self.pca_scale, self.pca_components, self.prototypes, self.proto_scores, self.logit_scale
-        )
+        return self.head.fold(s["vision_model.post_layernorm.weight"], s["vision_model.post_layernorm.bias"],
+                              self.encoder.layer_norm_eps, s["visual_projection.weight"])
 
     def summary(self) -> str:
         c = self.encoder
         return (
             f"CLIP ViT hidden {c.hidden_size}, {c.num_hidden_layers} layers, patch {c.patch_size}, image {c.image_size}, "
             f"embedding E={c.projection_dim}; head P={self.pca_dim}, K={self.num_prototypes}, "
-            f"logit scale {self.logit_scale:.4g} (tau {1 / max(self.logit_scale, 1e-6):.4g})"
+            f"logit scale {self.head.logit_scale:.4g} (tau {1 / max(self.head.logit_scale, 1e-6):.4g})"
         )
 
 
@@ -423,12 +401,7 @@ def read_published(src_dir: str | Path) -> PublishedCheckpoint:
     return PublishedCheckpoint(
         encoder=cfg,
         vision_state=vision,
-        pca_mean=pca_mean,
-        pca_scale=scale,
-        pca_components=components,
-        prototypes=protos,
-        proto_scores=scores,
-        logit_scale=logit_scale,
+        head=PrototypeHead(pca_mean, scale, components, protos, scores, logit_scale),
         preprocess=preprocess,
         files={f.relative_to(src).as_posix(): sha256_file(f) for f in files},
         provenance=provenance,
@@ -486,14 +459,11 @@ def _check_fold(ckpt: PublishedCheckpoint, model) -> None:
             ),
             enc.visual_projection.weight.double(),
         )
-        ref = reference_head(
-            emb, ckpt.pca_mean.double(), ckpt.pca_scale.double(), ckpt.pca_components.double(),
-            ckpt.prototypes.double(), ckpt.proto_scores.double(), ckpt.logit_scale,
-        )
+        ref = ckpt.head.to(torch.float64)(emb)
         h = model.head
         got = head_torch(cls.float(), h.weight, h.bias, h.prototypes, h.proto_scores, float(h.logit_scale), h.ln_eps)
     err = float((got.double() - ref).abs().max())
-    span = float(ckpt.proto_scores.abs().max()) + 1.0
+    span = float(ckpt.head.proto_scores.abs().max()) + 1.0
     if not math.isfinite(err) or err > 1e-4 * span:
         raise ModelFormatError(f"the folded head differs from the published formula by {err:.3g}; the checkpoint is degenerate")
 
@@ -529,7 +499,7 @@ def convert_published(src_dir: str | Path, out_dir: str | Path, name: str | None
         "head": {k: ckpt.provenance[k] for k in HEAD_TENSORS},
         "encoder_weights": ckpt.provenance["encoder_weights"],
         "preprocess": ckpt.provenance["preprocess"],
-        "logit_scale": ckpt.logit_scale,
+        "logit_scale": ckpt.head.logit_scale,
         **({"ignored": ckpt.provenance["ignored"]} if "ignored" in ckpt.provenance else {}),
         **(source_extra or {}),
     }

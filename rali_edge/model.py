@@ -266,6 +266,40 @@ def fold_head(
     )
 
 
+@dataclass
+class PrototypeHead:
+    """RALI's head in its published form: what the published checkpoint stores, what
+    `reference_head` computes with, and what `rali-edge fit-head` makes."""
+
+    pca_mean: torch.Tensor  # [E]
+    pca_scale: torch.Tensor  # [E]
+    pca_components: torch.Tensor  # [P, E]
+    prototypes: torch.Tensor  # [K, P]
+    proto_scores: torch.Tensor  # [K]
+    logit_scale: float
+
+    @property
+    def pca_dim(self) -> int:
+        return self.pca_components.shape[0]
+
+    @property
+    def num_prototypes(self) -> int:
+        return self.prototypes.shape[0]
+
+    def to(self, dtype: torch.dtype) -> PrototypeHead:
+        return PrototypeHead(self.pca_mean.to(dtype), self.pca_scale.to(dtype), self.pca_components.to(dtype),
+                             self.prototypes.to(dtype), self.proto_scores.to(dtype), self.logit_scale)
+
+    def __call__(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return reference_head(embeddings, self.pca_mean, self.pca_scale, self.pca_components,
+                              self.prototypes, self.proto_scores, self.logit_scale)
+
+    def fold(self, post_ln_weight, post_ln_bias, ln_eps, projection) -> FoldedHead:
+        """Folded with an encoder's post-layernorm and projection (`fold_head`)."""
+        return fold_head(post_ln_weight, post_ln_bias, ln_eps, projection, self.pca_mean, self.pca_scale,
+                         self.pca_components, self.prototypes, self.proto_scores, self.logit_scale)
+
+
 def head_torch(cls, weight, bias, prototypes, proto_scores, logit_scale, ln_eps: float, return_weights=False):
     """The folded head in eager PyTorch, computed in float32 whatever the input dtype.
 
@@ -335,6 +369,7 @@ __all__ = [
     "RaliHead",
     "RaliModel",
     "FoldedHead",
+    "PrototypeHead",
     "fold_head",
     "head_torch",
     "reference_head",

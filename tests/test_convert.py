@@ -204,7 +204,7 @@ def test_sharded_best_weights(tmp_path):
 def test_scale_is_ones_without_var(tmp_path):
     src = make_published_folder(tmp_path / "RALI", with_var=False, ckpt_drop=("scorer.pca_scale",))
     ckpt = read_published(src)
-    assert torch.equal(ckpt.pca_scale, torch.ones(E))
+    assert torch.equal(ckpt.head.pca_scale, torch.ones(E))
     assert ckpt.provenance["pca_scale"] == "ones (pca.pkl has no var_)"
     assert (converted_scores(src, tmp_path / "m") - published_reference_scores(src, pixels())).abs().max() <= PARITY_TOL
 
@@ -215,7 +215,7 @@ def test_scale_floor_on_tiny_variances(tmp_path):
     pca = joblib.load(src / "pca.pkl")
     pca.var_[:3] = [0.0, 1e-22, 1e-19]
     joblib.dump(pca, src / "pca.pkl")
-    scale = read_published(src).pca_scale
+    scale = read_published(src).head.pca_scale
     assert scale[:2].tolist() == [1.0, 1.0] and scale[2].item() == pytest.approx(np.sqrt(1e-19), rel=1e-6)
     assert (converted_scores(src, tmp_path / "m") - published_reference_scores(src, pixels())).abs().max() <= PARITY_TOL
 
@@ -234,8 +234,9 @@ def test_folded_head_matches_reference_head(published):
         ),
         s["visual_projection.weight"].double(),
     )
-    f64 = {k: getattr(ckpt, k).double() for k in ("pca_mean", "pca_scale", "pca_components", "prototypes", "proto_scores")}
-    ref, ref_w = reference_head(emb, **f64, logit_scale=ckpt.logit_scale, return_weights=True)
+    h64 = ckpt.head.to(torch.float64)
+    ref, ref_w = reference_head(emb, h64.pca_mean, h64.pca_scale, h64.pca_components, h64.prototypes, h64.proto_scores,
+                                h64.logit_scale, return_weights=True)
     got, got_w = head_torch(
         cls.float(), folded.weight, folded.bias, folded.prototypes, folded.proto_scores, folded.logit_scale, folded.ln_eps,
         return_weights=True,
