@@ -7,7 +7,8 @@
    each labelled 1..5 from MS-SSIM against its clean crop. Three colour photographs
    (data.HELDOUT_SOURCES) are kept out for the test.
 2. Encoder: a tiny CLIP vision transformer (rali_edge.model.Encoder, the code path of ViT-L/14)
-   trained from scratch (DCT filters as the starting patch embedding), end to end, through a
+   trained from scratch (DCT filters as the starting patch embedding, a scale reference in the
+   position embeddings: init_encoder), end to end, through a
    differentiable head of the same form as RALI's (standardise, cosine similarity to prototypes,
    softmax, weighted prototype scores) plus a linear read-out; MSE loss on the label, plus
    cross-entropy on which distortion at which level. Inputs go through the model's own
@@ -153,9 +154,16 @@ def dct_patch_filters(hidden: int, patch: int) -> torch.Tensor:
     return torch.stack(filters).float()
 
 
-def init_encoder(encoder: Encoder, generator: torch.Generator) -> None:
-    """ViT-style init (truncated normal, std 0.02; zero biases; unit layernorms), except the
-    patch embedding, which starts from DCT filters (dct_patch_filters)."""
+def init_encoder(encoder: Encoder, generator: torch.Generator, pixels: torch.Tensor) -> None:
+    """ViT-style init (truncated normal, std 0.02; zero biases; unit layernorms), except:
+
+    - the patch embedding starts from DCT filters (dct_patch_filters);
+    - every position embedding gets the same extra vector, as long as a typical patch's features
+      (median over `pixels`, a normalised sample batch). Why: CLIP puts a layernorm right after
+      the embeddings, and a layernorm cannot see a token's scale. With position embeddings as
+      small as the usual init, a patch and the same patch with less contrast look nearly the
+      same to the transformer, and contrast and exposure are distortions it must rank. A fixed
+      vector of comparable length gives the layernorm a reference, so the scale survives it."""
     with torch.no_grad():
         for name, p in encoder.named_parameters():
             if "norm" in name or "layrnorm" in name:
@@ -165,7 +173,11 @@ def init_encoder(encoder: Encoder, generator: torch.Generator) -> None:
             else:
                 p.copy_(torch.nn.init.trunc_normal_(torch.empty(p.shape), std=0.02, a=-0.04, b=0.04, generator=generator))
         cfg = encoder.config
-        encoder.vision_model.embeddings.patch_embedding.weight.copy_(dct_patch_filters(cfg.hidden_size, cfg.patch_size))
+        embeddings = encoder.vision_model.embeddings
+        embeddings.patch_embedding.weight.copy_(dct_patch_filters(cfg.hidden_size, cfg.patch_size))
+        typical = embeddings.patch_embedding(pixels).flatten(2).norm(dim=1).median()
+        reference = torch.randn(cfg.hidden_size, generator=generator)
+        embeddings.position_embedding.weight.add_(reference / reference.norm() * typical)
 
 
 def lr_at(step: int, total: int, recipe: Recipe) -> float:
@@ -235,11 +247,12 @@ def train(recipe: Recipe, out: Path, device: str = "cpu", threads: int = 1, work
     heldout_pixels = to_uint8_pixels(heldout, pre)
     heldout_labels = [s.label for s in heldout]
     times["data_s"] = time.perf_counter() - t0
+    times["data_from_cache"] = bool(cached is not None and cached.is_file())
     log(f"data: {len(train_pixels)} training, {len(heldout)} held-out samples in {times['data_s']:.0f} s; "
         f"label mean {train_labels.mean():.2f}, std {train_labels.std():.2f}")
 
     encoder = Encoder(cfg)
-    init_encoder(encoder, gen)
+    init_encoder(encoder, gen, pre.normalize_uint8(train_pixels[:512]))
     head = TrainingHead(cfg.projection_dim, recipe.train_prototypes, gen)
     encoder.to(device), head.to(device)
     decay = [p for n, p in encoder.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -394,7 +407,9 @@ def write_report(summary: dict, path: Path) -> None:
         "|---|---|---|---|",
         *[f"| {h['epoch']} | {h['train_loss']:.4f} | {h['heldout_srcc']:.4f} | {h['seconds']:.0f} |" for h in summary["history"]],
         "",
-        f"Time: data {t['data_s']:.0f} s, encoder {t['encoder_s']:.0f} s, head {t['head_s']:.0f} s, "
+        f"Time: data {t['data_s']:.0f} s"
+        + (" (training samples read from --data-cache, made by an earlier run of the same recipe)" if t["data_from_cache"] else "")
+        + f", encoder {t['encoder_s']:.0f} s, head {t['head_s']:.0f} s, "
         f"total {t['total_s'] / 60:.1f} min on {summary['device']} ({summary['threads']} torch thread(s), "
         f"{summary['workers']} data processes; the machine was shared with other jobs), torch {summary['torch']}.",
         f"Weights: {summary['weights_bytes'] / 1e6:.1f} MB, sha256 `{summary['weights_sha256']}`.",
