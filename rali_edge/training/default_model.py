@@ -213,7 +213,7 @@ def per_kind(samples, predictions) -> dict:
     return out
 
 
-def train(recipe: Recipe, out: Path, device: str = "cpu", threads: int = 1, workers: int = 2, log=print,
+def train(recipe: Recipe, out: Path, device: str = "cpu", threads: int = 2, workers: int = 2, log=print,
           data_cache: Path | None = None) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(recipe.seed)
@@ -228,7 +228,8 @@ def train(recipe: Recipe, out: Path, device: str = "cpu", threads: int = 1, work
     if cfg.image_size != data.VIEW:
         raise ValueError(f"the encoder's image size ({cfg.image_size}) must be the data's view ({data.VIEW})")
     cached = data_cache / f"train-v{data.DATA_VERSION}-{recipe.seed}-{recipe.train_samples}.npz" if data_cache else None
-    if cached is not None and cached.is_file():
+    from_cache = cached is not None and cached.is_file()
+    if from_cache:
         with np.load(cached) as z:
             train_pixels, train_labels = torch.from_numpy(z["pixels"]), torch.from_numpy(z["labels"])
             train_classes = torch.from_numpy(z["classes"])
@@ -247,7 +248,7 @@ def train(recipe: Recipe, out: Path, device: str = "cpu", threads: int = 1, work
     heldout_pixels = to_uint8_pixels(heldout, pre)
     heldout_labels = [s.label for s in heldout]
     times["data_s"] = time.perf_counter() - t0
-    times["data_from_cache"] = bool(cached is not None and cached.is_file())
+    times["data_from_cache"] = from_cache  # asked before the cache is written, so a first run says False
     log(f"data: {len(train_pixels)} training, {len(heldout)} held-out samples in {times['data_s']:.0f} s; "
         f"label mean {train_labels.mean():.2f}, std {train_labels.std():.2f}")
 
