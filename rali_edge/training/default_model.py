@@ -194,23 +194,21 @@ def embed_all(encoder: Encoder, pixels: torch.Tensor, pre: Preprocessor, device,
     return torch.cat(out)
 
 
+def srcc_where(samples, predictions, keep) -> float:
+    """SRCC against the labels over the samples for which `keep(sample)` is true."""
+    idx = [i for i, s in enumerate(samples) if keep(s)]
+    return round(correlations([predictions[i] for i in idx], [samples[i].label for i in idx]).srcc, 4)
+
+
 def per_source(samples, predictions) -> dict:
     """SRCC over each held-out photograph's crops and versions."""
-    out = {}
-    for source in dict.fromkeys(s.source for s in samples):
-        idx = [i for i, s in enumerate(samples) if s.source == source]
-        out[source] = round(correlations([predictions[i] for i in idx], [samples[i].label for i in idx]).srcc, 4)
-    return out
+    return {source: srcc_where(samples, predictions, lambda s: s.source == source)
+            for source in dict.fromkeys(s.source for s in samples)}
 
 
 def per_kind(samples, predictions) -> dict:
     """SRCC within each distortion type (its five levels plus the clean crops)."""
-    out = {}
-    for kind in DISTORTIONS:
-        idx = [i for i, s in enumerate(samples) if s.kind in (kind, "clean")]
-        m = correlations([predictions[i] for i in idx], [samples[i].label for i in idx])
-        out[kind] = round(m.srcc, 4)
-    return out
+    return {kind: srcc_where(samples, predictions, lambda s: s.kind in (kind, "clean")) for kind in DISTORTIONS}
 
 
 def train(recipe: Recipe, out: Path, device: str = "cpu", threads: int = 2, workers: int = 2, log=print,
