@@ -168,18 +168,20 @@ class Preprocessor:
         groups: dict = {}
         for i, f in enumerate(frames):
             groups.setdefault(f.shape if isinstance(f, np.ndarray) else id(f), []).append(i)
-        parts = []
+        out = None
         for indices in groups.values():
             group = [frames[i] for i in indices]
             if self._torch_can_batch(group):
                 batch = torch.from_numpy(np.stack(group)).to(device).permute(0, 3, 1, 2)
-                parts.append(self.normalize_uint8(self.resize_and_crop_tensor(batch)))
+                part = self.normalize_uint8(self.resize_and_crop_tensor(batch))
             else:
-                parts.append(torch.stack([self.pil_to_tensor(open_image(f)) for f in group]).to(device))
-        if len(parts) == 1:
-            return parts[0]
-        order = torch.tensor([i for indices in groups.values() for i in indices], device=parts[0].device)
-        return torch.cat(parts).index_select(0, torch.argsort(order))
+                part = torch.stack([self.pil_to_tensor(open_image(f)) for f in group]).to(device)
+            if len(groups) == 1:
+                return part
+            if out is None:
+                out = part.new_empty((len(frames), *part.shape[1:]))
+            out[indices] = part  # each group back in its frames' places
+        return out
 
     def resize_and_crop_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, h, w] -> uint8 [B, 3, H, W], Pillow-like: separable passes, uint8 rounding
