@@ -58,3 +58,23 @@ def test_evaluate_prints_the_scorers_numbers_on_the_grid():
     scores = rali_edge.load().score([s.image for s in samples], batch_size=64)
     assert printed["heldout_samples"] == len(samples) == 168
     assert abs(printed["heldout_srcc"] - spearmanr(scores, [s.label for s in samples]).statistic) < 1e-9
+
+
+def test_tiny_training_run_reports_what_evaluate_measures(tmp_path):
+    # The whole recipe on a tiny budget (64 samples, one epoch: the model itself is poor). The
+    # report, the manifest and `evaluate` of the saved folder must state the same held-out SRCC:
+    # they share the grid (seed + 1) and heldout_metrics.
+    from rali_edge.training import default_model as dm
+
+    recipe = dm.Recipe(train_samples=64, epochs=1, heldout_crops=1, warmup_steps=1,
+                       head=dict(pca_dim=8, prototypes=8, buckets=4, epochs=5, lr=0.01, batch_size=64,
+                                 learn_temperature=True, seed=0))
+    summary = dm.train(recipe, tmp_path / "model", threads=1, workers=1, log=lambda msg: None)
+    dm.write_report(summary, tmp_path / "TRAINING.md")
+    results = summary["results"]
+    manifest = json.loads((tmp_path / "model" / "manifest.json").read_text())
+    assert manifest["source"]["heldout_srcc"] == round(results["heldout_srcc"], 4)
+    assert f"| SRCC | {results['heldout_srcc']:.4f} |" in (tmp_path / "TRAINING.md").read_text()
+    again = dm.evaluate(tmp_path / "model", recipe.seed, recipe.heldout_crops, workers=1)
+    assert abs(again["heldout_srcc"] - results["heldout_srcc"]) < 1e-9
+    assert again["heldout_cell_mean_srcc"] == results["heldout_cell_mean_srcc"]

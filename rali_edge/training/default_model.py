@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rali_edge.distortions import DISTORTIONS, HAS_JPEG2000
+from rali_edge.errors import RaliEdgeError
 from rali_edge.evaluation import correlations
 from rali_edge.fit_head import HeadRecipe, fit_prototype_head, fold_for
 from rali_edge.model import Encoder, EncoderConfig
@@ -355,7 +356,6 @@ def train(recipe: Recipe, out: Path, device: str = "cpu", threads: int = 2, work
     manifest = Manifest(MODEL_NAME, cfg, pre_cfg.to_dict(), fit_report.pca_dim, fit_report.prototypes)
     scorer = Scorer(model, manifest)
     scores = scorer.score([s.image for s in heldout], batch_size=64)
-    m = correlations(scores, heldout_labels)
     times["total_s"] = time.perf_counter() - t0
     results = {
         **heldout_metrics(heldout, scores),
@@ -369,14 +369,15 @@ def train(recipe: Recipe, out: Path, device: str = "cpu", threads: int = 2, work
         "train_sources": list(data.TRAIN_SOURCES),
         "heldout_sources": list(data.HELDOUT_SOURCES),
         "jpeg2000_codec": "JPEG2000 (OpenJPEG)" if HAS_JPEG2000 else "WebP (no OpenJPEG in this Pillow)",
-        "heldout_srcc": round(m.srcc, 4),
+        "heldout_srcc": round(results["heldout_srcc"], 4),
         "torch": torch.__version__, "python": platform.python_version(), "device": device, "threads": threads,
     }
     path = save_model(out, model, manifest)
     reloaded, _ = load_model(path)
     check = Scorer(reloaded, manifest).score([s.image for s in heldout[:8]])
     assert np.allclose(check, scores[:8], atol=1e-5), "the saved model scores differently from the trained one"
-    log(f"saved {path}: held-out SRCC {m.srcc:.4f}, PLCC {m.plcc:.4f}, fitted PLCC {m.plcc_fitted:.4f}; "
+    log(f"saved {path}: held-out SRCC {results['heldout_srcc']:.4f}, PLCC {results['heldout_plcc']:.4f}, "
+        f"fitted PLCC {results['heldout_plcc_fitted']:.4f}; "
         f"total {times['total_s'] / 60:.1f} min")
     return {"recipe": asdict(recipe), "results": results, "history": history, "times": times,
             "threads": threads, "workers": workers, "device": device, "torch": torch.__version__,
@@ -501,7 +502,12 @@ def main(argv=None):
                         help="train nothing: print a saved model's held-out metrics as JSON (--seed, --heldout-crops)")
     args = parser.parse_args(argv)
     if args.evaluate is not None:
-        print(json.dumps(evaluate(args.evaluate, args.seed, args.heldout_crops, args.workers), indent=1))
+        try:
+            metrics = evaluate(args.evaluate, args.seed, args.heldout_crops, args.workers)
+        except RaliEdgeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(metrics, indent=1))
         return 0
     report = args.report or args.out / "TRAINING.md"
     if args.rewrite_report:
