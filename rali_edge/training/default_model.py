@@ -31,6 +31,7 @@ import math
 import platform
 import sys
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -218,12 +219,10 @@ def cell_mean_srcc(samples, predictions) -> float:
     averaged out. Far above the plain SRCC means content, not distortion recognition, is what
     costs (the shipped model: 0.72-0.76 against 0.63-0.65)."""
     cells = [(s.kind, s.level) for s in samples]
-    sums: dict = {}
+    by_cell = defaultdict(list)
     for cell, p in zip(cells, predictions):
-        total, count = sums.get(cell, (0.0, 0))
-        sums[cell] = (total + float(p), count + 1)
-    means = [sums[c][0] / sums[c][1] for c in cells]
-    return round(correlations(means, [s.label for s in samples]).srcc, 4)
+        by_cell[cell].append(float(p))
+    return round(correlations([np.mean(by_cell[c]) for c in cells], [s.label for s in samples]).srcc, 4)
 
 
 def heldout_metrics(samples, predictions) -> dict:
