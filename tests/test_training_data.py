@@ -39,3 +39,48 @@ def test_dead_leaves_paints_palette_discs_at_every_scale():
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > len(palette)  # edges exist: not a flat image
     again = data.dead_leaves(96, np.random.default_rng(0), palette, disks=400)
     assert np.array_equal(img, again)
+
+
+def _luminance(img: np.ndarray) -> np.ndarray:
+    return img.astype(np.float64).mean(-1) / 255.0
+
+
+def test_normalise_tones_gives_a_dark_flat_reference_normal_tones():
+    # Mostly dark with a few bright pixels, spanning 30..145 of 255: a stretch alone would leave
+    # the mean near 0.2, so the gamma is needed as well as the stretch.
+    rng = np.random.default_rng(0)
+    dark = np.clip(30 + rng.exponential(18, size=(176, 176, 1)) * np.array([1.0, 0.9, 0.8]), 0, 145).astype(np.uint8)
+    assert _luminance(dark).mean() < 0.2 and np.ptp(np.percentile(_luminance(dark), (0.5, 99.5))) < 0.45
+    for seed in range(5):
+        out = data.normalise_tones(dark, np.random.default_rng(seed))
+        lum = _luminance(out)
+        lo, hi = np.percentile(lum, (0.5, 99.5))
+        assert hi - lo > 0.7, (seed, lo, hi)
+        assert 0.33 <= lum.mean() <= 0.57, (seed, lum.mean())
+        # One tone curve for all three channels: their order at each pixel is kept (hue kept).
+        assert (out[..., 0] >= out[..., 2]).all()
+
+
+def test_normalise_tones_stretches_a_flat_reference_by_at_most_max_stretch():
+    # Grey 128 with slight noise: stretching it to black..white would multiply the noise ~12x.
+    rng = np.random.default_rng(1)
+    flat = np.clip(128 + rng.normal(0, 3, size=(176, 176, 1)), 0, 255).repeat(3, axis=2).astype(np.uint8)
+    before = _luminance(flat).std()
+    for seed in range(5):
+        after = _luminance(data.normalise_tones(flat, np.random.default_rng(seed))).std()
+        # At most MAX_STRETCH, times the gamma's slope near mid-grey (<= 1.1 for gamma 0.6..1.6).
+        assert 2.0 * before < after <= data.MAX_STRETCH * 1.1 * before, (seed, before, after)
+
+
+def test_every_photograph_loads_and_has_a_licence():
+    for name, source in data.SOURCES.items():
+        img = data.load_source(name)
+        assert img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8 and min(img.shape[:2]) >= 300, name
+        assert source.licence and source.credit and source.origin, name
+    # The two photographs added for content: colour, and used for training.
+    for name in ("raccoon", "grace_hopper"):
+        img = data.load_source(name).astype(np.int16)
+        assert np.abs(img[..., 0] - img[..., 2]).mean() > 5, name
+        assert name in data.TRAIN_SOURCES
+    assert not set(data.NOT_PHOTOGRAPHS) & set(data.TRAIN_SOURCES)
+    assert not set(data.HELDOUT_SOURCES) & set(data.TRAIN_SOURCES)
