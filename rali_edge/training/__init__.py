@@ -1,6 +1,7 @@
 """The recipe that trains the built-in default model (rali_edge/assets/default-model/).
 
-Run from nothing, offline:  python -m rali_edge.training.default_model
-Needs scikit-image (for its bundled CC0 / public-domain photographs); see data.py for the images
-and their licences.
+Run from nothing:  python -m rali_edge.training.default_model
+Needs the `train` extra (scikit-image, scikit-learn and matplotlib, for the photographs inside them)
+and, once, the network: 9 photographs come from two Debian packages (debian_photos.py). See
+data.py for the images and their licences.
 """

@@ -1,8 +1,9 @@
 """Synthetic quality data: random crops of freely licensed photographs, distorted, and labelled
 with MS-SSIM against the clean crop (rali_edge.distortions).
 
-The photographs are files inside installed packages (scikit-image, scikit-learn, matplotlib) and
-one kept in this repository (photos/), so nothing is downloaded. Each sample
+The photographs are files inside installed packages (scikit-image, scikit-learn, matplotlib), one
+kept in this repository (photos/), and 9 from two Debian wallpaper packages, downloaded once into
+a cache (debian_photos.py). Each sample
 gets its own random generator seeded from (seed, index), so a dataset is the same whatever the
 number of worker processes that make it.
 """
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from rali_edge.distortions import DISTORTIONS, LEVELS, MS_SSIM_MIN_SIZE, distort, ms_ssim, ms_ssim_to_score
+from rali_edge.training import debian_photos
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,15 @@ SOURCES = {
         # http://www.public-domain-image.com), kept in photos/ as a JPEG at quality 95: scipy 1.10
         # moved it to a download.
         SourceImage("raccoon", "public domain", "public-domain-image.com", "scipy.misc.face (scipy < 1.10)", package="rali-edge"),
+        # Debian's wallpaper packages (debian_photos.py): natural colour photographs, fetched once.
+        *[SourceImage(name, "LGPL-3.0 (its metadata.json; GPL-2.0-or-later in the package's debian/copyright)", credit,
+                      "Debian plasma-workspace-wallpapers 4:5.27.5-2", package="debian") for name, credit in (
+            ("BytheWater", "Maciej Wiklo"), ("ColorfulCups", "Dmitri Popov"), ("EveningGlow", "Ian Hex"),
+            ("OneStandsOut", "Risto Saukonpää"), ("Path", "Risto Saukonpää"))],
+        *[SourceImage(name, "GPL-2.0-or-later (the package's debian/copyright)", credit, "Debian mate-backgrounds 1.26.0-1",
+                      package="debian") for name, credit in (
+            ("Dune", "Marco Cogoni, Hylke Bons"), ("GreenMeadow", "Timothy Schellhase, Lapo Calamandrei"),
+            ("RainDrops", "blackcombwhistler07"), ("Wood", "Jean-François Fortin Tam"))],
         SourceImage("grace_hopper", "public domain (U.S. Navy photograph)", "U.S. Navy, James S. Davis (1984)",
                     "https://commons.wikimedia.org/wiki/File:Commodore_Grace_M._Hopper,_USN_(covered).jpg", package="matplotlib"),
     )
@@ -84,7 +95,7 @@ WORK_SIZE = (176, 208)
 # Why not the whole crop shrunk to 128: shrinking by 1.4-1.75x hid most of what MS-SSIM
 # measures (noise level went from SRCC 0.55 to 0.96 in the same training steps).
 VIEW = 128
-DATA_VERSION = 13  # bump when samples change, so that cached training data is not reused
+DATA_VERSION = 16  # bump when samples change, so that cached training data is not reused
 CLEAN_FRACTION = 1 / 12  # about as often as one distortion type
 DEAD_LEAVES_FRACTION = 0.3  # training crops that are procedural dead-leaves images, not photographs
 
@@ -105,7 +116,12 @@ PHOTO_FILES = {
     "scikit-learn": lambda name: _package_folder("sklearn") / "datasets" / "images" / f"{name}.jpg",
     "matplotlib": lambda name: _package_folder("matplotlib") / "mpl-data" / "sample_data" / f"{name}.jpg",
     "rali-edge": lambda name: Path(__file__).parent / "photos" / f"{name}.jpg",
+    "debian": lambda name: debian_photos.photo_path(name),  # downloaded once into a cache
 }
+# Photographs larger than this on their short side (the Debian wallpapers, 1050-1600 pixels) are
+# shrunk to it first, so that their crops span the same scales as those of the other
+# photographs (300-768 pixels) and of the held-out ones.
+MAX_SHORT_SIDE = 512
 
 
 @lru_cache(maxsize=None)
@@ -116,7 +132,11 @@ def load_source(name: str) -> np.ndarray:
     package = SOURCES[name].package
     if package in PHOTO_FILES:
         with Image.open(PHOTO_FILES[package](name)) as f:
-            img = np.asarray(f.convert("RGB"))
+            photo = f.convert("RGB")
+        if package == "debian" and min(photo.size) > MAX_SHORT_SIDE:
+            k = MAX_SHORT_SIDE / min(photo.size)
+            photo = photo.resize((round(photo.size[0] * k), round(photo.size[1] * k)), Image.Resampling.LANCZOS)
+        img = np.asarray(photo)
     else:
         import skimage.data
 
@@ -276,8 +296,17 @@ def _training_chunk(args) -> list[Sample]:
     return [training_sample(seed, i) for i in range(start, stop)]
 
 
+def fetch_photos(names: tuple[str, ...] = TRAIN_SOURCES) -> None:
+    """Download the Debian photographs among `names` that are not in the cache yet (once, before
+    worker processes start: each of them would download a missing package again)."""
+    for name in names:
+        if SOURCES[name].package == "debian":
+            debian_photos.photo_path(name)
+
+
 def training_samples(seed: int, count: int, workers: int = 1, chunk: int = 256) -> list[Sample]:
     """`count` training samples; the same list for any number of `workers` (processes)."""
+    fetch_photos()
     jobs = [(seed, start, min(start + chunk, count)) for start in range(0, count, chunk)]
     return [s for part in _map(_training_chunk, jobs, workers) for s in part]
 

@@ -1,10 +1,10 @@
-"""Train the built-in default model from nothing, offline:
+"""Train the built-in default model from nothing:
 
     python -m rali_edge.training.default_model --out rali_edge/assets/default-model
 
 1. Data (data.py): random crops of freely licensed photographs (inside scikit-image,
-   scikit-learn and matplotlib, and one in photos/) and procedural dead-leaves images, given
-   normal tones, then eleven synthetic distortions at five levels, each labelled 1..5 from
+   scikit-learn and matplotlib, one in photos/, and 9 from Debian packages, downloaded once)
+   and procedural dead-leaves images, given normal tones, then eleven synthetic distortions at five levels, each labelled 1..5 from
    MS-SSIM against its clean crop. Three colour photographs (data.HELDOUT_SOURCES) are kept out
    for the test.
 2. Encoder: a tiny CLIP vision transformer (rali_edge.model.Encoder, the code path of ViT-L/14)
@@ -400,7 +400,8 @@ def write_report(summary: dict, path: Path) -> None:
         "exposure problems; it knows nothing of aesthetics or real camera pictures at large. For real",
         "accuracy use the published RALI weights (`rali-edge fetch`).",
         "",
-        "Rebuild it from nothing (offline; about 35 minutes on two CPU cores):",
+        "Rebuild it from nothing (about 35 minutes on two CPU cores; the first run downloads two Debian packages, 140 MB,",
+        "and keeps their 9 photographs, 6.5 MB, in `~/.cache/rali-edge/photos`):",
         "",
         "```bash",
         "python -m rali_edge.training.default_model --out rali_edge/assets/default-model",
@@ -480,8 +481,10 @@ def write_report(summary: dict, path: Path) -> None:
         "to 1..5 by `1 + 4 * clip((q - 0.4) / 2.1, 0, 1)` with `q = -log10(1 - MS-SSIM)`",
         "(`rali_edge.distortions.ms_ssim_to_score`).",
         "",
-        "Photographs (inside the scikit-image, scikit-learn and matplotlib packages, or kept in `rali_edge/training/photos`:",
-        "no download). The Hubble deep field and the retina are not used for training: they have no normal exposure.",
+        "Photographs: inside the scikit-image, scikit-learn and matplotlib packages, kept in `rali_edge/training/photos`,",
+        "or taken from Debian's wallpaper packages (`rali_edge.training.debian_photos`: natural colour photographs under free",
+        f"licences, each file checked against its sha256, shrunk to {data.MAX_SHORT_SIDE} pixels on the short side like the others).",
+        "The Hubble deep field and the retina are not used for training: they have no normal exposure.",
         "",
         "| image | package | use | licence | credit | origin |",
         "|---|---|---|---|---|---|",
