@@ -3,9 +3,8 @@ with MS-SSIM against the clean crop (rali_edge.distortions).
 
 The photographs are files inside installed packages (scikit-image, scikit-learn, matplotlib), one
 kept in this repository (photos/), and 9 from two Debian wallpaper packages, downloaded once into
-a cache (debian_photos.py). Each sample
-gets its own random generator seeded from (seed, index), so a dataset is the same whatever the
-number of worker processes that make it.
+a cache (debian_photos.py). Each sample gets its own random generator seeded from (seed, index),
+so a dataset is the same whatever the number of worker processes that make it.
 """
 
 from __future__ import annotations
@@ -118,7 +117,7 @@ PHOTO_FILES = {
     "rali-edge": lambda name: Path(__file__).parent / "photos" / f"{name}.jpg",
     "debian": lambda name: debian_photos.photo_path(name),  # downloaded once into a cache
 }
-# Photographs larger than this on their short side (the Debian wallpapers, 1050-1600 pixels) are
+# Photographs larger than this on their short side (the Debian wallpapers, 1024-1920 pixels) are
 # shrunk to it first, so that their crops span the same scales as those of the other
 # photographs (300-768 pixels) and of the held-out ones.
 MAX_SHORT_SIDE = 512
