@@ -95,10 +95,10 @@ def cache_dir() -> Path:
 
 def photo_path(name: str, cache: Path | None = None) -> Path:
     """The photograph's file in the cache, fetched with its package if it is not there yet."""
-    photo = PHOTOS[name]
-    path = (cache or cache_dir()) / photo.package / photo.member.lstrip("./")
+    photo, cache = PHOTOS[name], cache or cache_dir()
+    path = cache / photo.package / photo.member.removeprefix("./")
     if not path.exists():
-        fetch(photo.package, cache or cache_dir())
+        fetch(photo.package, cache)
     return path
 
 
@@ -142,7 +142,7 @@ def unpack(deb: Path, cache: Path) -> list[Path]:
             photo = wanted.get(info.name)
             if photo is None or not info.isfile():
                 continue
-            out = cache / package.name / photo.member.lstrip("./")
+            out = cache / package.name / photo.member.removeprefix("./")
             out.parent.mkdir(parents=True, exist_ok=True)
             part = out.with_suffix(out.suffix + ".part")
             with tar.extractfile(info) as src, open(part, "wb") as dst:
