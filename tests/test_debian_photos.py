@@ -66,10 +66,10 @@ def test_fetch_falls_back_to_the_next_mirror_and_unpacks_only_the_photographs(pa
     mirror, photo, _ = package
     cache = tmp_path / "cache"
     debian_photos.fetch("test-wallpapers", cache, mirrors=((tmp_path / "gone").as_uri() + "/", mirror))
-    out = cache / "test-wallpapers" / MEMBER.lstrip("./")
+    out = cache / "test-wallpapers" / MEMBER.removeprefix("./")
     assert out.read_bytes() == photo
     assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()) == [
-        "test-wallpapers/" + MEMBER.lstrip("./")]  # no copyright file, no leftover download
+        "test-wallpapers/" + MEMBER.removeprefix("./")]  # no copyright file, no leftover download
 
 
 def test_the_reader_agrees_with_dpkg(package, tmp_path):
@@ -79,7 +79,7 @@ def test_the_reader_agrees_with_dpkg(package, tmp_path):
     _, _, deb = package
     listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
     assert MEMBER in listing
-    assert debian_photos.unpack(deb, tmp_path / "cache") == [tmp_path / "cache" / "test-wallpapers" / MEMBER.lstrip("./")]
+    assert debian_photos.unpack(deb, tmp_path / "cache") == [tmp_path / "cache" / "test-wallpapers" / MEMBER.removeprefix("./")]
 
 
 def test_photo_path_fetches_a_missing_photograph_once(package, tmp_path, monkeypatch):
@@ -134,7 +134,7 @@ def test_when_every_mirror_fails_the_error_says_what_to_do(package, tmp_path):
 def test_the_command_unpacks_a_hand_downloaded_deb(package, tmp_path, capsys):
     _, photo, deb = package
     debian_photos.main(["--deb", str(deb), "--cache", str(tmp_path / "cache")])
-    assert (tmp_path / "cache" / "test-wallpapers" / MEMBER.lstrip("./")).read_bytes() == photo
+    assert (tmp_path / "cache" / "test-wallpapers" / MEMBER.removeprefix("./")).read_bytes() == photo
     assert "1 photographs in" in capsys.readouterr().out
 
 

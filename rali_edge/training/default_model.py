@@ -4,9 +4,9 @@
 
 1. Data (data.py): random crops of freely licensed photographs (inside scikit-image,
    scikit-learn and matplotlib, one in photos/, and 9 from Debian packages, downloaded once)
-   and procedural dead-leaves images, given normal tones, then eleven synthetic distortions at five levels, each labelled 1..5 from
-   MS-SSIM against its clean crop. Three colour photographs (data.HELDOUT_SOURCES) are kept out
-   for the test.
+   and procedural dead-leaves images, given normal tones, then eleven synthetic distortions at
+   five levels, each labelled 1..5 from MS-SSIM against its clean crop. Three colour photographs
+   (data.HELDOUT_SOURCES) are kept out for the test.
 2. Encoder: a tiny CLIP vision transformer (rali_edge.model.Encoder, the code path of ViT-L/14)
    trained from scratch (DCT filters as the starting patch embedding, a scale reference in the
    position embeddings: init_encoder), end to end, through a
