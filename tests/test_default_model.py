@@ -17,16 +17,16 @@ from rali_edge.evaluation import srcc
 from rali_edge.model_file import sha256_file
 from rali_edge.scoring import default_model_path
 from rali_edge.training import data
-from rali_edge.training.default_model import MODEL_NAME
+from rali_edge.training.default_model import MODEL_NAME, Recipe
 from rali_edge.training.samples import SAMPLES
 
 SAMPLES_DIR = default_model_path().parent / "samples"
 
-# Issue 3 is open: the model shipped now reaches a held-out SRCC of 0.67 (TRAINING.md), not the
+# Issue 3 is open: the model shipped now reaches a held-out SRCC of 0.75 (TRAINING.md), not the
 # 0.8 the issue asks (it does rank the bundled samples clean-first). strict: once a retrained
 # model meets the bar the test passes, fails as "unexpectedly passing", and this mark must go.
 BELOW_TARGET = pytest.mark.xfail(
-    strict=True, reason="default model below target: held-out SRCC 0.67 < 0.8 (issue 3 open, see TRAINING.md)"
+    strict=True, reason="default model below target: held-out SRCC 0.75 < 0.8 (issue 3 open, see TRAINING.md)"
 )
 
 
@@ -55,16 +55,29 @@ def test_weights_hash_matches_manifest():
     assert weights.stat().st_size < 8_000_000  # "a few MB in the wheel"
 
 
-@BELOW_TARGET
-def test_heldout_distortions_rank_like_their_labels(scorer):
-    # Crop 0 of each held-out photograph, every distortion at every level: a subset of the
-    # training report's held-out set (same seed, same generator), 168 images.
-    samples = data.heldout_grid(seed=1, crops_per_source=1)
+@pytest.fixture(scope="module")
+def heldout_srcc(scorer):
+    # The training report's held-out set itself (same seed, same generator): 8 crops of each
+    # held-out photograph, clean and with every distortion at every level, 1344 images.
+    recipe = Recipe()
+    samples = data.heldout_grid(seed=recipe.seed + 1, crops_per_source=recipe.heldout_crops, workers=2)
     assert {s.source for s in samples} == set(data.HELDOUT_SOURCES)
     assert not set(data.HELDOUT_SOURCES) & set(data.TRAIN_SOURCES)
     scores = scorer.score([s.image for s in samples], batch_size=64)
-    value = srcc(scores, [s.label for s in samples])
-    assert value >= 0.8, value
+    return srcc(scores, [s.label for s in samples])
+
+
+def test_heldout_srcc_is_the_one_the_report_states(heldout_srcc):
+    # The number in the manifest and TRAINING.md is measured again here. Tolerance 0.01: the
+    # JPEG and JPEG2000 distortions are made by this machine's codec libraries, whose versions
+    # can change a few of the 1344 images.
+    manifest = json.loads((default_model_path() / "manifest.json").read_text())
+    assert heldout_srcc == pytest.approx(manifest["source"]["heldout_srcc"], abs=0.01)
+
+
+@BELOW_TARGET
+def test_heldout_distortions_rank_like_their_labels(heldout_srcc):
+    assert heldout_srcc >= 0.8, heldout_srcc
 
 
 def test_training_report_states_the_shipped_number():
