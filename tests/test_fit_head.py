@@ -22,7 +22,9 @@ from rali_edge.fit_head import (
     fit_prototype_head,
     fold_for,
     kmeans,
+    validation_folds,
 )
+from rali_edge.errors import RaliEdgeError
 from rali_edge.model import head_torch
 from rali_edge.model_file import load_model
 
@@ -78,6 +80,48 @@ def test_same_seed_same_head_and_other_seed_differs():
     c, _ = fit_prototype_head(x, y, HeadRecipe(pca_dim=8, prototypes=10, buckets=3, epochs=5, seed=4))
     assert torch.equal(a.prototypes, b.prototypes) and torch.equal(a.proto_scores, b.proto_scores)
     assert not torch.equal(a.prototypes, c.prototypes)
+
+
+def test_validation_folds_keep_groups_together():
+    groups = np.repeat(np.arange(7), 5)[np.random.default_rng(1).permutation(35)]
+    fold = validation_folds(len(groups), 3, seed=0, groups=groups)
+    assert sorted(set(fold)) == [0, 1, 2]
+    for g in range(7):
+        assert len(set(fold[groups == g])) == 1  # a group never straddles two folds
+    assert np.array_equal(fold, validation_folds(len(groups), 3, seed=0, groups=groups))
+    ungrouped = validation_folds(30, 3, seed=0)
+    assert np.bincount(ungrouped).tolist() == [10, 10, 10]
+    with pytest.raises(RaliEdgeError, match="at least 8 groups"):
+        validation_folds(len(groups), 8, seed=0, groups=groups)
+
+
+def test_validation_picks_the_epoch_count_with_the_lowest_left_out_mse():
+    # Few, noisy samples: fine-tuning fits the noise, so the left-out MSE has a minimum to find.
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(90, 12))
+    y = np.clip(3 + x[:, 0] + 0.8 * rng.normal(size=90), 1, 5)
+    groups = np.arange(90) // 3
+    recipe = HeadRecipe(pca_dim=8, prototypes=6, buckets=3, epochs=12, lr=0.05, batch_size=16, seed=0,
+                        validation_folds=3)
+    head, report = fit_prototype_head(x, y, recipe, groups=groups)
+    curve = report.validation["mse_per_epoch"]
+    assert len(curve) == recipe.epochs + 1 and report.validation["grouped"]
+    assert report.epochs == report.validation["epochs_chosen"] == int(np.argmin(curve))
+    assert 0 < report.epochs < recipe.epochs  # this data overfits: the minimum is inside
+
+    # The curve, measured again with the plain recipe: each fold's head after e epochs, on that fold.
+    fold = validation_folds(len(x), 3, recipe.seed, groups)
+    for epochs in (0, 5, recipe.epochs):
+        errors = []
+        for k in range(3):
+            plain = HeadRecipe(**{**recipe.__dict__, "epochs": epochs, "validation_folds": 0})
+            fold_head, _ = fit_prototype_head(x[fold != k], y[fold != k], plain)
+            errors.append(np.mean((fold_head(torch.tensor(x[fold == k])).numpy() - y[fold == k]) ** 2))
+        assert curve[epochs] == pytest.approx(np.mean(errors), rel=1e-4), epochs  # float32 fine-tune vs float64 head
+
+    # The head returned is the plain recipe's with the chosen epoch count, on all samples.
+    same, _ = fit_prototype_head(x, y, HeadRecipe(**{**recipe.__dict__, "epochs": report.epochs, "validation_folds": 0}))
+    assert torch.equal(head.prototypes, same.prototypes) and torch.equal(head.proto_scores, same.proto_scores)
 
 
 def test_pca_matches_scikit_learn():
@@ -191,6 +235,15 @@ def test_cli_fit_head(small_model, tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "manifest.json").is_file() and (tmp_path / "head.embeddings.npz").is_file()
     assert len(rali_edge.load(out).score([items[0].path])) == 1
+
+    validated = CliRunner().invoke(main, ["fit-head", str(small_model), str(csv_path), "-o", str(tmp_path / "cv"),
+                                          "--pca-dim", "8", "--prototypes", "4", "--buckets", "2", "--epochs", "5",
+                                          "--validation-folds", "3"])
+    assert validated.exit_code == 0, validated.output
+    assert "3-fold validation" in validated.output
+    source = json.loads((tmp_path / "cv" / "manifest.json").read_text())["source"]
+    assert source["recipe"]["validation_folds"] == 3
+    assert source["finetune_epochs"] == source["validation"]["epochs_chosen"] <= 5
 
     bad = CliRunner().invoke(main, ["fit-head", str(small_model), str(tmp_path / "nope.csv"), "-o", str(out)])
     assert bad.exit_code == 2 and "error:" in bad.output and "not found" in bad.output
