@@ -22,13 +22,6 @@ from rali_edge.training.samples import SAMPLES
 
 SAMPLES_DIR = default_model_path().parent / "samples"
 
-# Issue 3 is open: the model shipped now reaches a held-out SRCC of 0.796 (TRAINING.md), not the
-# 0.8 the issue asks (it does rank the bundled samples clean-first). strict: once a retrained
-# model meets the bar the test passes, fails as "unexpectedly passing", and this mark must go.
-BELOW_TARGET = pytest.mark.xfail(
-    strict=True, reason="default model below target: held-out SRCC 0.796 < 0.8 (issue 3 open, see TRAINING.md)"
-)
-
 
 @pytest.fixture(scope="module")
 def scorer():
@@ -75,8 +68,9 @@ def test_heldout_srcc_is_the_one_the_report_states(heldout_srcc):
     assert heldout_srcc == pytest.approx(manifest["source"]["heldout_srcc"], abs=0.01)
 
 
-@BELOW_TARGET
 def test_heldout_distortions_rank_like_their_labels(heldout_srcc):
+    # The issue's bar. The shipped model clears it by little (TRAINING.md: 0.8026), so a change
+    # of codec library that moves a few held-out images can fail this: retrain, do not lower it.
     assert heldout_srcc >= 0.8, heldout_srcc
 
 

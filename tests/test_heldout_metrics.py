@@ -8,9 +8,11 @@ import json
 from contextlib import redirect_stdout
 
 import numpy as np
+import torch
 from scipy.stats import spearmanr
 
 import rali_edge
+from rali_edge.model_file import load_model
 from rali_edge.scoring import default_model_path
 from rali_edge.training import data
 from rali_edge.training.data import Sample
@@ -68,7 +70,7 @@ def test_tiny_training_run_reports_what_evaluate_measures(tmp_path):
 
     recipe = dm.Recipe(train_samples=64, epochs=1, heldout_crops=1, warmup_steps=1,
                        head=dict(pca_dim=8, prototypes=8, buckets=4, epochs=5, lr=0.01, batch_size=64,
-                                 learn_temperature=True, seed=0))
+                                 learn_temperature=True, seed=0, validation_folds=2))
     summary = dm.train(recipe, tmp_path / "model", threads=1, workers=1, log=lambda msg: None)
     dm.write_report(summary, tmp_path / "TRAINING.md")
     results = summary["results"]
@@ -78,3 +80,32 @@ def test_tiny_training_run_reports_what_evaluate_measures(tmp_path):
     again = dm.evaluate(tmp_path / "model", recipe.seed, recipe.heldout_crops, workers=1)
     assert abs(again["heldout_srcc"] - results["heldout_srcc"]) < 1e-9
     assert again["heldout_cell_mean_srcc"] == results["heldout_cell_mean_srcc"]
+
+
+def test_refit_head_gives_what_the_full_run_gave(tmp_path):
+    # --refit-head reruns steps 3-4 on a trained encoder. With the run's own head recipe it must
+    # reproduce the run's weights exactly; with another, only the head may change.
+    from rali_edge.training import default_model as dm
+
+    recipe = dm.Recipe(train_samples=64, epochs=1, heldout_crops=1, warmup_steps=1,
+                       head=dict(pca_dim=8, prototypes=8, buckets=4, epochs=6, lr=0.01, batch_size=64,
+                                 learn_temperature=True, seed=0, validation_folds=2))
+    summary = dm.train(recipe, tmp_path / "run", threads=1, workers=1, log=lambda msg: None)
+    (tmp_path / "run" / "training.json").write_text(json.dumps(summary))
+    assert summary["results"]["head_fit"]["validation"]["grouped"]
+
+    same = dm.refit_head(tmp_path / "run", tmp_path / "same", workers=1, log=lambda msg: None, head=recipe.head)
+    assert same["weights_sha256"] == summary["weights_sha256"]
+    assert same["results"]["heldout_srcc"] == summary["results"]["heldout_srcc"]
+
+    other_head = {**recipe.head, "prototypes": 4, "validation_folds": 0}
+    other = dm.refit_head(tmp_path / "run", tmp_path / "other", workers=1, log=lambda msg: None, head=other_head)
+    assert other["recipe"]["head"] == other_head and other["head_refitted"]
+    assert other["history"] == summary["history"]  # the encoder's training is the run's
+    run_model, _ = load_model(tmp_path / "run")
+    other_model, manifest = load_model(tmp_path / "other")
+    assert manifest.num_prototypes == 4
+    for name, tensor in run_model.encoder.state_dict().items():
+        assert torch.equal(tensor, other_model.encoder.state_dict()[name]), name
+    dm.write_report(other, tmp_path / "TRAINING.md")
+    assert "--refit-head" in (tmp_path / "TRAINING.md").read_text()

@@ -19,6 +19,8 @@ def test_training_samples_are_reproducible_and_skip_heldout_photographs():
         if s.kind == "clean":
             assert s.label == 5.0 and s.level == 0
         assert not any(name in s.source for name in data.HELDOUT_SOURCES), s.source
+    # training_source names each sample's photograph without making it (validation folds use it)
+    assert [data.training_source(3, i) in s.source for i, s in enumerate(first)] == [True] * len(first)
 
 
 def test_heldout_photographs_are_colour():

@@ -254,10 +254,20 @@ def _rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, index]))
 
 
+def _draw_source(rng: np.random.Generator, sources: tuple[str, ...]) -> str:
+    return sources[rng.integers(len(sources))]  # the stream's first draw: training_source relies on it
+
+
+def training_source(seed: int, index: int, sources: tuple[str, ...] = TRAIN_SOURCES) -> str:
+    """The photograph that sample `index` is cut from (or takes its dead-leaves colours from),
+    without making the sample: groups crops by photograph for validation."""
+    return _draw_source(_rng(seed, index), sources)
+
+
 def training_sample(seed: int, index: int, sources: tuple[str, ...] = TRAIN_SOURCES) -> Sample:
     """Sample `index` of the training stream: a random source, crop, colour, flip, distortion and level."""
     rng = _rng(seed, index)
-    source = sources[rng.integers(len(sources))]
+    source = _draw_source(rng, sources)
     work = int(rng.integers(WORK_SIZE[0], WORK_SIZE[1] + 1))
     if rng.random() < DEAD_LEAVES_FRACTION:
         palette = load_source(source).reshape(-1, 3)  # the colours of a random training photograph
