@@ -427,14 +427,13 @@ def refit_head(model_dir: Path, out: Path, workers: int = 2, data_cache: Path | 
     previous = json.loads((model_dir / "training.json").read_text())
     recipe = Recipe(**{**previous["recipe"], "head": head or Recipe().head})
     model, manifest = load_model(model_dir)
-    t0 = time.perf_counter()
+    times = {k: previous["times"][k] for k in ("data_s", "data_from_cache", "encoder_s")}
+    # The run's total: the data and encoder's training as they were, the head and check as now.
+    t0 = time.perf_counter() - times["data_s"] - times["encoder_s"]
     pre = Preprocessor(preprocess_config(manifest.encoder))
     train_pixels, train_labels, _, heldout, _ = load_data(recipe, pre, workers, data_cache, log)
-    times = {k: previous["times"][k] for k in ("data_s", "data_from_cache", "encoder_s")}
     summary = finish(recipe, model.encoder, train_pixels, train_labels, heldout, previous["history"], times,
                      t0, out, previous["device"], previous["threads"], workers, log)
-    # The run's total: the encoder's training as it was, the head and check as now.
-    times["total_s"] = times["data_s"] + times["encoder_s"] + (time.perf_counter() - t0)
     summary["head_refitted"] = True
     return summary
 
