@@ -520,12 +520,12 @@ class TensorRTScorer:
         step = min(batch_size or self.info.batch.max, self.info.batch.max)
         scores: list[float] = []
         for start in range(0, len(images), step):
-            batch = np.stack([self.preprocess.pil_to_array(open_image(x)) for x in images[start : start + step]])
-            scores += self.score_pixels(batch).tolist()
+            batch = np.concatenate([self.preprocess.views_array(open_image(x)) for x in images[start : start + step]])
+            scores += self.preprocess.pool(self.score_pixels(batch)).tolist()
         return scores
 
     def score_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Preprocessed float32 [B, 3, H, W] -> float32 scores [B]."""
+        """Preprocessed float32 [N, 3, H, W] -> float32 scores [N], one per row (per view)."""
         out = [self._run(np.ascontiguousarray(chunk, dtype=np.float32))
                for chunk in np.array_split(pixels, range(self.info.batch.max, len(pixels), self.info.batch.max))]
         return np.concatenate(out) if out else np.zeros(0, np.float32)

@@ -291,8 +291,8 @@ def cache_key(model_sha256: str, paths: list[str], file_hashes: list[str | None]
 
 @dataclass
 class Embedded:
-    embeddings: np.ndarray  # [N_ok, E] float32
-    scores: np.ndarray  # [N_ok]
+    embeddings: np.ndarray  # [N_ok * V, E] float32: one row per view of each readable image
+    scores: np.ndarray  # [N_ok * V]: each view's row has its image's label
     paths: list[str]
     failures: list[dict]  # {"path", "error"}
     from_cache: bool = False
@@ -303,7 +303,9 @@ def embed_dataset(scorer, dataset, cache: str | Path | None = None, batch_size: 
     """Projected embeddings of every readable image of `dataset` (list of LabelledImage). With
     `cache`, reuse the file when its key (model sha256 + each image's sha256) matches."""
     paths = [item.path for item in dataset]
-    key = cache_key(scorer.model_sha256, paths, [_sha256(p) for p in paths]) if cache else ""
+    # The views are part of the key: the same weights with other views give other embeddings.
+    key = cache_key(f"{scorer.model_sha256}-views{scorer.preprocess.view_count}", paths,
+                    [_sha256(p) for p in paths]) if cache else ""
     if cache and Path(cache).is_file():
         try:
             with np.load(cache, allow_pickle=False) as z:
@@ -314,11 +316,14 @@ def embed_dataset(scorer, dataset, cache: str | Path | None = None, batch_size: 
             pass  # unreadable or old cache: recompute and overwrite
     embeddings, scores, ok, failures = [], [], [], []
     batch, batch_items = [], []
+    views = scorer.preprocess.view_count
 
     def flush():
         if batch:
-            embeddings.append(scorer.embed(torch.stack(batch)).cpu().numpy().astype(np.float32))
-            scores.extend(item.mos for item in batch_items)
+            # One row per view; each view is a sample with its image's label (the head is fitted on
+            # what it will score, and an image's score is the mean of its views').
+            embeddings.append(scorer.embed(torch.cat(batch)).cpu().numpy().astype(np.float32))
+            scores.extend(item.mos for item in batch_items for _ in range(views))
             ok.extend(item.path for item in batch_items)
             if progress:
                 progress(len(batch))
@@ -329,7 +334,7 @@ def embed_dataset(scorer, dataset, cache: str | Path | None = None, batch_size: 
 
     for item in dataset:
         try:
-            pixels = scorer.preprocess.pil_to_tensor(open_image(item.path))
+            pixels = scorer.preprocess.views_tensor(open_image(item.path))
         except ImageError as e:
             failures.append({"path": item.path, "error": str(e)})
             if progress:
@@ -371,7 +376,10 @@ def fit_head_model(encoder_model, dataset, out: str | Path, recipe: HeadRecipe =
         log(f"embeddings: {len(embedded.paths)} images ({len(embedded.failures)} failed), {how}")
     if len(embedded.paths) < 2:
         raise RaliEdgeError(f"fit-head: only {len(embedded.paths)} readable images; need at least 2")
-    head, report = fit_prototype_head(embedded.embeddings, embedded.scores, recipe, log=log)
+    views = scorer.preprocess.view_count
+    # Validation folds keep an image's views together (groups are ignored without folds).
+    groups = [path for path in embedded.paths for _ in range(views)]
+    head, report = fit_prototype_head(embedded.embeddings, embedded.scores, recipe, log=log, groups=groups)
 
     manifest = scorer.manifest
     encoder = scorer.encoder.encoder.float().cpu()  # fp32 on the CPU, as it was loaded from the file

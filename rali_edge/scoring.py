@@ -97,7 +97,17 @@ class Scorer:
     # -- tensors ---------------------------------------------------------------------------
     @torch.inference_mode()
     def score_pixels(self, pixels: torch.Tensor, return_weights: bool = False):
-        """[B, 3, H, W] preprocessed pixels -> scores [B] (float32, on the encoder's device)."""
+        """Preprocessed pixels [B * V, 3, H, W], as `self.preprocess(images)` makes them (V views per
+        image, see PreprocessConfig) -> scores [B] (float32, on the encoder's device): the mean of
+        each image's view scores (and of their prototype weights, which give that mean)."""
+        if return_weights:
+            scores, weights = self.score_views(pixels, return_weights=True)
+            return self.preprocess.pool(scores), self.preprocess.pool(weights)
+        return self.preprocess.pool(self.score_views(pixels))
+
+    @torch.inference_mode()
+    def score_views(self, pixels: torch.Tensor, return_weights: bool = False):
+        """Preprocessed pixels [N, 3, H, W] -> one score per row (per view, not pooled)."""
         out = self.encoder(pixels)
         if self.encoder.outputs == "score":
             if return_weights:
@@ -107,7 +117,8 @@ class Scorer:
 
     @torch.inference_mode()
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Projected CLIP image embeddings [B, E] (needs the PyTorch encoder)."""
+        """Projected CLIP image embeddings, one per row of `pixels` (per view) [N, E] (needs the
+        PyTorch encoder)."""
         if not isinstance(self.encoder, TorchEncoder):
             raise RaliEdgeError("embeddings need the torch backend")
         enc = self.encoder.encoder
@@ -115,8 +126,8 @@ class Scorer:
 
     # -- images ----------------------------------------------------------------------------
     def score(self, inputs, batch_size: int = 16) -> list[float]:
-        """Paths, PIL images, HxWx3 uint8 arrays (a list of them, or one) or a [B,3,H,W] tensor of
-        preprocessed pixels -> one float per input. A bad image raises ImageError; use
+        """Paths, PIL images, HxWx3 uint8 arrays (a list of them, or one) or a [B*V,3,H,W] tensor of
+        preprocessed pixels (from `self.preprocess`, V views per image) -> one float per image. A bad image raises ImageError; use
         `score_files` to go on past bad files."""
         if isinstance(inputs, torch.Tensor):
             return self._score_batched(inputs, batch_size)
@@ -139,7 +150,7 @@ class Scorer:
 
         def load(path):
             try:
-                return path, self.preprocess.pil_to_tensor(open_image(path)), None
+                return path, self.preprocess.views_tensor(open_image(path)), None
             except ImageError as e:
                 return path, None, str(e)
 
@@ -159,7 +170,7 @@ class Scorer:
 
     def _flush(self, batch, pending) -> Iterator[FileResult]:
         if batch:
-            scores = self.score_pixels(torch.stack([p for _, p in batch])).tolist()
+            scores = self.score_pixels(torch.cat([p for _, p in batch])).tolist()
             it = iter(scores)
             for r in pending:
                 if r.error is None:
@@ -167,7 +178,8 @@ class Scorer:
         yield from pending
 
     def _score_batched(self, pixels: torch.Tensor, batch_size: int) -> list[float]:
-        return [s for chunk in pixels.split(batch_size) for s in self.score_pixels(chunk).tolist()]
+        rows = batch_size * self.preprocess.view_count  # whole images per chunk
+        return [s for chunk in pixels.split(rows) for s in self.score_pixels(chunk).tolist()]
 
 
 def resolve_head(head: str, device: torch.device) -> str:

@@ -18,7 +18,8 @@ SMALL = EncoderConfig(
 
 
 def make_small_model(out_dir: str | Path, seed: int = 0, pca_dim: int = 24, num_prototypes: int = 20,
-                     config: EncoderConfig = SMALL) -> Path:
+                     config: EncoderConfig = SMALL, **views) -> Path:
+    """`views`: PreprocessConfig's view fields (native_grid, resized_view); default one resized view."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     encoder = Encoder(config)
@@ -37,6 +38,6 @@ def make_small_model(out_dir: str | Path, seed: int = 0, pca_dim: int = 24, num_
         logit_scale=14.29,
     )
     model = build_model(config, encoder.state_dict(), folded)
-    pre = PreprocessConfig(resize_shortest_edge=config.image_size, crop_height=config.image_size, crop_width=config.image_size)
+    pre = PreprocessConfig(resize_shortest_edge=config.image_size, crop_height=config.image_size, crop_width=config.image_size, **views)
     manifest = Manifest(f"rali-test-{seed}", config, pre.to_dict(), pca_dim, num_prototypes, source={"kind": "random", "seed": seed})
     return save_model(out_dir, model, manifest)

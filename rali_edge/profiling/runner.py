@@ -230,7 +230,7 @@ def _rali_iteration(scorer, sources: list, timer: StageTimer, fused_head: bool) 
         else:
             with timer.stage("head"):
                 scores = scorer.head(out)
-        scores = scores.float().cpu()  # the caller has its scores: the GPU is done
+        scores = scorer.preprocess.pool(scores.float()).cpu()  # the caller has its scores: the GPU is done
     return scores
 
 
