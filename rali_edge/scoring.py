@@ -28,9 +28,22 @@ BACKENDS = ("torch", "aoti", "tensorrt", "onnx")
 HEADS = ("auto", "triton", "torch")
 
 
+DEFAULT_MODEL = "default"  # the built-in model's name wherever a model is accepted
+
+
 def default_model_path() -> Path:
     """The small built-in model shipped inside the package (see rali_edge/training/)."""
     return Path(str(resources.files("rali_edge") / "assets" / "default-model"))
+
+
+def model_path(model: str | Path | None) -> Path:
+    """A model argument -> its folder: None or "default" is the built-in model (a folder of that
+    name is `./default`), anything else a model folder."""
+    return default_model_path() if model is None or str(model) == DEFAULT_MODEL else Path(model)
+
+
+def is_default_model(model: str | Path | None) -> bool:
+    return model_path(model).resolve() == default_model_path().resolve()
 
 
 class EncoderBackend(Protocol):
@@ -210,7 +223,7 @@ def load(
     engine: str | Path | None = None,
     head: str = "auto",
 ) -> Scorer:
-    """Load a rali-edge model folder (None: the built-in default model) as a Scorer.
+    """Load a rali-edge model folder (None or "default": the built-in model) as a Scorer.
 
     backend "torch" runs the encoder in PyTorch on `device` in `dtype`; "aoti", "tensorrt" and
     "onnx" (ONNX Runtime) run a built engine (`engine=PATH`, see `rali-edge build`), checked against this model.
@@ -221,7 +234,7 @@ def load(
         raise RaliEdgeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MissingDependencyError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
-    path = Path(model) if model is not None else default_model_path()
+    path = model_path(model)
     rali_model, manifest = load_model(path)
     encoder = None
     if backend != "torch":

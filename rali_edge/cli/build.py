@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from rali_edge.cli import EXIT_INTERRUPTED
+from rali_edge.cli.common import MODEL
 from rali_edge.errors import RaliEdgeError
 
 TARGET_HELP = "tensorrt: NVIDIA TensorRT plan (Jetson, desktop GPUs); aoti: AOTInductor package (PyTorch, CPU or CUDA); onnx: ONNX file."
@@ -132,7 +133,7 @@ Examples:
 Then: rali-edge score --model rali-vitl14-336 --backend tensorrt --engine ENGINE photo.jpg
 """,
 )
-@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.argument("model", type=MODEL, default="default", required=False)
 @click.option("--target", type=click.Choice(["tensorrt", "aoti", "onnx"]), required=True, help=TARGET_HELP)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]),
               help="Default: fp16 for tensorrt, fp32 for onnx; aoti: fp16 on CUDA, fp32 on CPU. Layernorm, softmax and the head stay fp32.")
@@ -168,6 +169,7 @@ def build_command(model, target, precision, batch_text, head, workspace, timing_
     """
     from rali_edge.engines.fidelity import find_images
     from rali_edge.engines.naming import BatchRange
+    from rali_edge.scoring import model_path as resolve_model
 
     batch = BatchRange.parse(batch_text)
     outputs = "score" if head == "engine" else "class_token"
@@ -182,12 +184,12 @@ def build_command(model, target, precision, batch_text, head, workspace, timing_
     ui = Progress(steps, live=progress)
     written: list[Path] = []
     try:
-        engine, info = _build(ui, Path(model), target, precision, batch, outputs, workspace, timing_cache, typing,
+        engine, info = _build(ui, resolve_model(model), target, precision, batch, outputs, workspace, timing_cache, typing,
                               device, output, keep_onnx, written)
         click.echo(f"engine: {engine} ({engine.stat().st_size / 2**20:.1f} MiB)", err=True)
         if check:
             check_device = None if target == "onnx" else device
-            _check(ui, Path(model), engine, info, images, max_score_diff, keep_failed, check_device)
+            _check(ui, resolve_model(model), engine, info, images, max_score_diff, keep_failed, check_device)
     except KeyboardInterrupt:
         for path in written:
             path.unlink(missing_ok=True)
@@ -315,8 +317,8 @@ Example:
 """,
 )
 @click.argument("engine", type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", "-m", type=click.Path(exists=True, file_okay=False),
-              help="The model folder the engine was built from. Default: the built-in model.")
+@click.option("--model", "-m", type=MODEL, default="default",
+              help="The model folder the engine was built from, or `default`: the built-in model.")
 @click.option("--calib-dir", type=click.Path(exists=True, file_okay=False), help="Images to score (default: the bundled samples).")
 @click.option("--max-score-diff", type=float, default=0.02, show_default=True,
               help="Fail when an image's score differs from fp32 PyTorch by more than this (1..5 scale).")
@@ -333,10 +335,10 @@ def check_engine_command(engine, model, calib_dir, max_score_diff, device, batch
 
     from rali_edge.engines.fidelity import check_engine, find_images
     from rali_edge.engines.naming import read_sidecar
-    from rali_edge.scoring import default_model_path
+    from rali_edge.scoring import model_path as resolve_model
 
     info = read_sidecar(engine)
-    model_path = Path(model) if model else default_model_path()
+    model_path = resolve_model(model)
     images = find_images(calib_dir)
     if device is None and info.target == "aoti":
         device = info.runtime.device_type

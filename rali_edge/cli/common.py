@@ -9,11 +9,29 @@ import click
 BACKEND_HELP = "torch: PyTorch encoder; aoti, tensorrt, onnx: an engine from `rali-edge build` (needs --engine)."
 
 
+class ModelFolder(click.ParamType):
+    """`default` (the built-in model) or an existing model folder."""
+
+    name = "MODEL"
+
+    def convert(self, value, param, ctx):
+        from rali_edge.scoring import DEFAULT_MODEL
+
+        if value == DEFAULT_MODEL:
+            return value
+        return click.Path(exists=True, file_okay=False).convert(value, param, ctx)
+
+
+MODEL = ModelFolder()
+DEMO_NOTE = ("note: the built-in model is a small demonstration model, not a general quality model; for real "
+             "accuracy get the published RALI weights: rali-edge fetch (--quiet hides this)")
+
+
 def model_options(fn):
     """--model, --device, --dtype, --backend, --engine, --head: how to load the scorer."""
 
-    @click.option("--model", "-m", type=click.Path(exists=True, file_okay=False),
-                  help="A rali-edge model folder (from `rali-edge convert`/`fetch`/`fit-head`). Default: the built-in model.")
+    @click.option("--model", "-m", type=MODEL, default="default",
+                  help="A rali-edge model folder (from `rali-edge convert`/`fetch`/`fit-head`), or `default`: the built-in model.")
     @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
     @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
                   help="Encoder precision (the head always runs in fp32).")

@@ -11,13 +11,6 @@ import click
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
 
 
-def model_or_default(model: str):
-    """`default` means the built-in model, unless a folder of that name is there."""
-    from pathlib import Path
-
-    return None if model == "default" and not Path(model).is_dir() else model
-
-
 @click.command(
     "eval",
     epilog="""\b
@@ -58,7 +51,7 @@ def eval_command(model, dataset, root, label, device, dtype, backend, engine, he
 
     def go():
         items = read_dataset(dataset, root=root, label=label)
-        scorer = load_scorer(model_or_default(model), device=device, dtype=dtype,
+        scorer = load_scorer(model, device=device, dtype=dtype,
                              backend=backend, engine=engine, head=head)
         show = sys.stderr.isatty() if progress is None else progress
         with click.progressbar(length=len(items), label="scoring", file=sys.stderr, hidden=not show) as bar:

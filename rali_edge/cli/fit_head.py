@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
-from rali_edge.cli.evaluate import model_or_default
 
 
 @click.command(
@@ -74,7 +73,7 @@ def fit_head_command(encoder_model, dataset, out, root, label, pca_dim, prototyp
         items = read_dataset(dataset, root=root, label=label)
         show = sys.stderr.isatty() if progress is None else progress
         with click.progressbar(length=len(items), label="embedding", file=sys.stderr, hidden=not show) as bar:
-            return fit_head_model(model_or_default(encoder_model), items, out, recipe,
+            return fit_head_model(encoder_model, items, out, recipe,
                                   cache=cache_path, name=name, device=device, batch_size=batch_size,
                                   dataset_name=str(dataset), log=log, progress=bar.update)
 

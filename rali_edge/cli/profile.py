@@ -268,9 +268,9 @@ def _load_rali(model_kwargs):
 def _rali_model_info(scorer, model_kwargs) -> dict:
     from rali_edge.model import count_parameters
     from rali_edge.profiling.runner import head_in_encoder
-    from rali_edge.scoring import default_model_path
+    from rali_edge.scoring import model_path
 
-    path = model_kwargs.get("model") or str(default_model_path())
+    path = str(model_path(model_kwargs.get("model")))
     torch_encoder = getattr(scorer.encoder, "encoder", None)
     if torch_encoder is not None:
         params = count_parameters(torch_encoder) + count_parameters(scorer.head)

@@ -78,17 +78,21 @@ Examples:
               help="json: a list of {path, score} or {path, error}, in input order; csv: path,score,error.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="Write results here instead of stdout.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
-def score_command(paths, batch_size, fmt, output, progress, **model_kwargs):
+@click.option("--quiet", "-q", is_flag=True, help="No note on stderr about the built-in demonstration model.")
+def score_command(paths, batch_size, fmt, output, progress, quiet, **model_kwargs):
     """Score the quality of images (1 = very poor, 5 = excellent).
 
     PATHS are image files, folders (searched recursively) or globs. A file that cannot be read
     is reported with its error and the others are still scored. Exit code 0 when every input
     was scored, 1 when some failed, 130 when interrupted (results so far are written).
     """
-    from rali_edge.cli.common import load_scorer
+    from rali_edge.cli.common import DEMO_NOTE, load_scorer
+    from rali_edge.scoring import is_default_model
 
     files = expand_inputs(paths)
     scorer = load_scorer(**model_kwargs)
+    if not quiet and is_default_model(model_kwargs["model"]):
+        click.echo(DEMO_NOTE, err=True)
     out = open(output, "w", newline="") if output else sys.stdout
     writer = ResultWriter(fmt, out)
     show = sys.stderr.isatty() if progress is None else progress
