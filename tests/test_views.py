@@ -94,3 +94,41 @@ def test_pooled_weights_give_the_pooled_score(grid_model):
     assert weights.shape[0] == 2
     torch.testing.assert_close(weights @ scorer.head.proto_scores.float(), scores, atol=1e-5, rtol=0)
     torch.testing.assert_close(scores, scorer.preprocess.pool(scorer.score_views(pixels)))
+
+
+# --- `default`: the built-in model's name wherever a model is accepted ------------------------
+from click.testing import CliRunner  # noqa: E402
+
+from rali_edge.cli import main  # noqa: E402
+from rali_edge.cli.common import DEMO_NOTE  # noqa: E402
+from rali_edge.scoring import default_model_path  # noqa: E402
+
+
+def test_load_default_is_the_built_in_model():
+    assert rali_edge.load("default").manifest.weights_sha256 == rali_edge.load().manifest.weights_sha256
+    assert rali_edge.load("default").preprocess.view_count == 9  # 3 x 3 native-resolution views
+
+
+def test_score_with_the_built_in_model_says_it_is_a_demo(tmp_path):
+    photo = tmp_path / "a.png"
+    Image.fromarray(_photo(150, 200)).save(photo)
+    for args in ([], ["--model", "default"], ["--model", str(default_model_path())]):
+        result = CliRunner().invoke(main, ["score", str(photo), *args])
+        assert result.exit_code == 0, result.output
+        assert DEMO_NOTE in result.stderr
+    quiet = CliRunner().invoke(main, ["score", str(photo), "--quiet"])
+    assert quiet.exit_code == 0 and DEMO_NOTE not in quiet.stderr
+
+
+def test_score_with_another_model_has_no_demo_note(grid_model, tmp_path):
+    photo = tmp_path / "a.png"
+    Image.fromarray(_photo(150, 200)).save(photo)
+    result = CliRunner().invoke(main, ["score", str(photo), "--model", str(grid_model)])
+    assert result.exit_code == 0 and DEMO_NOTE not in result.stderr
+
+
+def test_build_without_model_builds_the_built_in_one(tmp_path):
+    pytest.importorskip("onnxruntime")
+    result = CliRunner().invoke(main, ["build", "--target", "onnx", "--batch", "1:9:18", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.stderr and rali_edge.load().manifest.name in result.stdout

@@ -1,12 +1,7 @@
 """Write the bundled sample images (rali_edge/assets/samples/): whole held-out photographs
-(never seen in training), shrunk to 128 pixels on the short side, clean and with a few
-distortions, as JPEG quality 95, plus LICENSES.md.
-
-Why 128: the default model looks at 128 x 128 pixels and learned each distortion level at that
-scale (training crops are distorted at full resolution, data.VIEW). A photo any larger is shrunk
-to 128 by the preprocessing after it was distorted, which weakens the distortion: at 192 pixels
-the noisy samples (levels 3 and 4), shrunk by 1.5x, looked to two of three trained models like
-fine texture and scored above their clean photograph; at 128, none did.
+(never seen in training) at their own sizes (300-512 pixels on the short side), clean and with a
+few distortions, as JPEG quality 85, plus LICENSES.md: the path users take, whole photographs
+through `rali-edge score` (the default model looks at them through 3 x 3 native-resolution views).
 
     python -m rali_edge.training.samples --out rali_edge/assets/samples
 """
@@ -29,8 +24,7 @@ SAMPLES = (
     ("coffee", [("pixelate", 3), ("motion", 3), ("jpeg2000", 4), ("contrast", 4)]),
     ("astronaut", [("blur", 4), ("noise", 4), ("overexpose", 3), ("jpeg", 5)]),
 )
-SHORT_SIDE = 128  # the default model's input size: see the module docstring
-JPEG_QUALITY = 95
+JPEG_QUALITY = 85  # 95 doubled the files (the noisy ones compress least); 85 keeps them under 700 KB
 SEED = 0
 
 
@@ -39,9 +33,7 @@ def sample_images() -> dict[str, bytes]:
     files = {}
     for name, distortions in SAMPLES:
         assert name in HELDOUT_SOURCES, f"{name} is a training image; samples must be held out"
-        photo = Image.fromarray(load_source(name))
-        scale = SHORT_SIDE / min(photo.size)
-        clean = np.asarray(photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.Resampling.LANCZOS))
+        clean = load_source(name)
         versions = [("clean", clean)] + [
             (f"{kind}-{level}", distort(clean, kind, level, np.random.default_rng([SEED, i])))
             for i, (kind, level) in enumerate(distortions)
@@ -58,7 +50,7 @@ def licences_text() -> str:
         "# Sample images: sources and licences",
         "",
         "Whole photographs shipped inside scikit-image, held out of the default model's training,",
-        f"shrunk to {SHORT_SIDE} pixels on the short side, distorted with `rali_edge.distortions` and saved as JPEG quality {JPEG_QUALITY}",
+        f"at its own size, distorted with `rali_edge.distortions` and saved as JPEG quality {JPEG_QUALITY}",
         "(`python -m rali_edge.training.samples`). The name says the distortion and its level (1..5).",
         "",
         "| files | photograph | licence | credit | origin |",
