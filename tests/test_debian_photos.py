@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from rali_edge.errors import RaliEdgeError
-from rali_edge.training import data, debian_photos
+from rali_edge.training import data, debian_photos, whole_photos
 from rali_edge.training.debian_photos import DebianPackage, DebianPhoto
 
 POOL = "pool/main/t/test-wallpapers/test-wallpapers_1.0_all.deb"
@@ -144,6 +144,13 @@ def test_the_real_photographs_match_their_hashes_and_have_licences_and_credits()
     paths = {name: debian_photos.photo_path(name) for name in debian_photos.PHOTOS}
     for name, path in paths.items():
         assert hashlib.sha256(path.read_bytes()).hexdigest() == debian_photos.PHOTOS[name].sha256, name
+        if name in whole_photos.PHOTOS:  # held out: the whole-photograph evaluation, at its own size
+            held_out = whole_photos.PHOTOS[name]
+            assert held_out.package == debian_photos.PHOTOS[name].package and held_out.licence and held_out.credit, name
+            assert name not in data.SOURCES, name
+            img = whole_photos.load_photo(name).astype(np.int16)
+            assert np.abs(img[..., 0] - img[..., 2]).mean() > 5 and max(img.shape[:2]) >= 1365, name
+            continue
         source = data.SOURCES[name]
         assert source.package == "debian" and source.licence and source.credit, name
         assert debian_photos.PACKAGES[debian_photos.PHOTOS[name].package].version in source.origin, name

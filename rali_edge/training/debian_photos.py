@@ -1,4 +1,5 @@
-"""Training photographs taken from Debian packages of desktop wallpapers.
+"""Photographs taken from Debian packages of desktop wallpapers: training photographs, and the
+held-out whole photographs of the user's-path evaluation (whole_photos.py).
 
 Why Debian: everything in Debian's main archive is under a free licence (the Debian Free
 Software Guidelines), each file's licence and authors are recorded in the package, and every
@@ -43,6 +44,13 @@ PACKAGES = {
         DebianPackage("plasma-workspace-wallpapers", "4:5.27.5-2",
                       "pool/main/p/plasma-workspace-wallpapers/plasma-workspace-wallpapers_5.27.5-2_all.deb",
                       "32cd18b71c8c938a18b3b351f217c02ac590e323caa3cf322fbb875ce8892f8b"),
+        # Held out (never trained on): whole photographs of 1-20 MP for whole_photos.py.
+        DebianPackage("lomiri-wallpapers-16.04", "20.04.0-2",
+                      "pool/main/l/lomiri-wallpapers/lomiri-wallpapers-16.04_20.04.0-2_all.deb",
+                      "a99ff6a3bfe451e4cc0682ecb3cc82e71740626d59e4845ae34a0a0e45421eab"),
+        DebianPackage("lomiri-wallpapers-20.04", "20.04.0-2",
+                      "pool/main/l/lomiri-wallpapers/lomiri-wallpapers-20.04_20.04.0-2_all.deb",
+                      "d44e89b8473aafe64a5b678f014862dc31335aaaf18665c544d985d854f1a709"),
     )
 }
 # The live archive first; the snapshot of Debian 12 (bookworm) of the day these were chosen
@@ -59,6 +67,10 @@ class DebianPhoto:
 
 def _mate(name: str, sha256: str) -> DebianPhoto:
     return DebianPhoto("mate-backgrounds", f"./usr/share/backgrounds/mate/nature/{name}.jpg", sha256)
+
+
+def _lomiri(release: str, file: str, sha256: str) -> DebianPhoto:
+    return DebianPhoto(f"lomiri-wallpapers-{release}", f"./usr/share/backgrounds/{file}.jpg", sha256)
 
 
 def _plasma(name: str, sha256: str) -> DebianPhoto:
@@ -82,6 +94,22 @@ PHOTOS = {
     "GreenMeadow": _mate("GreenMeadow", "8fa0de0aa4089f7319c9fb7a6d006d4cab6023e8c8853731557cff53567b4832"),
     "RainDrops": _mate("RainDrops", "3e4ea9671c28c90a86cf67b3db9daf18c4741587c596333a7529ca589aaa0c16"),
     "Wood": _mate("Wood", "19c78500ac00a622e19907ab9cc7d06d46fe08c4a6142759a84195696150ec07"),
+    # Held out: every photograph in the two lomiri packages (their other wallpapers are patterns
+    # and renders), at the sizes they ship in. Licences in whole_photos.PHOTOS.
+    **{name.split("_by_")[0]: _lomiri(release, name, sha) for release, name, sha in (
+        ("16.04", "Bridge_by_Sander_Klootwijk", "bd86b081f9975e2b83527f71e49b9271a8ab40885428395969d9f7d834d7f050"),
+        ("16.04", "Dragonfly_by_Bolly", "af5af17841009732def24b09bb1e669a1b09d2b4bdeee7812c371101c30d2bb3"),
+        ("16.04", "Picture_0B_by_freespace", "c8c0ab18e48d9e0419fe42881112137f3afafc27dfddc29ec3a6d54c56d225ad"),
+        ("16.04", "Picture_1A_by_freespace", "89e86af38d04daaef975665dc2127e9fa76f0fd68f4eea105a2d0ae3390b010b"),
+        ("16.04", "Wine_by_Jakkub_Mede", "d2e96e6d4da40dd804b3d0ce295e94de04a2d7d9b6785d42cd9d92ba58bced74"),
+        ("16.04", "aitzgorri_by_Aitzol_Berasategi", "66268e7b48f8854d36a28765fac6e23ec1aee251daa6da1f64715f201020ad36"),
+        ("16.04", "friends_by_Aitzol_Berasategi", "cc40e313c74e421edffe3403def413c16878ce14661cce7ec5915baeab35538d"),
+        ("16.04", "life_by_Aitzol_Berasategi", "4c119350ead80201fe256850c3d316309ddfb4bdf10b235ce982dcde0c667c05"),
+        ("16.04", "picosdeeuropa_by_Aitzol_Berasategi", "414d0072b2f6f2c555deafeaef6e45c4fed6fa9ad26eba6560ca8803959cf97a"),
+        ("16.04", "seeding_by_Clements_Engelhardt", "a5634d1ab5e41a3568e92d4a894a500c92b891f9ff734e50bd224d6e185a605f"),
+        ("16.04", "sunset_by_Aitzol_Berasategi", "474dab6a4b9f94dc76c29dfe30e9f5db4af0fd2e33fe5d695f8152b371efca18"),
+        ("20.04", "Kleiber_by_Lukas_Baubkus", "6572410c09f4492c74ccadde133565a14c0161617d5917d4c820c66d65a44ba7"),
+    )},
 }
 
 
@@ -199,7 +227,7 @@ def _sha256(path: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Put the training photographs from Debian packages into the cache "
+    parser = argparse.ArgumentParser(description="Put the photographs from Debian packages (training and held-out) into the cache "
                                      "(training does this by itself when they are missing).")
     parser.add_argument("--deb", type=Path, action="append", default=[], help="unpack this already downloaded .deb instead of downloading")
     parser.add_argument("--cache", type=Path, default=None, help=f"default: {cache_dir()} (RALI_EDGE_PHOTO_CACHE)")

@@ -49,7 +49,7 @@ from rali_edge.fit_head import HeadRecipe, fit_prototype_head, fold_for
 from rali_edge.model import Encoder, EncoderConfig
 from rali_edge.model_file import Manifest, build_model, load_model, save_model
 from rali_edge.preprocess import PreprocessConfig, Preprocessor
-from rali_edge.training import data
+from rali_edge.training import data, whole_photos
 
 MODEL_NAME = "rali-edge-tiny-synthetic"
 
@@ -465,7 +465,8 @@ def write_report(summary: dict, path: Path) -> None:
         "",
         "```bash",
         "python -m rali_edge.training.default_model --out rali_edge/assets/default-model",
-        "python -m rali_edge.training.default_model --evaluate DIR   # a saved model's held-out numbers, as JSON",
+        "python -m rali_edge.training.default_model --evaluate DIR   # a saved model's held-out crop numbers, as JSON",
+        "python -m rali_edge.training.whole_photos --model DIR       # its whole-photograph numbers",
         "```",
         "",
         "## Result on held-out photographs",
@@ -482,9 +483,13 @@ def write_report(summary: dict, path: Path) -> None:
         f"| PLCC (4-parameter logistic) | {r['heldout_plcc_fitted']:.4f} |",
         "",
         "These are 128-pixel crops, the model's own input size: its 3 x 3 native-resolution views",
-        "(`preprocess_config`) are then the crop itself. Whole photographs at their own sizes are another",
-        "matter, measured separately (README, \"How it looks at a photograph\").",
+        "(`preprocess_config`) are then the crop itself. Whole photographs at their own sizes, the path users",
+        "take, are measured below.",
         "",
+        *(["## Whole photographs at their own sizes", "", *whole_photos.report_lines(summary["whole_photos"]), "",
+           "The photographs (the lomiri ones are downloaded once, 27 MB, with `rali_edge.training.debian_photos`):", "",
+           *whole_photos.credit_lines(), ""]
+          if "whole_photos" in summary else []),
         "Only colour photographs are held out: on a greyscale one the colour distortions change nothing",
         "and are labelled perfect, while the same grey pixels made from a colour photograph are labelled",
         "poor, a difference no model can see without the reference.",
@@ -582,6 +587,9 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=Recipe.epochs)
     parser.add_argument("--heldout-crops", type=int, default=Recipe.heldout_crops)
     parser.add_argument("--rewrite-report", action="store_true", help="only rewrite OUT/TRAINING.md from OUT/training.json")
+    parser.add_argument("--skip-whole-photos", action="store_true",
+                        help="leave out the whole-photograph evaluation (whole_photos.py; its set takes 15 minutes to build once)")
+    parser.add_argument("--whole-photo-set", type=Path, default=None, help="where that set is built and read")
     parser.add_argument("--refit-head", type=Path, metavar="MODEL_DIR", default=None,
                         help="train no encoder: remake the head of MODEL_DIR (a model trained by this module, with its "
                              "training.json) with the current head recipe, and save the model, report and json at --out")
@@ -610,6 +618,8 @@ def main(argv=None):
     else:
         summary = train(recipe, args.out, device=args.device, threads=args.threads, workers=args.workers, log=log,
                         data_cache=args.data_cache)
+    if not args.skip_whole_photos:
+        whole_photos.evaluate_into(summary, args.out, args.whole_photo_set, args.workers, log)
     write_report(summary, report)
     (args.out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     log(f"wrote {report}")

@@ -1,0 +1,143 @@
+"""The whole-photograph held-out evaluation (rali_edge.training.whole_photos) on a tiny set: two
+of the bundled held-out photographs, two distortions, five levels. The real set (15 photographs
+of 0.1-20 MP) is built by the module's CLI; its numbers are in the default model's TRAINING.md."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import rali_edge
+from rali_edge.distortions import distort, ms_ssim_to_score
+from rali_edge.evaluation import read_dataset, srcc
+from rali_edge.scoring import default_model_path
+from rali_edge.training import whole_photos as wp
+from small_model import make_small_model
+
+SAMPLES = default_model_path().parent / "samples"
+TINY = ("chelsea", "coffee")
+KINDS = ("blur", "noise")
+
+
+def load_sample(name: str) -> np.ndarray:  # module level: build_set's worker processes call it
+    with Image.open(SAMPLES / f"{name}_clean.jpg") as f:
+        return np.asarray(f.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    return wp.build_set(out, photos=TINY, kinds=KINDS, load=load_sample, log=lambda _: None)
+
+
+def test_label_windows_are_four_quadrant_centres_inside_the_image():
+    assert wp.label_windows(300, 451) == [(0, 0, 300, 451)]  # small: the whole image
+    windows = wp.label_windows(2448, 3264)
+    assert len(windows) == 4 and len(set(windows)) == 4
+    for top, left, h, w in windows:
+        assert (h, w) == (512, 512) and 0 <= top <= 2448 - 512 and 0 <= left <= 3264 - 512
+    assert (2448 // 4 - 256, 3264 // 4 - 256, 512, 512) in windows
+
+
+def test_label_is_the_training_map_of_ms_ssim_and_falls_with_blur():
+    photo = load_sample("chelsea")
+    assert wp.label(photo, photo) == ms_ssim_to_score(1.0) == 5.0
+    labels = [wp.label(photo, distort(photo, "blur", level)) for level in (1, 3, 5)]
+    assert labels[0] > labels[1] > labels[2]
+
+
+def test_set_has_every_version_as_a_jpeg_and_a_csv_eval_reads(tiny_set):
+    rows = wp.read_set(tiny_set)
+    assert len(rows) == len(TINY) * (1 + len(KINDS) * 5)
+    assert {(r["photo"], r["distortion"], r["level"]) for r in rows} == {
+        (p, "clean", 0) for p in TINY} | {(p, k, lvl) for p in TINY for k in KINDS for lvl in range(1, 6)}
+    for r in rows:
+        with Image.open(r["file"]) as f:
+            assert f.format == "JPEG" and f.size == (int(r["width"]), int(r["height"]))
+    clean = {r["photo"]: r["mos"] for r in rows if r["distortion"] == "clean"}
+    assert all(v > 4 for v in clean.values())  # only JPEG quality 95 separates them from the original
+    for photo in TINY:
+        blur = [r["mos"] for r in sorted(rows, key=lambda r: r["level"]) if r["photo"] == photo and r["distortion"] == "blur"]
+        assert blur == sorted(blur, reverse=True) and blur[0] > blur[-1]
+    assert [x.path for x in read_dataset(tiny_set)] == [r["file"] for r in rows]  # `rali-edge eval MODEL labels.csv`
+
+
+def test_rebuilding_keeps_written_files_and_remakes_missing_ones(tiny_set):
+    kept = tiny_set.parent / "coffee" / "noise-3.jpg"
+    lost = tiny_set.parent / "chelsea" / "blur-2.jpg"
+    before = kept.stat().st_mtime_ns, lost.read_bytes()
+    lost.unlink()
+    rows_before = tiny_set.read_text()
+    wp.build_set(tiny_set.parent, photos=TINY, kinds=KINDS, load=load_sample, log=lambda _: None)
+    assert kept.stat().st_mtime_ns == before[0]
+    assert lost.read_bytes() == before[1]  # seeded: the same file again
+    assert tiny_set.read_text() == rows_before
+    assert not list(tiny_set.parent.rglob("*.part"))
+
+
+def test_within_photo_rank_orders_levels_per_photograph():
+    rows = [{"photo": p, "distortion": k, "level": lvl} for p in ("a", "b") for k, lvl in
+            [("clean", 0)] + [("blur", i) for i in range(1, 6)] + [("noise", i) for i in range(1, 6)]]
+    falling = {"a": [5, 4, 3, 2, 1, 0], "b": [0, 1, 2, 3, 4, 5]}  # a in order, b reversed
+    scores = []
+    for photo in ("a", "b"):
+        blur = falling[photo]
+        scores += [blur[0]] + blur[1:] + [1.0, 2.0, 1.5, 0.5, 0.0]
+    assert wp.within_photo_rank(rows, scores, "blur") == {"a": 1.0, "b": -1.0}
+    noise = wp.within_photo_rank(rows, scores, "noise")
+    assert noise["a"] == pytest.approx(srcc([0, -1, -2, -3, -4, -5], [5, 1.0, 2.0, 1.5, 0.5, 0.0]))
+
+
+def test_evaluate_scores_through_score_files_and_summarises(tiny_set, tmp_path):
+    model = make_small_model(tmp_path / "m", native_grid=2)
+    summary = wp.evaluate(model, tiny_set, log=lambda _: None)
+    rows = wp.read_set(tiny_set)
+    expected = [r.score for r in rali_edge.load(model).score_files([r["file"] for r in rows])]
+    assert summary["images"] == len(rows)
+    assert summary["srcc"] == pytest.approx(srcc(expected, [r["mos"] for r in rows]), abs=1e-4)
+    for kind in KINDS:
+        ranks = wp.within_photo_rank(rows, expected, kind)
+        got = summary["per_distortion"][kind]
+        assert got["within_photo_mean"] == pytest.approx(np.mean(list(ranks.values())), abs=1e-4)
+        assert got["within_photo_min"] == pytest.approx(min(ranks.values()), abs=1e-4)
+    assert summary["main_distortions"] == ["blur", "noise"]
+    assert summary["photos"] == {"chelsea": "451x300", "coffee": "600x400"}
+    text = "\n".join(wp.report_lines(summary))
+    assert "| blur |" in text and "| noise |" in text and "jpeg2000" not in text
+
+
+def test_cli_writes_json_and_the_model_report(tiny_set, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(default_model_path(), model)
+    out = tmp_path / "r.json"
+    assert wp.main(["--model", str(model), "--set", str(tiny_set.parent), "--json", str(out),
+                    "--update-report", str(model)]) == 0
+    summary = json.loads(out.read_text())
+    assert json.loads((model / "training.json").read_text())["whole_photos"] == summary
+    report = (model / "TRAINING.md").read_text()
+    assert "## Whole photographs" in report
+    assert f"| blur | {summary['per_distortion']['blur']['within_photo_mean']:.3f} |" in report
+    assert "| blur |" in capsys.readouterr().out
+
+
+def test_cli_reports_a_set_that_is_not_one(tmp_path, capsys):
+    (tmp_path / "labels.csv").write_text("path,mos\nx.jpg,3\n")
+    assert wp.main(["--set", str(tmp_path)]) == 2
+    assert "not a whole-photograph set" in capsys.readouterr().err
+
+
+def test_every_photo_is_held_out_of_training():
+    from rali_edge.training import data, debian_photos
+
+    for name, photo in wp.PHOTOS.items():
+        assert name not in data.TRAIN_SOURCES
+        if photo.package != "scikit-image":
+            assert debian_photos.PHOTOS[name].package == photo.package
+        else:
+            assert name in data.HELDOUT_SOURCES
+    licences = (SAMPLES / "LICENSES.md").read_text()  # the samples' photographs are among them
+    assert all(name in licences for name in TINY)
