@@ -21,9 +21,9 @@ import numpy as np
 
 from rali_edge.errors import RaliEdgeError
 from rali_edge.evaluation import srcc
+from rali_edge.images import describe_suffixes, images_in
 
 DEFAULT_MAX_SCORE_DIFF = 0.02
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
 
 
 @dataclass
@@ -56,7 +56,7 @@ class FidelityReport:
 def sample_images() -> list[Path]:
     """The images bundled with rali-edge (rali_edge/assets/samples/)."""
     folder = Path(str(resources.files("rali_edge") / "assets" / "samples"))
-    return _images_in(folder) if folder.is_dir() else []
+    return images_in(folder) if folder.is_dir() else []
 
 
 def find_images(calib_dir: str | Path | None = None) -> list[Path]:
@@ -65,9 +65,9 @@ def find_images(calib_dir: str | Path | None = None) -> list[Path]:
         folder = Path(calib_dir)
         if not folder.is_dir():
             raise RaliEdgeError(f"--calib-dir {folder}: not a folder")
-        images = _images_in(folder)
+        images = images_in(folder)
         if not images:
-            raise RaliEdgeError(f"--calib-dir {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise RaliEdgeError(f"--calib-dir {folder}: no images ({describe_suffixes()})")
         return images
     images = sample_images()
     if not images:
@@ -76,10 +76,6 @@ def find_images(calib_dir: str | Path | None = None) -> list[Path]:
             "(a few dozen typical images), or --no-check to skip the check"
         )
     return images
-
-
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def compare(reference: dict[str, float], engine: dict[str, float], max_score_diff: float,

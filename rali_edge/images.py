@@ -26,6 +26,7 @@ import io
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +205,66 @@ def _high_bit_to_l(im: Image.Image) -> Image.Image:
 def _short(e: Exception, limit: int = 120) -> str:
     text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- finding images --------------------------------------------------------------------------
+# Every command (score, eval's folders, build --calib-dir, profile --images, stream FOLDER, the
+# fidelity check) finds images through this table and these functions, so that one folder means
+# the same files everywhere. The suffixes of the formats Pillow decodes (JPEG 2000 needs OpenJPEG).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                            ".ppm", ".pgm", ".pbm", ".jp2", ".j2k"})
+
+
+def natural_key(name: str):
+    """frame2.png before frame10.png: digits compare as numbers."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(name))]
+
+
+def images_in(folder: str | Path) -> list[Path]:
+    """The image files under `folder` (recursively), in natural order of their path."""
+    folder = Path(folder)
+    return sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+                  key=lambda p: natural_key(p.relative_to(folder).as_posix()))
+
+
+def describe_suffixes() -> str:
+    return ", ".join(sorted(IMAGE_SUFFIXES))
+
+
+@dataclass
+class FoundImages:
+    paths: list[str]
+    unmatched: list[str]  # one message per argument that gave no file: an empty folder, a glob matching nothing
+
+
+def find_images(args) -> FoundImages:
+    """Files as given (whatever their suffix; a missing one is kept, so that it is reported with
+    the other results), folders recursively (IMAGE_SUFFIXES), globs (`**` recursive) expanded.
+    A file reached twice (say, through a folder and a glob) comes once, where it came first."""
+    import glob
+
+    found, seen, unmatched = [], set(), []
+
+    def add(path: str):
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            found.append(path)
+
+    for arg in map(str, args):
+        p = Path(arg)
+        if p.is_dir():
+            images = images_in(p)
+            if not images:
+                unmatched.append(f"{arg}: no images in this folder (looked for {describe_suffixes()})")
+            for f in images:
+                add(str(f))
+        elif p.exists() or not glob.has_magic(arg):
+            add(arg)
+        else:
+            matches = sorted((m for m in glob.glob(arg, recursive=True) if Path(m).is_file()), key=natural_key)
+            if not matches:
+                unmatched.append(f"{arg}: no file matches this pattern")
+            for m in matches:
+                add(m)
+    return FoundImages(found, unmatched)

@@ -243,3 +243,40 @@ def test_raised_cap_lets_pillow_open_bigger_images(monkeypatch, tmp_path):
 def test_palette_helper_really_has_transparency():
     # Guards the fixture itself: without the transparency entry the white check above is vacuous.
     assert palette_alpha_image().info.get("transparency") == 0
+
+
+# --- finding images ------------------------------------------------------------------------------
+def test_find_images_one_table_natural_order_no_duplicates(tmp_path):
+    from rali_edge.images import IMAGE_SUFFIXES, find_images, images_in
+
+    (tmp_path / "sub").mkdir()
+    for name in ["f10.jpg", "f2.JPG", "f1.png", "sub/a.webp", "x.gif", "y.jp2", "z.pbm", "notes.txt", "raw.cr2"]:
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in images_in(tmp_path)] == [
+        "f1.png", "f2.JPG", "f10.jpg", "sub/a.webp", "x.gif", "y.jp2", "z.pbm"]
+    assert {".gif", ".jp2", ".pbm", ".webp", ".tiff"} <= IMAGE_SUFFIXES
+    found = find_images([tmp_path / "f10.jpg", tmp_path, str(tmp_path / "f*.jpg"), tmp_path / "notes.txt",
+                         tmp_path / "missing.jpg", str(tmp_path / "none*.png")])
+    assert [p.removeprefix(str(tmp_path) + "/") for p in found.paths] == [
+        "f10.jpg", "f1.png", "f2.JPG", "sub/a.webp", "x.gif", "y.jp2", "z.pbm", "notes.txt", "missing.jpg"]
+    assert found.unmatched == [f"{tmp_path / 'none*.png'}: no file matches this pattern"]
+
+
+def test_every_command_finds_the_same_images_in_a_folder(tmp_path):
+    from rali_edge.engines.fidelity import find_images as calibration_images
+    from rali_edge.images import find_images, images_in
+    from rali_edge.profiling.runner import load_image_set
+    from rali_edge.runtime.sources import open_source, parse_source
+
+    from PIL import Image
+
+    for name in ["b.gif", "a.png", "c.tiff", "d.bmp"]:
+        Image.new("RGB", (40, 30), (200, 100, 50)).save(tmp_path / name)
+    (tmp_path / "readme.md").write_text("x")
+    expected = [str(p) for p in images_in(tmp_path)]
+    assert len(expected) == 4
+    assert find_images([tmp_path]).paths == expected  # score, eval folders
+    assert [str(p) for p in calibration_images(tmp_path)] == expected  # build --calib-dir, check-engine
+    assert load_image_set([str(tmp_path)]).sources == expected  # profile --images
+    source = open_source(parse_source(str(tmp_path)))  # stream FOLDER
+    assert [str(p) for p in source.paths] == expected

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 import rali_edge
 from rali_edge.cli import main
+from rali_edge.images import images_in
 
 
 def run(*args):
@@ -32,9 +33,21 @@ def test_folder_glob_and_csv(small_model, photos, tmp_path):
     result = run("score", "--model", small_model, "--format", "csv", "-o", out, folder, str(folder / "*.jpg"))
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(out.open()))
-    jpgs = sorted(str(p) for p in folder.glob("*.jpg"))
-    assert [r["path"] for r in rows] == sorted(str(p) for p in photos) + jpgs
+    # The glob names files the folder already gave: each is scored once, where it came first.
+    assert [r["path"] for r in rows] == [str(p) for p in images_in(folder)]
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in photos)
     assert all(1.0 <= float(r["score"]) <= 5.0 and r["error"] == "" for r in rows)
+
+
+def test_empty_folder_and_unmatched_glob_say_so(small_model, photos, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    result = run("score", "--model", small_model, "--format", "json", empty, str(tmp_path / "*.png"), photos[0])
+    assert result.exit_code == 1  # one photo scored, two inputs gave nothing
+    assert f"error: {empty}: no images in this folder (looked for .bmp" in result.stderr
+    assert f"error: {tmp_path / '*.png'}: no file matches this pattern" in result.stderr
+    assert [r["path"] for r in json.loads(result.stdout)] == [str(photos[0])]
 
 
 def test_bad_inputs_are_reported_and_others_scored(small_model, tmp_path):

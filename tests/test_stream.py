@@ -16,7 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from rali_edge.runtime.sources import SourceError, SourceSpec, natural_key, open_source, parse_source
+from rali_edge.images import natural_key
+from rali_edge.runtime.sources import SourceError, SourceSpec, open_source, parse_source
 from rali_edge.runtime.stream import (
     Backoff,
     CsvWriter,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import sys
 import time
@@ -13,25 +12,6 @@ import click
 
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
 from rali_edge.cli.common import model_options
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jp2", ".j2k"}
-
-
-def expand_inputs(args: tuple[str, ...]) -> list[str]:
-    """Files as given (whatever their suffix), folders recursively (image suffixes only), globs
-    expanded; a name that matches nothing is kept, so that it is reported as an error."""
-    paths: list[str] = []
-    for arg in args:
-        p = Path(arg)
-        if p.is_dir():
-            paths += sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.exists() or not glob.has_magic(arg):
-            paths.append(arg)
-        else:
-            matches = sorted(m for m in glob.glob(arg, recursive=True) if Path(m).is_file())
-            paths += matches or [arg]
-    return paths
-
 
 class ResultWriter:
     """Writes results as they come for csv (so an interrupted run keeps every scored line),
@@ -82,14 +62,21 @@ Examples:
 def score_command(paths, batch_size, fmt, output, progress, quiet, **model_kwargs):
     """Score the quality of images (1 = very poor, 5 = excellent).
 
-    PATHS are image files, folders (searched recursively) or globs. A file that cannot be read
-    is reported with its error and the others are still scored. Exit code 0 when every input
-    was scored, 1 when some failed, 130 when interrupted (results so far are written).
+    PATHS are image files, folders (searched recursively for the image suffixes every command
+    uses, in natural order: 2.jpg before 10.jpg) or globs ('**' recursive); a file named twice
+    is scored once. A file that cannot be read is reported with its error and the others are
+    still scored; an empty folder or a glob that matches nothing is reported on stderr. Exit
+    code 0 when every input was scored, 1 when some failed, 130 when interrupted (results so far
+    are written).
     """
     from rali_edge.cli.common import DEMO_NOTE, load_scorer
+    from rali_edge.images import find_images
     from rali_edge.scoring import is_default_model
 
-    files = expand_inputs(paths)
+    found = find_images(paths)
+    for message in found.unmatched:
+        click.echo(f"error: {message}", err=True)
+    files = found.paths
     scorer = load_scorer(**model_kwargs)
     if not quiet and is_default_model(model_kwargs["model"]):
         click.echo(DEMO_NOTE, err=True)
@@ -113,9 +100,9 @@ def score_command(paths, batch_size, fmt, output, progress, quiet, **model_kwarg
     elapsed = time.perf_counter() - start
     done = len(writer.results) - failed
     click.echo(f"{done} scored, {failed} failed, {elapsed:.2f} s ({done / max(elapsed, 1e-9):.1f} images/s)", err=True)
-    if code == EXIT_OK and failed:
+    if code == EXIT_OK and (failed or found.unmatched):
         code = EXIT_SOME_FAILED
     sys.exit(code)
 
 
-__all__ = ["score_command", "expand_inputs"]
+__all__ = ["score_command"]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from rali_edge.errors import RaliEdgeError
-from rali_edge.images import open_image
+from rali_edge.images import find_images, images_in, open_image
 from rali_edge.profiling.power import PowerSampler, PowerTrace, energy_report, measure_idle
 from rali_edge.profiling.stats import (
     StageTimer,
@@ -38,7 +38,6 @@ from rali_edge.profiling.stats import (
 RALI_STAGES = ("decode", "preprocess", "encoder", "head", "total")
 BASELINE_STAGES = ("decode", "preprocess", "prefill", "generation", "total")
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "samples"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
 Progress = Callable[[str], None]
 
@@ -96,26 +95,17 @@ def load_image_set(paths: list[str] | None) -> ImageSet:
     """Files and folders given by the user; none given: the bundled samples, else synthetic images.
     Every image is opened once here, so that a bad file is reported before anything is timed."""
     if paths:
-        files, origin = _expand(paths), "files"
-        if not files:
-            raise RaliEdgeError(f"no image files in {', '.join(paths)}")
+        found, origin = find_images(paths), "files"
+        if found.unmatched:
+            raise RaliEdgeError("; ".join(found.unmatched))
+        files = found.paths
     else:
-        files = _expand([str(SAMPLES_DIR)]) if SAMPLES_DIR.is_dir() else []
+        files = [str(f) for f in images_in(SAMPLES_DIR)] if SAMPLES_DIR.is_dir() else []
         origin = "bundled samples"
         if not files:
             return synthetic_images()
     sizes = [open_image(f).size for f in files]  # raises ImageError naming the bad file
     return ImageSet(files, [Path(f).name for f in files], origin, sizes)
-
-
-def _expand(paths: list[str]) -> list[str]:
-    out: list[str] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            out.append(str(p))
-    return out
 
 
 # ---------------------------------------------------------------- budget

@@ -28,9 +28,9 @@ from urllib.parse import parse_qs, unquote, urlparse
 import numpy as np
 
 from rali_edge.errors import MissingDependencyError, RaliEdgeError
+from rali_edge.images import IMAGE_SUFFIXES, images_in
 
 INSTALL_HINT = "pip install 'rali-edge[stream]'"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 NETWORK_SCHEMES = {"rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt", "rtp"}
 # A blocked network read must not hang a reader forever: OpenCV gives up after these.
 NETWORK_TIMEOUT_MS = 10_000
@@ -120,11 +120,6 @@ def _v4l2_options(query: str, text: str) -> dict:
     if "fourcc" in options and len(options["fourcc"]) != 4:
         raise SourceError(f"fourcc must have 4 characters (e.g. MJPG, YUYV): {options['fourcc']!r}")
     return options
-
-
-def natural_key(name: str):
-    """frame2.png before frame10.png: digits compare as numbers."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
 def require_cv2():
@@ -242,8 +237,7 @@ class ImageFolderReader:
             folder = Path(spec.target)
             if not folder.is_dir():
                 raise SourceOpenError(f"folder {spec.text!r} is gone")
-            paths = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-            paths.sort(key=lambda p: natural_key(p.name))
+            paths = images_in(folder)
         self.paths = paths
         self.nominal_fps = None
         self.timestamp = None  # images have no media time
