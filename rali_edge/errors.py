@@ -6,6 +6,12 @@ class RaliEdgeError(Exception):
     exit_code = 1
 
 
+class UsageError(RaliEdgeError):
+    """Options or arguments that cannot work together (click's own usage errors are 2 as well)."""
+
+    exit_code = 2
+
+
 class ModelFormatError(RaliEdgeError):
     """A model folder or file is missing, malformed or of the wrong shape."""
 

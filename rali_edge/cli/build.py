@@ -17,7 +17,7 @@ import click
 
 from rali_edge.cli import EXIT_INTERRUPTED
 from rali_edge.cli.common import MODEL
-from rali_edge.errors import RaliEdgeError
+from rali_edge.errors import RaliEdgeError, UsageError
 
 TARGET_HELP = "tensorrt: NVIDIA TensorRT plan (Jetson, desktop GPUs); aoti: AOTInductor package (PyTorch, CPU or CUDA); onnx: ONNX file."
 DEFAULT_PRECISION = {"tensorrt": "fp16", "onnx": "fp32"}  # aoti: fp16 on CUDA, fp32 on CPU
@@ -99,10 +99,17 @@ def resolve_output(output: str | None, filename: str, suffix: str) -> Path:
         return Path.cwd() / filename
     path = Path(output)
     if path.suffix == suffix and not path.is_dir():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-    path.mkdir(parents=True, exist_ok=True)
-    return path / filename
+        folder = path.parent
+    elif path.exists() and not path.is_dir():
+        raise UsageError(f"-o {output} is an existing file, not a folder or a {suffix} engine name; give a folder "
+                         f"(the engine gets its descriptive name there) or a file name ending in {suffix}")
+    else:
+        folder, path = path, path / filename
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"-o {output}: cannot create the folder {folder} ({e.strerror or e})") from None
+    return path
 
 
 def default_device(target: str) -> str:

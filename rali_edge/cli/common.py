@@ -23,6 +23,30 @@ class ModelFolder(click.ParamType):
 
 
 MODEL = ModelFolder()
+
+
+class OutputFile(click.ParamType):
+    """A file this command will write: checked when the options are parsed, so that a typo in
+    the path fails at once and not after the work (its folder must exist and be writable)."""
+
+    name = "FILE"
+
+    def convert(self, value, param, ctx):
+        import os
+        from pathlib import Path
+
+        path = Path(value)
+        folder = path.parent
+        if path.is_dir():
+            self.fail(f"{value} is a folder; give a file name", param, ctx)
+        if not folder.is_dir():
+            self.fail(f"cannot write {value}: the folder {folder} does not exist (create it first)", param, ctx)
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            self.fail(f"cannot write {value}: permission denied", param, ctx)
+        return str(path)
+
+
+OUTPUT_FILE = OutputFile()
 DEMO_NOTE = ("note: the built-in model is a small demonstration model, not a general quality model; for real "
              "accuracy get the published RALI weights: rali-edge fetch (--quiet hides this)")
 

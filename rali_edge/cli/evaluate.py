@@ -9,6 +9,7 @@ import sys
 import click
 
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
+from rali_edge.cli.common import OUTPUT_FILE
 
 
 @click.command(
@@ -33,7 +34,7 @@ Examples:
 @click.option("--head", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True, help="RALI head implementation.")
 @click.option("--batch-size", "-b", default=16, show_default=True, type=click.IntRange(min=1), help="Images per encoder call.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@click.option("--predictions", type=click.Path(dir_okay=False, writable=True), help="Also write path,mos,score for every scored image (CSV).")
+@click.option("--predictions", type=OUTPUT_FILE, help="Also write path,mos,score for every scored image (CSV; checked before scoring starts).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
 def eval_command(model, dataset, root, label, device, dtype, backend, engine, head, batch_size, fmt, predictions, progress):
     """Measure how well MODEL's scores agree with the labels of DATASET.

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
-from rali_edge.cli.common import model_options
+from rali_edge.cli.common import OUTPUT_FILE, model_options
 
 class ResultWriter:
     """Writes results as they come for csv (so an interrupted run keeps every scored line),
@@ -56,7 +56,7 @@ Examples:
 @click.option("--batch-size", "-b", default=16, show_default=True, type=click.IntRange(min=1), help="Images per encoder call.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True,
               help="json: a list of {path, score} or {path, error}, in input order; csv: path,score,error.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="Write results here instead of stdout.")
+@click.option("--output", "-o", type=OUTPUT_FILE, help="Write results here instead of stdout (checked before scoring starts).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
 @click.option("--quiet", "-q", is_flag=True, help="No note on stderr about the built-in demonstration model.")
 def score_command(paths, batch_size, fmt, output, progress, quiet, **model_kwargs):

@@ -1,0 +1,47 @@
+"""Bad input to the CLI: one line saying what to do, the documented exit code, no traceback, and
+no work done before the error (issue 19's list)."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from rali_edge.cli import EXIT_USAGE, main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_clean_error(result, code: int, *phrases: str):
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    for phrase in phrases:
+        assert phrase in result.output, result.output
+
+
+def test_score_output_in_a_missing_folder_fails_before_scoring(small_model, photos, tmp_path):
+    out = tmp_path / "nonexistent" / "x.csv"
+    result = run("score", "--model", small_model, photos[0], "-o", out, "--format", "csv")
+    assert_clean_error(result, EXIT_USAGE, "does not exist (create it first)")
+    assert "scored" not in result.stderr  # nothing was scored
+
+
+def test_score_output_that_is_a_folder(small_model, photos, tmp_path):
+    assert_clean_error(run("score", "--model", small_model, photos[0], "-o", tmp_path), EXIT_USAGE, "is a folder")
+
+
+def test_eval_predictions_in_a_missing_folder_fails_before_scoring(small_model, photos, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,mos\n" + "".join(f"{p},{i + 1}\n" for i, p in enumerate(photos)))
+    result = run("eval", small_model, labels, "--predictions", tmp_path / "nonexistent" / "p.csv")
+    assert_clean_error(result, EXIT_USAGE, "does not exist (create it first)")
+    assert "SRCC" not in result.output
+
+
+def test_build_output_that_is_an_existing_other_file(small_model, tmp_path):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    result = run("build", small_model, "--target", "onnx", "-o", existing, "--no-check")
+    assert_clean_error(result, EXIT_USAGE, "is an existing file", "ending in .onnx")
+    assert existing.read_text() == "keep me"
