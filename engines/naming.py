@@ -30,7 +30,8 @@ from rali_edge.errors import EngineMismatchError, RaliEdgeError
 
 SIDECAR_FORMAT = "rali-edge-engine"
 SIDECAR_VERSION = 1
-TARGETS = ("tensorrt", "aoti", "onnx")
+TARGETS = ("tensorrt", "aoti", "onnx")  # the engines `rali-edge build` makes
+BACKENDS = ("torch", *TARGETS)  # what scores: eager PyTorch, or one of the engines
 PRECISIONS = ("fp32", "fp16", "bf16")
 OUTPUTS = ("score", "class_token")
 SUFFIX = {"tensorrt": ".plan", "aoti": ".pt2", "onnx": ".onnx"}
@@ -242,8 +243,35 @@ def write_sidecar(engine_path: str | Path, info: EngineInfo) -> Path:
     return path
 
 
+def engines_in(folder: str | Path, target: str | None = None) -> list[Path]:
+    """The engines in `folder` (files with an engine suffix and their sidecar), of `target` if given."""
+    suffixes = [SUFFIX[target]] if target else list(SUFFIX.values())
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and p.suffix in suffixes and sidecar_path(p).is_file())
+
+
+def resolve_engine(path: str | Path, target: str | None = None) -> Path:
+    """--engine PATH: an engine file as given; a folder holding exactly one engine (of `target`,
+    if given) is that engine; a folder with none or several says so and names them."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    kind = f"{target} " if target else ""
+    found = engines_in(path, target)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise EngineMismatchError(f"--engine {path} is a folder with no {kind}engine in it (an engine is a "
+                                  f"{'/'.join(SUFFIX[target] for target in ([target] if target else TARGETS))} "
+                                  "file with its .json sidecar); build one with `rali-edge build`")
+    raise EngineMismatchError(f"--engine {path} is a folder with {len(found)} {kind}engines; name one: "
+                              + ", ".join(p.name for p in found))
+
+
 def read_sidecar(engine_path: str | Path) -> EngineInfo:
     engine = Path(engine_path)
+    if engine.is_dir():
+        raise EngineMismatchError(f"{engine} is a folder, not an engine file; name the engine in it")
     path = sidecar_path(engine)
     if not engine.exists():
         raise EngineMismatchError(f"{engine}: engine file not found")
@@ -269,7 +297,8 @@ def check_compatible(info: EngineInfo, model_sha256: str | None, runtime: Runtim
     problems: list[str] = []
     warnings: list[str] = []
     if backend is not None and backend != info.target:
-        problems.append(f"it is a {info.target} engine, not one for the {backend} backend (use --backend {info.target})")
+        # Nothing to rebuild: the engine is fine, only read by another backend.
+        raise EngineMismatchError(f"it is an engine for --backend {info.target}, not --backend {backend}")
     if model_sha256 is not None and info.model_sha256 != model_sha256:
         problems.append(
             f"it was built for another model: {info.model_name} (weights sha256 {info.model_sha256[:12]}...), "
@@ -333,7 +362,9 @@ __all__ = [
     "base_version",
     "check_compatible",
     "engine_filename",
+    "engines_in",
     "read_sidecar",
+    "resolve_engine",
     "sidecar_path",
     "slug",
     "write_sidecar",

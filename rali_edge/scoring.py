@@ -17,6 +17,7 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 import torch
 
+from rali_edge.engines.naming import BACKENDS
 from rali_edge.errors import ImageError, MissingDependencyError, RaliEdgeError
 from rali_edge.images import open_image
 from rali_edge.model import RaliModel
@@ -24,7 +25,6 @@ from rali_edge.model_file import Manifest, load_model
 from rali_edge.preprocess import PreprocessConfig, Preprocessor
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-BACKENDS = ("torch", "aoti", "tensorrt", "onnx")
 HEADS = ("auto", "triton", "torch")
 
 
@@ -227,6 +227,8 @@ def load(
 
     backend "torch" runs the encoder in PyTorch on `device` in `dtype`; "aoti", "tensorrt" and
     "onnx" (ONNX Runtime) run a built engine (`engine=PATH`, see `rali-edge build`), checked against this model.
+    An engine given with the default backend runs with the backend its sidecar names; `engine` may
+    be a folder that holds one engine.
     """
     if dtype not in DTYPES:
         raise RaliEdgeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -234,6 +236,12 @@ def load(
         raise RaliEdgeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MissingDependencyError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+    if engine is not None:
+        from rali_edge.engines.naming import read_sidecar, resolve_engine
+
+        engine = resolve_engine(engine, None if backend == "torch" else backend)
+        if backend == "torch":  # an engine alone: run it with the backend that reads it
+            backend = read_sidecar(engine).target
     path = model_path(model)
     rali_model, manifest = load_model(path)
     encoder = None

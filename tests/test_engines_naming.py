@@ -166,10 +166,39 @@ def test_other_model_is_refused():
 def test_every_difference_is_named_at_once():
     other = replace(ORIN, tensorrt_version="11.4.1", compute_capability="sm110", cpu_arch="x86_64")
     with pytest.raises(EngineMismatchError) as e:
-        check_compatible(trt_info(), "cd" * 32, other, backend="aoti")
+        check_compatible(trt_info(), "cd" * 32, other)
     msg = str(e.value)
-    for part in ("not one for the aoti backend", "another model", "TensorRT 10.3.0.30", "sm110", "linux/aarch64"):
+    for part in ("another model", "TensorRT 10.3.0.30", "sm110", "linux/aarch64", "rali-edge build"):
         assert part in msg
+
+
+def test_an_engine_given_to_another_backend_names_its_backend_without_rebuild_advice():
+    with pytest.raises(EngineMismatchError) as e:
+        check_compatible(trt_info(), "cd" * 32, ORIN, backend="aoti")
+    assert str(e.value) == "it is an engine for --backend tensorrt, not --backend aoti"
+
+
+def test_engine_folder_is_resolved_or_its_engines_named(tmp_path):
+    from rali_edge.engines.naming import resolve_engine
+
+    with pytest.raises(EngineMismatchError, match="is a folder with no engine in it"):
+        resolve_engine(tmp_path)
+    one = tmp_path / "m.opset18.fp32.b1-16.onnx"
+    one.write_bytes(b"x")
+    (tmp_path / "stray.onnx").write_bytes(b"no sidecar")
+    write_sidecar(one, trt_info())
+    assert resolve_engine(tmp_path) == one
+    assert resolve_engine(one) == one
+    with pytest.raises(EngineMismatchError, match="no aoti engine"):
+        resolve_engine(tmp_path, "aoti")
+    two = tmp_path / "m.aoti.torch2.13.cpu-x86_64.fp32.b1-16.pt2"
+    two.write_bytes(b"x")
+    write_sidecar(two, trt_info())
+    assert resolve_engine(tmp_path, "aoti") == two
+    with pytest.raises(EngineMismatchError, match=f"2 engines; name one: {two.name}, {one.name}"):
+        resolve_engine(tmp_path)
+    with pytest.raises(EngineMismatchError, match="is a folder, not an engine file"):
+        read_sidecar(tmp_path)
 
 
 def test_same_capability_other_gpu_and_failed_check_only_warn():

@@ -149,6 +149,25 @@ def test_cli_build_onnx_then_check_engine(small_model, photos, tmp_path):
         assert strict.exit_code == 1 and "fidelity check failed" in strict.output
 
 
+def test_cli_score_takes_the_backend_from_the_engine_and_an_engine_folder(small_model, photos, tmp_path):
+    built = run("build", small_model, "--target", "onnx", "--batch", "1:2:4", "--no-check", "-o", tmp_path)
+    assert built.exit_code == 0, built.output
+    engine = built.stdout.strip()
+    reference = json.loads(run("score", "--model", small_model, "--format", "json", "-q", *photos).stdout)
+    for args in (["--engine", engine], ["--engine", tmp_path], ["--backend", "onnx", "--engine", tmp_path]):
+        result = run("score", "--model", small_model, "--format", "json", "-q", *args, *photos)
+        assert result.exit_code == 0, result.output
+        scores = [r["score"] for r in json.loads(result.stdout)]
+        assert scores == pytest.approx([r["score"] for r in reference], abs=1e-4)  # fp32 ONNX Runtime vs PyTorch
+    wrong = run("score", "--model", small_model, "--backend", "aoti", "--engine", engine, photos[0])
+    assert wrong.exit_code == 3 and "it is an engine for --backend onnx, not --backend aoti" in wrong.output
+    assert "Rebuild" not in wrong.output and "Traceback" not in wrong.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    folder = run("score", "--model", small_model, "--backend", "aoti", "--engine", empty, photos[0])
+    assert folder.exit_code == 3 and "is a folder with no aoti engine in it" in folder.output
+
+
 def test_cli_failed_fidelity_check_deletes_the_engine(small_model, photos, tmp_path):
     result = run("build", small_model, "--target", "onnx", "--precision", "fp16", "--batch", "1:2:4",
                  "--calib-dir", photos[0].parent, "--max-score-diff", "1e-7", "-o", tmp_path)

@@ -6,7 +6,11 @@ import functools
 
 import click
 
+from rali_edge.engines.naming import BACKENDS
+
 BACKEND_HELP = "torch: PyTorch encoder; aoti, tensorrt, onnx: an engine from `rali-edge build` (needs --engine)."
+ENGINE_HELP = ("Engine file from `rali-edge build` (aoti .pt2, tensorrt .plan, onnx .onnx), or a folder holding one; "
+               "without --backend, the engine's sidecar names the backend.")
 
 
 class ModelFolder(click.ParamType):
@@ -59,8 +63,8 @@ def model_options(fn):
     @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
     @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
                   help="Encoder precision (the head always runs in fp32).")
-    @click.option("--backend", type=click.Choice(["torch", "aoti", "tensorrt", "onnx"]), default="torch", show_default=True, help=BACKEND_HELP)
-    @click.option("--engine", type=click.Path(exists=True), help="Engine file for --backend aoti/tensorrt.")
+    @click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True, help=BACKEND_HELP)
+    @click.option("--engine", type=click.Path(exists=True), help=ENGINE_HELP)
     @click.option("--head", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
                   help="RALI head: the fused Triton kernel (auto picks it on CUDA) or eager PyTorch.")
     @functools.wraps(fn)

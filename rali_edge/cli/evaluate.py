@@ -9,7 +9,7 @@ import sys
 import click
 
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
-from rali_edge.cli.common import OUTPUT_FILE
+from rali_edge.cli.common import BACKEND_HELP, BACKENDS, ENGINE_HELP, OUTPUT_FILE
 
 
 @click.command(
@@ -28,9 +28,8 @@ Examples:
               help="Metas JSON: which label to use (auto: gt_score_norm when every entry has it). Rank metrics do not depend on it.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="Encoder precision.")
-@click.option("--backend", type=click.Choice(["torch", "aoti", "tensorrt"]), default="torch", show_default=True,
-              help="torch: PyTorch encoder; aoti, tensorrt: an engine from `rali-edge build` (needs --engine).")
-@click.option("--engine", type=click.Path(exists=True), help="Engine file for --backend aoti/tensorrt.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True, help=BACKEND_HELP)
+@click.option("--engine", type=click.Path(exists=True), help=ENGINE_HELP)
 @click.option("--head", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True, help="RALI head implementation.")
 @click.option("--batch-size", "-b", default=16, show_default=True, type=click.IntRange(min=1), help="Images per encoder call.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
