@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rali_edge import __version__
-from rali_edge.errors import EngineMismatchError, RaliEdgeError
+from rali_edge.errors import EngineMismatchError, RaliEdgeError, UsageError
 
 SIDECAR_FORMAT = "rali-edge-engine"
 SIDECAR_VERSION = 1
@@ -58,10 +58,10 @@ class BatchRange:
         elif len(values) == 2:
             values = [values[0], values[1], values[1]]
         if len(values) != 3:
-            raise RaliEdgeError(f"--batch {text!r}: expected MIN:OPT:MAX, e.g. 1:8:16")
+            raise UsageError(f"--batch {text!r}: expected MIN:OPT:MAX, e.g. 1:8:16")
         lo, opt, hi = values
         if not 1 <= lo <= opt <= hi:
-            raise RaliEdgeError(f"--batch {text!r}: need 1 <= MIN <= OPT <= MAX")
+            raise UsageError(f"--batch {text!r}: need 1 <= MIN <= OPT <= MAX")
         return cls(lo, opt, hi)
 
     def __str__(self) -> str:

@@ -178,9 +178,15 @@ def test_cli_failed_fidelity_check_deletes_the_engine(small_model, photos, tmp_p
 
 def test_cli_refuses_bf16_onnx_clearly(small_model, tmp_path):
     result = run("build", small_model, "--target", "onnx", "--precision", "bf16", "-o", tmp_path)
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error
     assert "bf16 is not supported" in result.output and "--target tensorrt" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("batch", ["abc", "8:4:1"])
+def test_cli_bad_batch_is_a_usage_error(small_model, tmp_path, batch):
+    result = run("build", small_model, "--target", "onnx", "--batch", batch, "-o", tmp_path)
+    assert result.exit_code == 2 and f"--batch {batch!r}" in result.output and "Traceback" not in result.output
 
 
 def test_cli_without_images_says_how_to_give_some(small_model, tmp_path, monkeypatch):

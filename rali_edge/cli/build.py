@@ -122,7 +122,7 @@ def resolve_precision(target: str, precision: str | None, device: str) -> str:
     if precision is None:
         precision = DEFAULT_PRECISION.get(target) or ("fp16" if device.startswith("cuda") else "fp32")
     if target == "onnx" and precision == "bf16":
-        raise RaliEdgeError(
+        raise UsageError(
             "--target onnx --precision bf16 is not supported: ONNX Runtime has no bf16 kernels for most "
             "operators on CPU. Use fp16 or fp32 for ONNX; bf16 works with --target tensorrt and --target aoti."
         )
@@ -310,9 +310,9 @@ def _cuda_index(device: str) -> int:
         try:
             return int(device.split(":", 1)[1])
         except ValueError:
-            raise RaliEdgeError(f"--device {device}: expected cuda or cuda:N") from None
+            raise UsageError(f"--device {device}: expected cuda or cuda:N") from None
     if device not in ("cuda", "cpu"):
-        raise RaliEdgeError(f"--device {device}: TensorRT engines run on cuda or cuda:N")
+        raise UsageError(f"--device {device}: TensorRT engines run on cuda or cuda:N")
     return 0
 
 
