@@ -27,7 +27,7 @@ from rali_edge.engines.naming import (
     compute_capability_tag,
     device_model,
 )
-from rali_edge.errors import MissingDependencyError, RaliEdgeError
+from rali_edge.errors import EngineMismatchError, MissingDependencyError, RaliEdgeError
 from rali_edge.model import RaliModel
 
 
@@ -89,7 +89,9 @@ class AOTIEncoder:
             self.runner = aoti_load_package(
                 str(path), device_index=self.device.index if self.device.type == "cuda" else -1)
         except Exception as e:
-            raise RaliEdgeError(f"{path}: cannot load the AOTInductor package ({type(e).__name__}: {e})") from e
+            raise EngineMismatchError(f"{path}: cannot load the AOTInductor package ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0][:200] if str(e) else ''}); rebuild it with "
+                                      "`rali-edge build --target aoti`") from None
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rali_edge.errors import MissingDependencyError, RaliEdgeError
+from rali_edge.errors import EngineMismatchError, MissingDependencyError, RaliEdgeError
 from rali_edge.model import Attention, RaliModel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -196,7 +196,11 @@ def onnx_session(path: str | Path, threads: int | None = None):
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail...)
+        raise EngineMismatchError(f"{path}: ONNX Runtime cannot load this file ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]}); rebuild it with `rali-edge build --target onnx`") from None
 
 
 __all__ = [

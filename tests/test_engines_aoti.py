@@ -118,3 +118,15 @@ def test_cuda_fp16_package(small_model, photos, tmp_path):
     engine = rali_edge.load(small_model, device="cuda", backend="aoti", engine=result.stdout.strip())
     # fp16 encoder, fp32 head: the build's own fidelity limit.
     assert engine.score(photos) == pytest.approx(rali_edge.load(small_model).score(photos), abs=0.02)
+
+
+def test_corrupt_package_is_an_engine_error_exit_3(tmp_path):
+    from rali_edge.engines.aoti import AOTIEncoder
+    from rali_edge.engines.naming import BatchRange
+    from rali_edge.errors import EngineMismatchError
+
+    garbage = tmp_path / "m.pt2"
+    garbage.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(EngineMismatchError, match="cannot load the AOTInductor package") as e:
+        AOTIEncoder(garbage, "score", BatchRange(1, 1, 1))
+    assert e.value.exit_code == 3

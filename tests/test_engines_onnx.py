@@ -209,3 +209,13 @@ def test_fidelity_comparison():
     assert not report.passed and report.worst_image == "b" and "FAIL" in report.summary()
     nan = compare(ref, {"a": 1.0, "b": float("nan"), "c": 3.0, "d": 4.0}, 0.02)
     assert not nan.passed and nan.max_abs_diff == float("inf")  # an overflowed engine must fail
+
+
+def test_cli_corrupt_engine_is_exit_3(small_model, photos, tmp_path):
+    built = run("build", small_model, "--target", "onnx", "--batch", "1:2:4", "--no-check", "-o", tmp_path)
+    engine = built.stdout.strip()
+    with open(engine, "r+b") as f:  # a truncated download: the sidecar is fine, the file is not
+        f.truncate(100)
+    result = run("score", "--model", small_model, "--engine", engine, photos[0])
+    assert result.exit_code == 3 and "ONNX Runtime cannot load this file" in result.output
+    assert "Traceback" not in result.output
