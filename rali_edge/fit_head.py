@@ -360,13 +360,15 @@ def embed_dataset(scorer, dataset, cache: str | Path | None = None, batch_size: 
 def fit_head_model(encoder_model, dataset, out: str | Path, recipe: HeadRecipe = HeadRecipe(),
                    cache: str | Path | None = None, name: str | None = None, device: str = "cpu",
                    batch_size: int = 16, dataset_name: str = "", log: Callable[[str], None] | None = None,
-                   progress: Callable[[int], None] | None = None):
+                   progress: Callable[[int], None] | None = None, force: bool = False):
     """Embed `dataset` with the encoder of the model folder `encoder_model` (None: the built-in
     model), fit a head, and write a model folder at `out` with the same encoder and preprocessing.
+    `out` must be new or empty, or a model folder to overwrite with `force` (checked first).
     Returns (path, FitReport, Embedded)."""
     import rali_edge
-    from rali_edge.model_file import Manifest, build_model, save_model
+    from rali_edge.model_file import Manifest, build_model, check_output_folder, save_model
 
+    check_output_folder(out, force)
     scorer = rali_edge.load(encoder_model, device=device)
     start = time.perf_counter()
     embedded = embed_dataset(scorer, dataset, cache=cache, batch_size=batch_size, progress=progress)

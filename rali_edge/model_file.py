@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from rali_edge import __version__
-from rali_edge.errors import ModelFormatError
+from rali_edge.errors import ModelFormatError, UsageError
 from rali_edge.model import EncoderConfig, FoldedHead, RaliHead, RaliModel
 
 FORMAT = "rali-edge-model"
@@ -95,6 +97,24 @@ def build_model(encoder: EncoderConfig, encoder_state: dict, head: FoldedHead) -
     return model.eval()
 
 
+def check_output_folder(out_dir: str | Path, force: bool = False) -> Path:
+    """Before any work: `out_dir` may be new, an empty folder, or (with `force`) a model folder
+    to overwrite. Anything else (a file, a folder of other things, say next to photographs) is
+    refused, so that writing a model never mixes with or replaces a user's files."""
+    out = Path(out_dir)
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise UsageError(f"-o {out} is a file; give a new or empty folder for the model")
+    if not any(out.iterdir()):
+        return out
+    if not (out / MANIFEST).is_file():
+        raise UsageError(f"-o {out} is a folder with other files in it, not a model folder; give a new or empty folder")
+    if not force:
+        raise UsageError(f"-o {out} already holds a model; add --force to overwrite it, or give another folder")
+    return out
+
+
 def save_model(out_dir: str | Path, model: RaliModel, manifest: Manifest) -> Path:
     """Write `out_dir/weights.safetensors` and `out_dir/manifest.json` (the weights' sha256 filled in)."""
     from safetensors.torch import save_file
@@ -106,6 +126,8 @@ def save_model(out_dir: str | Path, model: RaliModel, manifest: Manifest) -> Pat
     manifest.weights_sha256 = sha256_file(out / WEIGHTS)
     manifest.pca_dim, manifest.num_prototypes = model.head.weight.shape[0], model.head.prototypes.shape[0]
     (out / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    # safetensors creates its file private (0600); a model folder is shared like its manifest.
+    os.chmod(out / WEIGHTS, stat.S_IMODE((out / MANIFEST).stat().st_mode))
     return out
 
 

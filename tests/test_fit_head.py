@@ -245,5 +245,21 @@ def test_cli_fit_head(small_model, tmp_path):
     assert source["recipe"]["validation_folds"] == 3
     assert source["finetune_epochs"] == source["validation"]["epochs_chosen"] <= 5
 
-    bad = CliRunner().invoke(main, ["fit-head", str(small_model), str(tmp_path / "nope.csv"), "-o", str(out)])
+    bad = CliRunner().invoke(main, ["fit-head", str(small_model), str(tmp_path / "nope.csv"), "-o", str(tmp_path / "new")])
     assert bad.exit_code == 2 and "error:" in bad.output and "not found" in bad.output
+
+    # The weights are as readable as the manifest (safetensors alone would make them 0600).
+    assert (out / "weights.safetensors").stat().st_mode & 0o777 == (out / "manifest.json").stat().st_mode & 0o777
+    args = ["fit-head", str(small_model), str(csv_path), "--pca-dim", "8", "--prototypes", "4", "--buckets", "2", "--epochs", "1"]
+    kept = (out / "weights.safetensors").read_bytes()
+    again = CliRunner().invoke(main, [*args, "-o", str(out)])
+    assert again.exit_code == 2 and "already holds a model; add --force" in again.output
+    assert (out / "weights.safetensors").read_bytes() == kept
+    assert CliRunner().invoke(main, [*args, "-o", str(out), "--force"]).exit_code == 0
+    assert (out / "weights.safetensors").read_bytes() != kept  # one epoch instead of five
+    photos_dir = tmp_path / "photos"
+    photos_dir.mkdir()
+    (photos_dir / "holiday.jpg").write_bytes(b"a user's photograph")
+    refused = CliRunner().invoke(main, [*args, "-o", str(photos_dir), "--force"])
+    assert refused.exit_code == 2 and "other files in it, not a model folder" in refused.output
+    assert sorted(p.name for p in photos_dir.iterdir()) == ["holiday.jpg"]

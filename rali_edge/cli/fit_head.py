@@ -21,7 +21,9 @@ Examples:
 )
 @click.argument("encoder_model")
 @click.argument("dataset", type=click.Path(dir_okay=False))
-@click.option("--output", "-o", "out", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
+@click.option("--output", "-o", "out", required=True, type=click.Path(file_okay=False),
+              help="Model folder to write: a new or empty folder, or a model folder with --force.")
+@click.option("--force", is_flag=True, help="Overwrite the model folder OUTPUT if it holds one.")
 @click.option("--root", type=click.Path(file_okay=False), help="Folder the image paths are relative to. Default: the dataset file's folder.")
 @click.option("--label", type=click.Choice(["auto", "gt_score", "gt_score_norm"]), default="auto", show_default=True,
               help="Metas JSON: which label to fit (auto: gt_score_norm, the 1..5 scale, when every entry has it).")
@@ -44,7 +46,7 @@ Examples:
 @click.option("--batch-size", "-b", default=16, show_default=True, type=click.IntRange(min=1), help="Images per encoder call.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
 def fit_head_command(encoder_model, dataset, out, root, label, pca_dim, prototypes, buckets, epochs, validation_folds, lr, temperature,
-                     learn_temperature, seed, cache, no_cache, name, device, batch_size, progress):
+                     learn_temperature, seed, cache, no_cache, name, device, batch_size, progress, force):
     """Fit a RALI prototype head on DATASET with the encoder of ENCODER_MODEL, and write a model
     folder with the same encoder and the new head.
 
@@ -75,7 +77,7 @@ def fit_head_command(encoder_model, dataset, out, root, label, pca_dim, prototyp
         with click.progressbar(length=len(items), label="embedding", file=sys.stderr, hidden=not show) as bar:
             return fit_head_model(encoder_model, items, out, recipe,
                                   cache=cache_path, name=name, device=device, batch_size=batch_size,
-                                  dataset_name=str(dataset), log=log, progress=bar.update)
+                                  dataset_name=str(dataset), log=log, progress=bar.update, force=force)
 
     try:
         path, report, embedded = go()  # RaliEdgeError: handled by the CLI group (`error: ...`)
