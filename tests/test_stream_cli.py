@@ -177,7 +177,8 @@ def test_several_sources_are_batched_together(video, tmp_path, quality_model, mo
     by_frame = {}
     for r in frames:
         by_frame.setdefault((r["frame"], r["stream"]), r["score"])
-    assert all(abs(by_frame[(i, 0)] - by_frame[(i, 1)]) < 1e-4 for i in range(N_FRAMES))
+    # Records round scores to 4 decimals: a 1e-6 difference between batches can flip the last digit.
+    assert all(abs(by_frame[(i, 0)] - by_frame[(i, 1)]) < 1.5e-4 for i in range(N_FRAMES))
 
 
 def test_csv_to_stdout_with_every(video, quality_model):

@@ -127,13 +127,9 @@ def stream_command(sources, every, fps, policy, max_batch, out_path, append, fmt
             return
         score_batch = checked(scorer.score_arrays)
         warm_up(score_batch)
-        if out_path == "-":
-            out, header = sys.stdout, True
-        else:
-            header = not (append and os.path.exists(out_path) and os.path.getsize(out_path) > 0)
-            out = open(out_path, "a" if append else "w", newline="", encoding="utf-8")
+        out = sys.stdout if out_path == "-" else open(out_path, "a" if append else "w", newline="", encoding="utf-8")
         outputs.append(out)
-        sink = SafeSink(WRITERS[fmt](out, header=header), stop)
+        sink = SafeSink(WRITERS[fmt](out), stop)
         try:
             start = time.monotonic()
             result = StreamRuntime(specs, score_batch, sink, options, stop=stop).run()

@@ -267,10 +267,6 @@ class ImageFolderReader:
     def close(self) -> None:
         pass
 
-    @property
-    def current_name(self) -> str | None:
-        return None if self._current is None else self._current.name
-
 
 def open_source(spec: SourceSpec, start_frame: int = 0):
     """Open a reader for `spec`, resuming files and folders at `start_frame` (after a failure)."""

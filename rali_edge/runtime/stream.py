@@ -36,7 +36,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 
@@ -588,7 +588,7 @@ class JsonlWriter:
     """One JSON object per line. Each record is written as one whole line and flushed, so a reader
     tailing the file, or a stop at any moment, never sees half a line."""
 
-    def __init__(self, stream, header: bool = True):
+    def __init__(self, stream):
         self.stream = stream
 
     def write(self, record: dict) -> None:
@@ -600,13 +600,14 @@ class JsonlWriter:
 
 
 class CsvWriter:
-    """A header, then one row per record with the RECORD_FIELDS columns (empty where not relevant)."""
+    """A header, then one row per record with the RECORD_FIELDS columns (empty where not relevant).
+    No header when appending to a file that already has content."""
 
-    def __init__(self, stream, header: bool = True):
+    def __init__(self, stream):
         self.stream = stream
         self._buffer = io.StringIO()
         self._csv = csv.DictWriter(self._buffer, RECORD_FIELDS, lineterminator="\n")
-        if header:  # not when appending to a file that has one
+        if _at_start(stream):
             self._csv.writeheader()
             self._emit()
 
@@ -646,6 +647,14 @@ class ListSink:
 WRITERS = {"jsonl": JsonlWriter, "csv": CsvWriter}
 
 
+def _at_start(stream) -> bool:
+    """True unless `stream` is a file positioned after content (opened to append to it)."""
+    try:
+        return stream.tell() == 0
+    except (AttributeError, OSError, ValueError):  # a terminal or a pipe
+        return True
+
+
 # -------------------------------------------------------------------- helpers
 
 
@@ -676,10 +685,3 @@ def _close(reader) -> None:
 def _describe(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def iter_records(lines: Iterable[str]):
-    """Parse JSONL records back (for tools and tests)."""
-    for line in lines:
-        if line.strip():
-            yield json.loads(line)
