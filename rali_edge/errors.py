@@ -36,3 +36,27 @@ class MissingDependencyError(RaliEdgeError):
     """An optional library (TensorRT, OpenCV, pynvml...) or a device (CUDA) is not available."""
 
     exit_code = 4
+
+
+class DatasetError(UsageError):
+    """A dataset file cannot be read or has no usable labels."""
+
+
+class SourceError(UsageError):
+    """A stream SOURCE argument names nothing that can be read."""
+
+
+class SourceOpenError(RaliEdgeError):
+    """A stream source exists but could not be opened or read right now (retried for live sources)."""
+
+
+class ModelLoadError(ModelFormatError):
+    """The model or engine could not be loaded (any reason the loader did not classify itself)."""
+
+
+class ScoringError(RaliEdgeError):
+    """The scorer failed while a stream ran (out of GPU memory, an engine error...)."""
+
+
+class FidelityCheckFailed(RaliEdgeError):
+    """An engine's scores differ from fp32 PyTorch by more than --max-score-diff."""

@@ -23,13 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from rali_edge.errors import RaliEdgeError
-
-
-class DatasetError(RaliEdgeError):
-    """A dataset file cannot be read or has no usable labels (a usage error)."""
-
-    exit_code = 2
+from rali_edge.errors import DatasetError, RaliEdgeError
 
 
 @dataclass(frozen=True)

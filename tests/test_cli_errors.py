@@ -45,3 +45,31 @@ def test_build_output_that_is_an_existing_other_file(small_model, tmp_path):
     result = run("build", small_model, "--target", "onnx", "-o", existing, "--no-check")
     assert_clean_error(result, EXIT_USAGE, "is an existing file", "ending in .onnx")
     assert existing.read_text() == "keep me"
+
+
+def test_every_user_facing_error_is_defined_in_errors_py():
+    import importlib
+    import pkgutil
+
+    import rali_edge
+    import rali_edge.engines
+    import rali_edge.kernels
+    from rali_edge.errors import RaliEdgeError
+
+    skip = ("rali_edge.training",)  # needs the [train] extra; defines no errors
+    names = [info.name for package in (rali_edge, rali_edge.engines, rali_edge.kernels)
+             for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+    assert "rali_edge.engines.naming" in names and "rali_edge.cli.stream" in names
+    for name in names:
+        if not name.startswith(skip) and not name.endswith("__main__"):
+            try:
+                importlib.import_module(name)
+            except ImportError:  # an optional dependency (TensorRT, pycuda...) absent here
+                continue
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    assert {c.__module__ for c in subclasses(RaliEdgeError)} == {"rali_edge.errors"}

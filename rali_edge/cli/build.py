@@ -17,17 +17,11 @@ import click
 
 from rali_edge.cli import EXIT_INTERRUPTED
 from rali_edge.cli.common import MODEL
-from rali_edge.errors import RaliEdgeError, UsageError
+from rali_edge.errors import FidelityCheckFailed, RaliEdgeError, UsageError
 
 TARGET_HELP = "tensorrt: NVIDIA TensorRT plan (Jetson, desktop GPUs); aoti: AOTInductor package (PyTorch, CPU or CUDA); onnx: ONNX file."
 DEFAULT_PRECISION = {"tensorrt": "fp16", "onnx": "fp32"}  # aoti: fp16 on CUDA, fp32 on CPU
 DEFAULT_WORKSPACE_GIB = 2.0
-
-
-class FidelityCheckFailed(RaliEdgeError):
-    """The engine's scores differ from fp32 PyTorch by more than --max-score-diff."""
-
-    exit_code = 1
 
 
 class Progress:

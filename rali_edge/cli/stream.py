@@ -12,19 +12,7 @@ import click
 
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
 from rali_edge.cli.common import model_options
-from rali_edge.errors import MissingDependencyError, RaliEdgeError
-
-
-class ModelLoadError(RaliEdgeError):
-    """The model or engine could not be loaded (any reason the loader did not classify itself)."""
-
-    exit_code = 3
-
-
-class ScoringError(RaliEdgeError):
-    """The scorer failed while the stream ran (out of GPU memory, an engine error...)."""
-
-    exit_code = 1
+from rali_edge.errors import MissingDependencyError, ModelLoadError, RaliEdgeError, ScoringError
 
 
 EPILOG = """\b

@@ -27,23 +27,13 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 
-from rali_edge.errors import MissingDependencyError, RaliEdgeError
+from rali_edge.errors import MissingDependencyError, RaliEdgeError, SourceError, SourceOpenError
 from rali_edge.images import IMAGE_SUFFIXES, images_in
 
 INSTALL_HINT = "pip install 'rali-edge[stream]'"
 NETWORK_SCHEMES = {"rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt", "rtp"}
 # A blocked network read must not hang a reader forever: OpenCV gives up after these.
 NETWORK_TIMEOUT_MS = 10_000
-
-
-class SourceError(RaliEdgeError):
-    """A SOURCE argument names nothing that can be read (a usage error)."""
-
-    exit_code = 2
-
-
-class SourceOpenError(RaliEdgeError):
-    """A source exists but could not be opened or read right now (retried for live sources)."""
 
 
 @dataclass(frozen=True)
