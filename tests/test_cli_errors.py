@@ -73,3 +73,35 @@ def test_every_user_facing_error_is_defined_in_errors_py():
             yield from subclasses(sub)
 
     assert {c.__module__ for c in subclasses(RaliEdgeError)} == {"rali_edge.errors"}
+
+
+def test_make_demo_installs_only_what_the_demo_needs():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        import pytest
+
+        pytest.skip("no make here")
+    root = Path(__file__).resolve().parent.parent
+
+    def plan(target):  # what make would run on a fresh machine (-B: as if nothing were built)
+        return subprocess.run(["make", "-n", "-B", target, "VENV=/nonexistent/venv"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout
+
+    demo, test = plan("demo"), plan("test")
+    assert "pip install -q torch==2.13.0" in demo and "pip install -q -e ." in demo
+    assert "[test]" not in demo and "'.[test]'" in test
+
+
+def test_ctrl_c_in_any_command_exits_130_without_a_traceback(monkeypatch):
+    import rali_edge.cli.convert as convert
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert.convert_command, "callback", interrupted)
+    result = CliRunner().invoke(main, ["convert", ".", "-o", "x"])
+    assert result.exit_code == 130 and "interrupted" in result.output and result.exception is not None
+    assert isinstance(result.exception, SystemExit)

@@ -50,6 +50,11 @@ class LazyGroup(click.Group):
         except RaliEdgeError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            # The one rule for Ctrl-C: commands that have results keep them (score, eval, stream,
+            # profile say what they kept); every command exits 130 without a traceback.
+            click.echo("interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
 
     def format_commands(self, ctx, formatter):
         rows = [(name, help_) for name, (_, help_) in COMMANDS.items()]
