@@ -32,6 +32,13 @@ class EngineMismatchError(RaliEdgeError):
     exit_code = 3
 
 
+class NetworkError(RaliEdgeError):
+    """A download could not reach its server or find its files (offline, a proxy, an outage): an
+    environment problem, like a missing library."""
+
+    exit_code = 4
+
+
 class MissingDependencyError(RaliEdgeError):
     """An optional library (TensorRT, OpenCV, pynvml...) or a device (CUDA) is not available."""
 

@@ -38,6 +38,7 @@ import torch
 
 from rali_edge.errors import (
     MissingDependencyError,
+    NetworkError,
     ModelFormatError,
     RaliEdgeError,
     UnsafePickleError,
@@ -533,7 +534,7 @@ def fetch_published(out_dir: str | Path, cache_dir: str | Path | None = None, re
         )
     except Exception as e:  # noqa: BLE001 - network, offline mode, auth, missing revision: all end the same way
         detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise RaliEdgeError(
+        raise NetworkError(
             f"could not reach the Hugging Face hub or the files of {PUBLISHED_REPO}/{PUBLISHED_SUBFOLDER}"
             f"{f' at revision {revision}' if revision else ''} are not in the local cache "
             f"({type(e).__name__}{': ' + detail if detail else ''}); download the {PUBLISHED_SUBFOLDER} folder by "

@@ -615,7 +615,7 @@ def test_fetch_offline_is_a_clear_error(tmp_path, monkeypatch):
     from rali_edge.cli import main
 
     result = CliRunner().invoke(main, ["fetch", "-o", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
-    assert result.exit_code == 1 and "error: could not reach the Hugging Face hub" in result.output
+    assert result.exit_code == 4 and "error: could not reach the Hugging Face hub" in result.output  # environment
     assert "Traceback" not in result.output
 
 

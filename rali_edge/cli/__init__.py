@@ -27,7 +27,7 @@ EXIT_OK = 0
 EXIT_SOME_FAILED = 1  # some inputs could not be scored; the others were
 EXIT_USAGE = 2  # bad options or arguments (click's own code)
 EXIT_MODEL = 3  # the model or engine could not be loaded (wrong file, other GPU, other TensorRT...)
-EXIT_ENVIRONMENT = 4  # a needed library or device is missing (TensorRT, CUDA, OpenCV...)
+EXIT_ENVIRONMENT = 4  # a needed library, device or network is missing (TensorRT, CUDA, OpenCV, fetch offline...)
 EXIT_INTERRUPTED = 130  # stopped by Ctrl-C; what was scored before was written
 
 
@@ -72,7 +72,7 @@ def main():
 
     \b
     Exit codes: 0 all done, 1 some inputs failed (the rest were scored),
-    2 usage error, 3 model/engine cannot be loaded, 4 missing library or device,
+    2 usage error, 3 model/engine cannot be loaded, 4 missing library, device or network,
     130 interrupted (results so far were written).
     """
 

@@ -25,7 +25,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from rali_edge.errors import RaliEdgeError
+from rali_edge.errors import NetworkError, RaliEdgeError
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def fetch(package: str, cache: Path, mirrors: tuple[str, ...] | None = None) -> 
             except OSError as exc:
                 errors.append(f"{mirror}: {exc}")
         else:
-            raise RaliEdgeError(
+            raise NetworkError(
                 f"could not download the Debian package {package} {pkg.version}, which holds training photographs "
                 f"({'; '.join(errors)}). Check the network, or download {mirrors[0]}{pkg.pool_path} by hand and run "
                 f"`python -m rali_edge.training.debian_photos --deb FILE`."
