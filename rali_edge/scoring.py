@@ -164,8 +164,8 @@ class Scorer:
         def load(path):
             try:
                 return path, self.preprocess.views_tensor(open_image(path)), None
-            except ImageError as e:
-                return path, None, str(e)
+            except ImageError as e:  # the result names the path already: the error says only why
+                return path, None, str(e).removeprefix(f"{path}: ")
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             batch: list[tuple[str, torch.Tensor]] = []

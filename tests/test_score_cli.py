@@ -65,7 +65,9 @@ def test_bad_inputs_are_reported_and_others_scored(small_model, tmp_path):
             assert "score" in row and 1.0 <= row["score"] <= 5.0, (name, row)
         else:
             assert row.get("error"), (name, row)
-    assert "error" in rows[str(tmp_path / "does-not-exist.jpg")]
+    missing = rows[str(tmp_path / "does-not-exist.jpg")]
+    assert missing["error"] == "file not found"  # the row names the path; its error does not repeat it
+    assert all(not row.get("error", "").startswith(path) for path, row in rows.items())
     assert "Traceback" not in result.output
 
 
