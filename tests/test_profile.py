@@ -4,15 +4,21 @@ with a tiny random Qwen2.5-VL. No timing is asserted: only how the figures relat
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
+from PIL import Image
+
 from rali_edge.cli import main
+from rali_edge.profiling import runner
 
 STAGES = ("decode", "preprocess", "encoder", "head", "total")
 
@@ -96,8 +102,33 @@ def test_cpu_profile_writes_the_full_report(small_model, image_dir, tmp_path):
     md = (out / "profile.md").read_text()
     assert "| time per image (ms) |" in md and "RALI, batch 1" in md
     assert "Power unavailable" in md and "![latency](latency.png)" in md
-    # The terminal shows the summary table on stdout.
+    # The terminal shows the summary table on stdout, what was timed, and power's absence once.
     assert "time per image (ms)" in result.stdout and "power: unavailable" in result.stdout
+    assert result.output.count("power: unavailable") == 1
+    assert "timed on 4 images (files): " in result.stdout
+
+
+def test_default_images_are_photographs_at_phone_camera_size():
+    images = runner.load_image_set(None)
+    assert len(images.sources) == 3  # the bundled clean photographs
+    assert all(max(size) == runner.DEFAULT_LONG_SIDE for size in images.sizes)
+    assert "12 MP" in images.origin
+    decoded = [Image.open(io.BytesIO(src)) for src in images.sources]
+    assert [im.size for im in decoded] == images.sizes and all(im.format == "JPEG" for im in decoded)
+
+
+def test_an_unreadable_file_is_skipped_and_reported(small_model, image_dir, tmp_path):
+    folder = tmp_path / "imgs"
+    shutil.copytree(image_dir, folder)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "report"
+    result = run_profile("--model", str(small_model), "--batch-sizes", "1", "--iters", "2", "--power", "none",
+                         "--images", str(folder), "--report", str(out))
+    assert result.exit_code == 0, result.output
+    report = load_report(out)
+    assert [s["path"] for s in report["images"]["skipped"]] == [str(folder / "broken.jpg")]
+    assert report["images"]["count"] == len(list(Path(image_dir).iterdir()))
+    assert f"skipped {folder / 'broken.jpg'}: " in result.output and "1 unreadable files skipped" in result.stdout
 
 
 class FailingNvml:
@@ -226,10 +257,12 @@ def test_baseline_random_tiny_qwen25vl_on_cpu(small_model, image_dir, tmp_path):
     assert comp["ratios_smallest_batch"]["parameters"] == pytest.approx(
         info["parameters"] / report["rali"]["model"]["parameters"], rel=1e-12)
     md = (out / "profile.md").read_text()
-    assert "## RALI against Q-Insight" in md and "Q-Insight (random weights)" in md
+    # The tiny test architecture is named as such wherever the baseline is: headline, table, plots.
+    assert "## RALI against Q-Insight (TINY test architecture, random weights)" in md
+    assert "| Q-Insight (TINY test architecture, random weights) |" in md
     assert "architecture-cost measurement" in md
     assert "tokens generated per image" in md
-    assert "Q-Insight" in result.stdout
+    assert "Q-Insight (TINY test architecture, random weights)" in result.stdout
 
 
 def test_baseline_needs_weights_or_random(small_model):

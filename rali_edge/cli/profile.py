@@ -95,7 +95,9 @@ Examples:
               help="Timed seconds per batch size (instead of --iters). Default: 20 iterations, and at least "
                    "2 s when power is measured.")
 @click.option("--images", "image_paths", multiple=True, type=click.Path(exists=True),
-              help="Image files or folders to profile on (repeatable). Default: the bundled samples.")
+              help="Image files or folders to profile on (repeatable; unreadable files are skipped and listed). "
+                   "Default: the bundled clean photographs enlarged to 12 MP (4032 pixels on the long side), so that "
+                   "decoding and resizing cost what phone photographs cost.")
 @click.option("--power", type=click.Choice(["auto", "nvml", "jetson", "tegrastats", "none"]), default="auto",
               show_default=True, help="Power source. auto: Jetson sensors, then tegrastats, then NVML, else none.")
 @click.option("--sysfs-root", default="/sys", show_default=True, type=click.Path(),
@@ -175,6 +177,11 @@ def profile_command(ctx, batch_sizes, warmup, iters, duration, image_paths, powe
     try:
         images = runner.load_image_set(list(image_paths) or None)
         profile["images"] = images.to_dict()
+        for skipped in images.skipped:
+            line.keep(f"skipped {skipped['path']}: {skipped['error']}")
+        if images.skipped:
+            profile["notes"].append(f"{len(images.skipped)} files could not be read and were left out: "
+                                    + ", ".join(s["path"] for s in images.skipped))
         if images.origin == "synthetic":
             profile["notes"].append(f"no bundled sample images were found ({runner.SAMPLES_DIR}); profiled on "
                                     f"{len(images.sources)} synthetic 1024x768 JPEG images")
@@ -183,10 +190,8 @@ def profile_command(ctx, batch_sizes, warmup, iters, duration, image_paths, powe
         settings["budget_detail"] = budget.to_dict()
         idle = runner.idle_power(sampler, idle_seconds, line)
         profile["power"] = _power_section(sampler, idle)
-        if sampler.available:
+        if sampler.available:  # unavailable: the summary says so, once
             line.keep(f"power: {sampler.name}" + (f", idle {idle.average_w:.2f} W" if idle and idle.average_w else ""))
-        else:
-            line.keep(f"power: unavailable ({sampler.unavailable_reason})")
 
         scorer = _load_rali(model_kwargs)
         # An engine may run elsewhere than --device says (TensorRT runs on a GPU): the baseline

@@ -225,6 +225,17 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def baseline_label(profile: dict) -> str:
+    """What the baseline column, plots and headline call it: a random-weights run, and above all
+    the tiny test architecture, must not pass for Q-Insight itself."""
+    info = profile["baseline"]["info"]
+    if info["mode"] == "weights":
+        return "Q-Insight"
+    if info.get("architecture") == "tiny":
+        return "Q-Insight (TINY test architecture, random weights)"
+    return "Q-Insight (random weights)"
+
+
 def comparison_rows(profile: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the main table (markdown and terminal share them)."""
     comp = profile["comparison"]
@@ -235,8 +246,7 @@ def comparison_rows(profile: dict) -> tuple[list[str], list[list[str]]]:
     base = comp.get("baseline")
     header = ["", *[c[0] for c in cols]]
     if base:
-        header += ["Q-Insight" + (" (random weights)" if profile["baseline"]["info"]["mode"] != "weights" else ""),
-                   f"ratio, batch {one['batch_size']}"]
+        header += [baseline_label(profile), f"ratio, batch {one['batch_size']}"]
         if len(cols) > 1:
             header.append(f"ratio, batch {best['batch_size']}")
     rows = []
@@ -264,6 +274,11 @@ def summary_text(profile: dict) -> str:
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
              for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    imgs = profile["images"]
+    sizes = sorted({f"{w}x{h}" for w, h in imgs["sizes"]})
+    lines.append(f"timed on {imgs['count']} images ({imgs['origin']}): {', '.join(sizes[:4])}"
+                 + (f" and {len(sizes) - 4} other sizes" if len(sizes) > 4 else "")
+                 + (f"; {len(imgs['skipped'])} unreadable files skipped" if imgs.get("skipped") else ""))
     power = profile["power"]
     if not power["available"]:
         lines.append(f"power: unavailable ({power['unavailable_reason']})")
@@ -308,7 +323,7 @@ def markdown(profile: dict) -> str:
         "",
     ]
     base = profile.get("baseline")
-    out += ["## RALI against Q-Insight" if base else "## RALI", ""]
+    out += [f"## RALI against {baseline_label(profile)}" if base else "## RALI", ""]
     header, rows = comparison_rows(profile)
     out += _table(header, rows) + [""]
     if base:
@@ -444,10 +459,11 @@ def plots(profile: dict, folder: Path) -> tuple[list[str], list[str]]:
     plt.close(fig)
 
     base = profile.get("baseline")
-    labels = [f"RALI b={s}" for s in sizes] + (["Q-Insight"] if base else [])
+    name = baseline_label(profile) if base else ""
+    labels = [f"RALI b={s}" for s in sizes] + ([name.replace(" (", "\n(")] if base else [])
     all_runs = runs + ([base["run"]] if base else [])
     colors = ["tab:blue"] * len(runs) + (["tab:red"] if base else [])
-    vs = ", RALI against Q-Insight" if base else ""
+    vs = f", RALI against {name}" if base else ""
     written.append(_bars(plt, labels, [r["per_image_ms"] for r in all_runs], colors, "ms per image",
                          "Time per image" + vs, folder / "time_per_image.png"))
     energy = [r["energy"].get("j_per_image") for r in all_runs]

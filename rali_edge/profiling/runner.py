@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rali_edge.errors import RaliEdgeError
+from rali_edge.errors import ImageError, RaliEdgeError
 from rali_edge.images import find_images, images_in, open_image
 from rali_edge.profiling.power import PowerSampler, PowerTrace, energy_report, measure_idle
 from rali_edge.profiling.stats import (
@@ -56,8 +56,9 @@ class ImageSet:
 
     sources: list
     names: list[str]
-    origin: str  # "files", "bundled samples" or "synthetic"
+    origin: str  # "files", "bundled samples at 12 MP" or "synthetic"
     sizes: list[tuple[int, int]]  # (width, height)
+    skipped: list[dict] = field(default_factory=list)  # {"path", "error"}: files that could not be read
 
     def batch(self, size: int, offset: int = 0) -> list:
         """`size` sources, cycling through the set."""
@@ -65,7 +66,7 @@ class ImageSet:
 
     def to_dict(self) -> dict:
         return {"origin": self.origin, "count": len(self.sources), "names": self.names,
-                "sizes": [list(s) for s in self.sizes]}
+                "sizes": [list(s) for s in self.sizes], "skipped": self.skipped}
 
 
 def synthetic_images(n: int = 4, size: tuple[int, int] = (1024, 768), seed: int = 0) -> ImageSet:
@@ -91,21 +92,51 @@ def synthetic_images(n: int = 4, size: tuple[int, int] = (1024, 768), seed: int 
     return ImageSet(sources, names, "synthetic", [size] * n)
 
 
+# What a profile without --images times: photographs the size a phone camera takes (12 MP), not
+# the bundled files themselves (300-600 pixels): decoding and resizing cost grows with the pixels,
+# and the small files made throughput look 25x better than real photographs give.
+DEFAULT_LONG_SIDE = 4032
+
+
 def load_image_set(paths: list[str] | None) -> ImageSet:
-    """Files and folders given by the user; none given: the bundled samples, else synthetic images.
-    Every image is opened once here, so that a bad file is reported before anything is timed."""
-    if paths:
-        found, origin = find_images(paths), "files"
-        if found.unmatched:
-            raise RaliEdgeError("; ".join(found.unmatched))
-        files = found.paths
-    else:
-        files = [str(f) for f in images_in(SAMPLES_DIR)] if SAMPLES_DIR.is_dir() else []
-        origin = "bundled samples"
-        if not files:
-            return synthetic_images()
-    sizes = [open_image(f).size for f in files]  # raises ImageError naming the bad file
-    return ImageSet(files, [Path(f).name for f in files], origin, sizes)
+    """Files and folders given by the user; none given: the bundled clean photographs enlarged to
+    DEFAULT_LONG_SIDE (JPEG in memory), else synthetic images. Every image is opened once here, so
+    that a file that cannot be read is set aside (`skipped`) before anything is timed."""
+    if not paths:
+        return bundled_photographs()
+    found = find_images(paths)
+    if found.unmatched:
+        raise RaliEdgeError("; ".join(found.unmatched))
+    files, sizes, skipped = [], [], []
+    for f in found.paths:
+        try:
+            sizes.append(open_image(f).size)
+            files.append(f)
+        except ImageError as e:
+            skipped.append({"path": f, "error": str(e).removeprefix(f"{f}: ")})
+    if not files:
+        raise RaliEdgeError(f"no readable image in {', '.join(paths)} ({len(skipped)} files could not be read)")
+    return ImageSet(files, [Path(f).name for f in files], "files", sizes, skipped)
+
+
+def bundled_photographs(long_side: int = DEFAULT_LONG_SIDE) -> ImageSet:
+    from PIL import Image
+
+    clean = [f for f in images_in(SAMPLES_DIR) if "_clean" in f.name] if SAMPLES_DIR.is_dir() else []
+    if not clean:
+        return synthetic_images()
+    sources, names, sizes = [], [], []
+    for f in clean:
+        img = open_image(f)
+        k = long_side / max(img.size)
+        img = img.resize((round(img.width * k), round(img.height * k)), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        sources.append(buf.getvalue())
+        names.append(f"{f.stem}@{img.width}x{img.height}.jpg")
+        sizes.append(img.size)
+    return ImageSet(sources, names, f"bundled samples enlarged to {long_side} pixels on the long side (12 MP, "
+                    "a phone camera's size)", sizes)
 
 
 # ---------------------------------------------------------------- budget
