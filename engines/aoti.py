@@ -96,13 +96,7 @@ class AOTIEncoder:
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self.device, torch.float32)
-        return torch.cat([self._run(chunk) for chunk in pixels.split(self.batch.max)])
-
-    def _run(self, chunk: torch.Tensor) -> torch.Tensor:
-        n = chunk.shape[0]
-        if n < self.batch.min:
-            chunk = torch.cat([chunk, chunk[-1:].expand(self.batch.min - n, *chunk.shape[1:])])
-        return self.runner(chunk.contiguous())[:n]
+        return self.batch.run_chunks(pixels, lambda chunk: self.runner(chunk.contiguous()), torch.cat)
 
 
 __all__ = ["AOTIEncoder", "compile_aoti", "torch_runtime"]

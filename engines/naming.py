@@ -67,6 +67,20 @@ class BatchRange:
     def __str__(self) -> str:
         return f"{self.min}:{self.opt}:{self.max}"
 
+    def run_chunks(self, rows, run, concat):
+        """`run` over `rows` (a tensor or array, at least one row) in chunks this profile accepts:
+        at most `max` rows each, a short chunk padded to `min` with copies of its last row, whose
+        outputs are dropped. `concat`: torch.cat or np.concatenate (this module imports neither).
+        The one batching rule of every engine runner."""
+        outs = []
+        for start in range(0, len(rows), self.max):
+            chunk = rows[start : start + self.max]
+            n = len(chunk)
+            if n < self.min:
+                chunk = concat([chunk, *[chunk[-1:]] * (self.min - n)])
+            outs.append(run(chunk)[:n])
+        return concat(outs)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

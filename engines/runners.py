@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from rali_edge.engines.naming import (
-    BatchRange,
     EngineInfo,
     RuntimeInfo,
     check_compatible,
@@ -88,17 +87,10 @@ class OnnxRuntimeEncoder:
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.detach().to("cpu", torch.float32).numpy()
-        return torch.from_numpy(np.concatenate([self._run(c) for c in _chunks(x, self.batch)]))
+        return torch.from_numpy(self.batch.run_chunks(x, self._run, np.concatenate))
 
     def _run(self, chunk: np.ndarray) -> np.ndarray:
-        n = chunk.shape[0]
-        if n < self.batch.min:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch.min - n, axis=0)])
-        return self.session.run([self.output_name], {"pixels": np.ascontiguousarray(chunk)})[0][:n]
-
-
-def _chunks(x: np.ndarray, batch: BatchRange):
-    return [x[i : i + batch.max] for i in range(0, len(x), batch.max)]
+        return self.session.run([self.output_name], {"pixels": np.ascontiguousarray(chunk)})[0]
 
 
 __all__ = ["ENGINE_BACKENDS", "OnnxRuntimeEncoder", "engine_device", "open_engine", "runtime_for"]

@@ -407,16 +407,14 @@ class TensorRTEncoder:
         torch = self.torch
         pixels = pixels.to(self.device, torch.float32)
         with torch.cuda.device(self.device):
-            return torch.cat([self._run(chunk) for chunk in pixels.split(self.batch.max)])
+            return self.batch.run_chunks(pixels, self._run, torch.cat)
 
     def _run(self, chunk):
-        n = chunk.shape[0]
-        if n == 1 and self.use_graph:
+        """One chunk within the profile (run_chunks has padded it to batch.min)."""
+        if chunk.shape[0] == 1 and self.use_graph:
             out = self._run_graph(chunk)
             if out is not None:
                 return out
-        if n < self.batch.min:
-            chunk = self.torch.cat([chunk, chunk[-1:].expand(self.batch.min - n, *chunk.shape[1:])])
         chunk = chunk.contiguous()
         self.context.set_input_shape(self.input_name, tuple(chunk.shape))
         out = self.torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.out_dtype,
@@ -425,7 +423,7 @@ class TensorRTEncoder:
         self.context.set_tensor_address(self.output_name, out.data_ptr())
         if not self.context.execute_async_v3(self.torch.cuda.current_stream(self.device).cuda_stream):
             raise RaliEdgeError("TensorRT execute_async_v3 failed (see the TensorRT messages above)")
-        return out[:n]
+        return out
 
     def _run_graph(self, chunk):
         if self._graph is None:
@@ -526,15 +524,14 @@ class TensorRTScorer:
 
     def score_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Preprocessed float32 [N, 3, H, W] -> float32 scores [N], one per row (per view)."""
-        out = [self._run(np.ascontiguousarray(chunk, dtype=np.float32))
-               for chunk in np.array_split(pixels, range(self.info.batch.max, len(pixels), self.info.batch.max))]
-        return np.concatenate(out) if out else np.zeros(0, np.float32)
+        if len(pixels) == 0:
+            return np.zeros(0, np.float32)
+        return self.info.batch.run_chunks(np.ascontiguousarray(pixels, dtype=np.float32), self._run, np.concatenate)
 
     def _run(self, pixels: np.ndarray) -> np.ndarray:
-        cuda, n = self.cuda, pixels.shape[0]
-        m = max(n, self.info.batch.min)
-        self.host_in[:n] = pixels
-        self.host_in[n:m] = pixels[-1:]  # padding up to the engine's minimum batch, dropped below
+        """One chunk within the profile (run_chunks has padded it to batch.min)."""
+        cuda, m = self.cuda, pixels.shape[0]
+        self.host_in[:m] = pixels
         self._context.push()
         try:
             self.context.set_input_shape(self.input_name, (m, *pixels.shape[1:]))
@@ -547,7 +544,7 @@ class TensorRTScorer:
             self.stream.synchronize()
         finally:
             self._context.pop()
-        return self.host_out[:n].astype(np.float32)
+        return self.host_out[:m].astype(np.float32)
 
     def close(self) -> None:
         if getattr(self, "_context", None) is not None:

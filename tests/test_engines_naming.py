@@ -277,3 +277,23 @@ def test_cli_score_reports_mismatch_and_missing_sidecar_without_traceback(small_
     args[args.index(str(engine))] = str(tmp_path / "lonely.pt2")
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 3 and "sidecar lonely.pt2.json is missing" in result.output
+
+
+def test_run_chunks_splits_pads_and_drops_the_padding():
+    import numpy as np
+    import torch
+
+    seen = []
+
+    def run(chunk):  # stands for an engine: one output row per input row
+        seen.append(len(chunk))
+        return chunk.sum(axis=1) if isinstance(chunk, np.ndarray) else chunk.sum(dim=1)
+
+    x = np.arange(11 * 3, dtype=np.float32).reshape(11, 3)
+    out = BatchRange(4, 4, 5).run_chunks(x, run, np.concatenate)
+    assert seen == [5, 5, 4]  # 11 rows: 5 + 5 + 1, the last padded to the profile's minimum
+    np.testing.assert_array_equal(out, x.sum(axis=1))
+    seen.clear()
+    t = torch.from_numpy(x)
+    assert torch.equal(BatchRange(1, 8, 16).run_chunks(t, run, torch.cat), t.sum(dim=1))
+    assert seen == [11]
