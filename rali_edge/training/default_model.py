@@ -49,6 +49,9 @@ from rali_edge.fit_head import HeadRecipe, fit_prototype_head, fold_for
 from rali_edge.model import Encoder, EncoderConfig
 from rali_edge.model_file import Manifest, build_model, load_model, save_model
 from rali_edge.preprocess import PreprocessConfig, Preprocessor
+# Imported here, not when a run that took an hour saves its model: a module edited meanwhile
+# would then be mixed with the old ones in memory (a retrain was lost that way).
+from rali_edge.scoring import Scorer
 from rali_edge.training import data, whole_photos
 
 MODEL_NAME = "rali-edge-tiny-synthetic"
@@ -265,7 +268,6 @@ def evaluate(model_dir: Path, seed: int = Recipe.seed, crops: int = Recipe.heldo
     """A saved model's held-out metrics on the recipe's held-out grid (`crops` per photograph;
     the report's grid with the default seed and crops). For comparing candidate models: on 8 crops
     a retrain with another seed moves SRCC by about 0.01-0.03, on crop 0 alone (the test) by 0.06."""
-    from rali_edge.scoring import Scorer
 
     model, manifest = load_model(model_dir)
     samples = data.heldout_grid(seed + 1, crops, workers=workers)
@@ -392,7 +394,6 @@ def finish(recipe: Recipe, encoder: Encoder, train_pixels, train_labels, heldout
     times["head_s"] = time.perf_counter() - t2
 
     # Held-out check through the public path: Scorer on the images as arrays.
-    from rali_edge.scoring import Scorer
 
     manifest = Manifest(MODEL_NAME, cfg, pre_cfg.to_dict(), fit_report.pca_dim, fit_report.prototypes)
     scorer = Scorer(model, manifest)

@@ -41,6 +41,8 @@ from PIL import Image
 from rali_edge.distortions import DISTORTIONS, LEVELS, MS_SSIM_MIN_SIZE, distort, ms_ssim, ms_ssim_to_score
 from rali_edge.errors import RaliEdgeError
 from rali_edge.evaluation import correlations, srcc
+from rali_edge.scoring import load
+from rali_edge.training import data, debian_photos
 
 SET_VERSION = 1  # bump when the files or labels change, so that an old set is not reused
 JPEG_QUALITY = 95
@@ -84,8 +86,6 @@ PHOTOS = {
 
 def load_photo(name: str) -> np.ndarray:
     """The photograph at its own size, RGB uint8."""
-    from rali_edge.training import data, debian_photos
-
     if PHOTOS[name].package == "scikit-image":
         return data.load_source(name)  # never shrunk: only Debian training photographs are
     with Image.open(debian_photos.photo_path(name)) as f:
@@ -229,10 +229,8 @@ def summarize(rows: list[dict], scores: list[float]) -> dict:
 
 def evaluate(model: str | Path | None, labels: Path, batch_size: int = 16, workers: int = 2, log=print) -> dict:
     """Score the set with `rali_edge.load(model)` and `score_files` at the CLI's defaults."""
-    import rali_edge
-
     rows = read_set(Path(labels))
-    scorer = rali_edge.load(model)
+    scorer = load(model)
     t0, scores = time.perf_counter(), []
     for result in scorer.score_files([r["file"] for r in rows], batch_size=batch_size, workers=workers):
         if result.error is not None:
@@ -273,7 +271,6 @@ def report_lines(summary: dict) -> list[str]:
 
 def credit_lines() -> list[str]:
     """The photographs' origins and licences, for TRAINING.md."""
-    from rali_edge.training import debian_photos
 
     def origin(photo: WholePhoto) -> str:
         if photo.package == "scikit-image":
