@@ -65,9 +65,9 @@ _LOMIRI_16 = "lomiri-wallpapers-16.04"
 PHOTOS = {
     p.name: p
     for p in (
-        WholePhoto("chelsea", "scikit-image", "CC0", "Stefan van der Walt"),
-        WholePhoto("astronaut", "scikit-image", "public domain", "NASA (Eileen Collins)"),
-        WholePhoto("coffee", "scikit-image", "CC0", "Rachel Michetti (courtesy of Pikolo Espresso Bar)"),
+        # The held-out training-set photographs: their licences are recorded once, in data.SOURCES.
+        *[WholePhoto(n, "scikit-image", data.SOURCES[n].licence, data.SOURCES[n].credit)
+          for n in ("chelsea", "astronaut", "coffee")],
         WholePhoto("Picture_1A", _LOMIRI_16, "CC-BY-4.0", 'Trevor "Freespace"'),
         WholePhoto("Picture_0B", _LOMIRI_16, "CC-BY-4.0", 'Trevor "Freespace"'),
         WholePhoto("friends", _LOMIRI_16, "CC-BY-4.0", "Aitzol Berasategi"),
