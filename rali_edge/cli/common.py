@@ -35,10 +35,15 @@ class OutputFile(click.ParamType):
 
     name = "FILE"
 
+    def __init__(self, stdout_dash: bool = False):
+        self.stdout_dash = stdout_dash  # "-" means standard output
+
     def convert(self, value, param, ctx):
         import os
         from pathlib import Path
 
+        if self.stdout_dash and value == "-":
+            return value
         path = Path(value)
         folder = path.parent
         if path.is_dir():
@@ -51,6 +56,7 @@ class OutputFile(click.ParamType):
 
 
 OUTPUT_FILE = OutputFile()
+OUTPUT_FILE_OR_STDOUT = OutputFile(stdout_dash=True)
 DEMO_NOTE = ("note: the built-in model is a small demonstration model, not a general quality model; for real "
              "accuracy get the published RALI weights: rali-edge fetch (--quiet hides this)")
 

@@ -11,7 +11,7 @@ import time
 import click
 
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
-from rali_edge.cli.common import model_options
+from rali_edge.cli.common import OUTPUT_FILE_OR_STDOUT, model_options
 from rali_edge.errors import MissingDependencyError, ModelLoadError, RaliEdgeError, ScoringError
 
 
@@ -61,7 +61,8 @@ exits 0. Exit codes: 0 done, 1 a file source could not be read (others were scor
                    "all: score every selected frame, slowing the reader down if needed (default for files and folders).")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
               help="Most frames per encoder call; the pending frames of all sources are scored together.")
-@click.option("--out", "out_path", default="-", show_default=True, help="Output file, or - for stdout.")
+@click.option("--out", "out_path", type=OUTPUT_FILE_OR_STDOUT, default="-", show_default=True,
+              help="Output file (checked before anything starts), or - for stdout.")
 @click.option("--append", is_flag=True, help="Append to --out FILE instead of replacing it (a service that restarts).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
 @click.option("--alert-below", type=float, metavar="SCORE", help="Alert when a stream's score stays below SCORE ...")
@@ -95,11 +96,6 @@ def stream_command(sources, every, fps, policy, max_batch, out_path, append, fmt
         raise click.UsageError(str(e)) from None
     for spec in specs:
         check_available(spec)  # missing OpenCV/GStreamer: exit 4 now, before a model loads
-    if out_path != "-":
-        folder = os.path.dirname(os.path.abspath(out_path))
-        if os.path.isdir(out_path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise click.BadParameter(f"cannot write {out_path!r} (a folder, or its folder is missing or read-only)",
-                                     param_hint="--out")
     options = StreamOptions(
         policy=policy, max_batch=max_batch, every=every or 1, fps=fps, frames=max_frames, duration=duration,
         loop=loop, realtime=realtime, alert_below=alert_below, alert_frames=alert_frames, on_alert=on_alert,
