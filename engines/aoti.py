@@ -20,12 +20,16 @@ from rali_edge.engines.export import (
     example_pixels,
     quiet_export,
 )
+from rali_edge.engines.backends import Backend, BuildRequest, same_platform
 from rali_edge.engines.naming import (
     DEFAULT_BATCH,
     BatchRange,
+    EngineInfo,
     RuntimeInfo,
+    base_version,
     compute_capability_tag,
     device_model,
+    major_minor,
 )
 from rali_edge.errors import EngineMismatchError, MissingDependencyError, RaliEdgeError
 from rali_edge.model import RaliModel
@@ -99,4 +103,53 @@ class AOTIEncoder:
         return self.batch.run_chunks(pixels, lambda chunk: self.runner(chunk.contiguous()), torch.cat)
 
 
-__all__ = ["AOTIEncoder", "compile_aoti", "torch_runtime"]
+class AOTIBackend(Backend):
+    name = "aoti"
+
+    def default_device(self) -> str:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def default_precision(self, device: str) -> str:
+        return "fp16" if device.startswith("cuda") else "fp32"
+
+    def runtime(self, device: str) -> RuntimeInfo:
+        return torch_runtime(device)
+
+    def name_parts(self, runtime: RuntimeInfo, opset: int | None) -> list[str]:
+        where = f"cuda-{runtime.compute_capability}" if runtime.device_type == "cuda" else f"cpu-{runtime.cpu_arch}"
+        return ["aoti", f"torch{major_minor(runtime.torch_version)}", where]
+
+    def compatibility(self, built: RuntimeInfo, here: RuntimeInfo) -> tuple[list[str], list[str]]:
+        problems = []
+        if base_version(built.torch_version) != base_version(here.torch_version):
+            problems.append(
+                f"it was compiled by torch {built.torch_version}, this is torch {here.torch_version}; "
+                "AOTInductor packages are only guaranteed to load in the torch version that compiled them"
+            )
+        if built.device_type != here.device_type:
+            problems.append(f"it was compiled for {built.device_type}, but it is asked to run on {here.device_type}")
+        elif built.device_type == "cuda" and built.compute_capability != here.compute_capability:
+            problems.append(
+                f"it was compiled for compute capability {built.compute_capability}, this GPU is "
+                f"{here.compute_capability or '(none)'}"
+            )
+        return problems + same_platform(built, here), []
+
+    def rebuild_options(self, info: EngineInfo) -> str:
+        return f" --device {info.runtime.device_type}"
+
+    def build(self, model, path: Path, request: BuildRequest, info: EngineInfo, progress, written: list[Path]) -> None:
+        info.build_options["device"] = request.device
+        batch = request.batch
+        with progress.step(f"compiling with AOTInductor for {request.device} ({request.precision}, batch "
+                           f"{batch.min}-{batch.max}); this takes a few minutes"):
+            compile_aoti(model, path, request.precision, request.outputs, batch, request.device)
+
+    def open(self, path: Path, info: EngineInfo, device: str) -> AOTIEncoder:
+        return AOTIEncoder(path, info.outputs, info.batch, device)
+
+
+BACKEND = AOTIBackend()
+
+
+__all__ = ["BACKEND", "AOTIEncoder", "compile_aoti", "torch_runtime"]

@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rali_edge.engines.naming import ONNX_OPSET
 from rali_edge.errors import EngineMismatchError, MissingDependencyError, RaliEdgeError
 from rali_edge.model import Attention, RaliModel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ONNX_OPSET = 18
 HEAD_PREFIX = "rali_head/"
 # ONNX ops that stay fp32 in every precision (the TensorRT 10 builder pins their layers too).
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceL2", "ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceMax")

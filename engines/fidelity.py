@@ -114,7 +114,7 @@ def check_engine(model_path: str | Path, engine_path: str | Path, backend: str, 
     model on the same device, then compare."""
     import torch
 
-    from rali_edge.engines.runners import open_engine
+    from rali_edge.engines.backends import open_engine
 
     from rali_edge.model_file import load_model
     from rali_edge.scoring import Scorer

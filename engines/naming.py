@@ -26,17 +26,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rali_edge import __version__
-from rali_edge.errors import EngineMismatchError, RaliEdgeError, UsageError
+from rali_edge.engines import backends
+from rali_edge.engines.backends import SUFFIX, TARGETS
+from rali_edge.errors import EngineMismatchError, UsageError
 
 SIDECAR_FORMAT = "rali-edge-engine"
 SIDECAR_VERSION = 1
-TARGETS = ("tensorrt", "aoti", "onnx")  # the engines `rali-edge build` makes
-BACKENDS = ("torch", *TARGETS)  # what scores: eager PyTorch, or one of the engines
 PRECISIONS = ("fp32", "fp16", "bf16")
 OUTPUTS = ("score", "class_token")
-SUFFIX = {"tensorrt": ".plan", "aoti": ".pt2", "onnx": ".onnx"}
 DEFAULT_BATCH = "1:8:16"
 INPUT_NAME = "pixels"
+ONNX_OPSET = 18  # the ONNX and TensorRT engines are exported at this opset
 
 
 @dataclass(frozen=True)
@@ -135,18 +135,7 @@ def slug(name: str) -> str:
 def engine_filename(model_name: str, target: str, precision: str, batch: BatchRange, outputs: str,
                     runtime: RuntimeInfo, opset: int | None = None) -> str:
     """The file name of an engine; see the module docstring for examples."""
-    if target not in TARGETS:
-        raise RaliEdgeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    parts = [slug(model_name)]
-    if target == "tensorrt":
-        parts += [f"trt{major_minor(runtime.tensorrt_version)}", runtime.compute_capability or "smNA"]
-    elif target == "aoti":
-        where = runtime.device_type if runtime.device_type != "cuda" else "cuda"
-        where += f"-{runtime.compute_capability}" if runtime.device_type == "cuda" else f"-{runtime.cpu_arch}"
-        parts += ["aoti", f"torch{major_minor(runtime.torch_version)}", where]
-    else:
-        parts += [f"opset{opset}"]
-    parts += [precision, f"b{batch.min}-{batch.max}"]
+    parts = [slug(model_name), *backends.backend(target).name_parts(runtime, opset), precision, f"b{batch.min}-{batch.max}"]
     if outputs == "class_token":
         parts.append("enc")
     return ".".join(parts) + SUFFIX[target]
@@ -246,9 +235,7 @@ class EngineInfo:
         head = "engine" if self.outputs == "score" else "triton"
         cmd = (f"rali-edge build {model} --target {self.target} --precision {self.precision} "
                f"--batch {self.batch} --head {head}")
-        if self.target == "aoti":
-            cmd += f" --device {self.runtime.device_type}"
-        return cmd
+        return cmd + backends.backend(self.target).rebuild_options(self)
 
 
 def write_sidecar(engine_path: str | Path, info: EngineInfo) -> Path:
@@ -318,44 +305,9 @@ def check_compatible(info: EngineInfo, model_sha256: str | None, runtime: Runtim
             f"it was built for another model: {info.model_name} (weights sha256 {info.model_sha256[:12]}...), "
             f"but the model given has weights sha256 {model_sha256[:12]}..."
         )
-    built, here = info.runtime, runtime
-    if info.target == "tensorrt":
-        if base_version(built.tensorrt_version) != base_version(here.tensorrt_version):
-            problems.append(
-                f"it was built with TensorRT {built.tensorrt_version}, this machine has TensorRT "
-                f"{here.tensorrt_version or '(none)'}; TensorRT plans only load in the version that built them"
-            )
-        if built.compute_capability != here.compute_capability:
-            problems.append(
-                f"it was built for a GPU of compute capability {built.compute_capability} ({built.gpu_name}), "
-                f"this GPU is {here.compute_capability or '(none)'} ({here.gpu_name or 'no GPU found'})"
-            )
-        elif built.gpu_name and here.gpu_name and built.gpu_name != here.gpu_name:
-            warnings.append(
-                f"engine tuned on {built.gpu_name}, running on {here.gpu_name} (same compute capability: it "
-                "loads, but kernels were timed on the other GPU; rebuild here for best speed)"
-            )
-    if info.target == "aoti":
-        if base_version(built.torch_version) != base_version(here.torch_version):
-            problems.append(
-                f"it was compiled by torch {built.torch_version}, this is torch {here.torch_version}; "
-                "AOTInductor packages are only guaranteed to load in the torch version that compiled them"
-            )
-        if built.device_type != here.device_type:
-            problems.append(f"it was compiled for {built.device_type}, but it is asked to run on {here.device_type}")
-        elif built.device_type == "cuda" and built.compute_capability != here.compute_capability:
-            problems.append(
-                f"it was compiled for compute capability {built.compute_capability}, this GPU is "
-                f"{here.compute_capability or '(none)'}"
-            )
-    if info.target in ("tensorrt", "aoti"):
-        if built.cpu_arch != here.cpu_arch or built.platform != here.platform:
-            problems.append(
-                f"it was built on {built.platform}/{built.cpu_arch}, this machine is {here.platform}/{here.cpu_arch}"
-            )
-        if (info.target == "tensorrt" and built.cuda_version and here.cuda_version
-                and major_minor(built.cuda_version).split(".")[0] != major_minor(here.cuda_version).split(".")[0]):
-            warnings.append(f"built with CUDA {built.cuda_version}, running with CUDA {here.cuda_version}")
+    backend_problems, backend_warnings = backends.backend(info.target).compatibility(info.runtime, runtime)
+    problems += backend_problems
+    warnings += backend_warnings
     if info.fidelity is not None and not info.fidelity.get("passed", True):
         warnings.append(
             f"this engine FAILED its fidelity check when built (max |score diff| "

@@ -31,20 +31,25 @@ from pathlib import Path
 
 import numpy as np
 
+from rali_edge.engines.backends import Backend, BuildRequest, same_platform
 from rali_edge.engines.naming import (
     INPUT_NAME,
+    ONNX_OPSET,
     BatchRange,
     EngineInfo,
     RuntimeInfo,
+    base_version,
     check_compatible,
     compute_capability_tag,
     device_model,
+    major_minor,
     read_sidecar,
 )
 from rali_edge.errors import (
     EngineMismatchError,
     MissingDependencyError,
     RaliEdgeError,
+    UsageError,
 )
 
 HEAD_PREFIX = "rali_head/"  # same as export.HEAD_PREFIX (export.py imports torch; this module must not)
@@ -565,7 +570,109 @@ class TensorRTScorer:
         self.close()
 
 
+# ------------------------------------------------------------------------------------ backend
+def cuda_index(device: str) -> int:
+    """cuda -> 0, cuda:N -> N; TensorRT has no CPU execution, so "cpu" means the first GPU."""
+    if device.startswith("cuda:"):
+        try:
+            return int(device.split(":", 1)[1])
+        except ValueError:
+            raise UsageError(f"--device {device}: expected cuda or cuda:N") from None
+    if device not in ("cuda", "cpu"):
+        raise UsageError(f"--device {device}: TensorRT engines run on cuda or cuda:N")
+    return 0
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+    build_steps = 2  # export ONNX, build the plan
+
+    def default_device(self) -> str:
+        return "cuda"
+
+    def run_device(self, device: str | None) -> str:
+        return f"cuda:{cuda_index(device or 'cuda')}"
+
+    def default_precision(self, device: str) -> str:
+        return "fp16"
+
+    def check_request(self, request: BuildRequest) -> None:
+        cuda_index(request.device)
+        import_tensorrt()  # a missing TensorRT is exit 4 with install advice, before minutes of export
+
+    def runtime(self, device: str) -> RuntimeInfo:
+        return tensorrt_runtime(cuda_index(device))
+
+    def opset(self) -> int:
+        return ONNX_OPSET
+
+    def name_parts(self, runtime: RuntimeInfo, opset: int | None) -> list[str]:
+        return [f"trt{major_minor(runtime.tensorrt_version)}", runtime.compute_capability or "smNA"]
+
+    def compatibility(self, built: RuntimeInfo, here: RuntimeInfo) -> tuple[list[str], list[str]]:
+        problems, warnings = [], []
+        if base_version(built.tensorrt_version) != base_version(here.tensorrt_version):
+            problems.append(
+                f"it was built with TensorRT {built.tensorrt_version}, this machine has TensorRT "
+                f"{here.tensorrt_version or '(none)'}; TensorRT plans only load in the version that built them"
+            )
+        if built.compute_capability != here.compute_capability:
+            problems.append(
+                f"it was built for a GPU of compute capability {built.compute_capability} ({built.gpu_name}), "
+                f"this GPU is {here.compute_capability or '(none)'} ({here.gpu_name or 'no GPU found'})"
+            )
+        elif built.gpu_name and here.gpu_name and built.gpu_name != here.gpu_name:
+            warnings.append(
+                f"engine tuned on {built.gpu_name}, running on {here.gpu_name} (same compute capability: it "
+                "loads, but kernels were timed on the other GPU; rebuild here for best speed)"
+            )
+        problems += same_platform(built, here)
+        if (built.cuda_version and here.cuda_version
+                and major_minor(built.cuda_version).split(".")[0] != major_minor(here.cuda_version).split(".")[0]):
+            warnings.append(f"built with CUDA {built.cuda_version}, running with CUDA {here.cuda_version}")
+        return problems, warnings
+
+    def build(self, model, path: Path, request: BuildRequest, info: EngineInfo, progress, written: list[Path]) -> None:
+        from rali_edge.engines.export import export_onnx
+
+        runtime = info.runtime
+        plan = plan_precision(tensorrt_major(runtime.tensorrt_version), request.precision, request.typing)
+        info.typing = plan.typing
+        info.build_options.update(workspace_gib=request.workspace_gib, typing=plan.typing,
+                                  timing_cache=request.timing_cache)
+        onnx_path = path.with_name(path.name + ".onnx")
+        written.append(onnx_path)
+        batch = request.batch
+        with progress.step(f"exporting ONNX for TensorRT {runtime.tensorrt_version} ({plan.typing} typing, "
+                           f"{plan.onnx_precision} weights)"):
+            export_onnx(model, onnx_path, plan.onnx_precision, request.outputs, batch.min, batch.max)
+        needed = estimate_build_memory_gib(
+            onnx_path.stat().st_size, request.workspace_gib,
+            0.5 if plan.onnx_precision == "fp32" and request.precision != "fp32" else 1.0)
+        advice = memory_advice(needed, available_memory_gib(), plan)
+        if advice:
+            progress.note(f"warning: {advice}")
+        try:
+            with progress.step(f"building the TensorRT engine on {runtime.gpu_name} ({runtime.compute_capability}, "
+                               f"{request.precision}, batch {batch}); this takes minutes"):
+                result = build_engine(onnx_path, path, batch=batch, image_size=tuple(info.image_size), plan=plan,
+                                      workspace_gib=request.workspace_gib, timing_cache=request.timing_cache,
+                                      progress=progress.tensorrt_callback, head_in_engine=request.outputs == "score")
+        finally:
+            if not request.keep_onnx:
+                onnx_path.unlink(missing_ok=True)
+        if result.pinned_layers:
+            progress.note(f"kept {len(result.pinned_layers)} layers in fp32 (layernorm, softmax, reductions, head)")
+
+    def open(self, path: Path, info: EngineInfo, device: str) -> TensorRTEncoder:
+        return TensorRTEncoder(path, info, device=device)
+
+
+BACKEND = TensorRTBackend()
+
+
 __all__ = [
+    "BACKEND",
     "INSTALL_HINT",
     "PrecisionPlan",
     "TensorRTEncoder",

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 import torch
 
-from rali_edge.engines.naming import BACKENDS
+from rali_edge.engines.backends import BACKENDS
 from rali_edge.errors import ImageError, MissingDependencyError, RaliEdgeError
 from rali_edge.images import open_image
 from rali_edge.model import RaliModel
@@ -248,7 +248,7 @@ def load(
     if backend != "torch":
         if engine is None:
             raise RaliEdgeError(f"backend {backend!r} needs an engine file (--engine PATH); build one with `rali-edge build`")
-        from rali_edge.engines.runners import open_engine
+        from rali_edge.engines.backends import open_engine
 
         # model_ref: the rebuild command in a mismatch error names this model folder.
         encoder = open_engine(backend, engine, manifest, device=device, model_ref=str(path))

@@ -56,7 +56,7 @@ def test_names_of_each_target_and_head():
     cpu = RuntimeInfo(platform="linux", cpu_arch="x86_64", device_type="cpu", torch_version="2.13.0+cpu")
     assert engine_filename("m", "aoti", "fp32", b, "score", cpu) == "m.aoti.torch2.13.cpu-x86_64.fp32.b2-16.pt2"
     assert engine_filename("m", "onnx", "fp32", b, "score", cpu, opset=18) == "m.opset18.fp32.b2-16.onnx"
-    with pytest.raises(RaliEdgeError, match="unknown target"):
+    with pytest.raises(RaliEdgeError, match="unknown engine backend"):
         engine_filename("m", "tflite", "fp32", b, "score", cpu)
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 import rali_edge
 from rali_edge.cli import main
-from rali_edge.cli.build import Progress
+from rali_edge.engines.builder import Progress
 from rali_edge.engines import export
 from rali_edge.engines.naming import major_minor, sidecar_path
 from rali_edge.engines.tensorrt import (

@@ -6,7 +6,7 @@ import functools
 
 import click
 
-from rali_edge.engines.naming import BACKENDS
+from rali_edge.engines.backends import BACKENDS
 
 BACKEND_HELP = "torch: PyTorch encoder; aoti, tensorrt, onnx: an engine from `rali-edge build` (needs --engine)."
 ENGINE_HELP = ("Engine file from `rali-edge build` (aoti .pt2, tensorrt .plan, onnx .onnx), or a folder holding one; "

@@ -1,0 +1,223 @@
+"""Build an engine for a model and prove that it scores like fp32 PyTorch: what `rali-edge build` runs.
+
+    from rali_edge.engines.builder import build
+    built = build("default", "onnx", output="engines/")      # -> Built(engine, info, fidelity)
+    rali_edge.load("default", engine=built.engine)
+
+The steps are the backend's (engines/backends.py) plus the fidelity check; `Progress` prints
+them with their durations (stderr by default; `Progress(quiet=True)` prints nothing).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from rali_edge.engines.backends import BuildRequest, backend
+from rali_edge.engines.fidelity import DEFAULT_MAX_SCORE_DIFF, FidelityReport, check_engine, find_images
+from rali_edge.engines.naming import (
+    DEFAULT_BATCH,
+    BatchRange,
+    EngineInfo,
+    engine_filename,
+    sidecar_path,
+    write_sidecar,
+)
+from rali_edge.errors import FidelityCheckFailed, UsageError
+
+HEADS = {"engine": "score", "triton": "class_token"}  # --head: what the engine outputs
+
+
+class Progress:
+    """Numbered steps with their duration. On a terminal the running step shows its elapsed time
+    (and TensorRT's build phases) on one refreshed line; in logs, one line per event."""
+
+    def __init__(self, total: int = 0, out=None, live: bool | None = None, quiet: bool = False):
+        self.total, self.index = total, 0
+        self.quiet = quiet
+        self.out = out or sys.stderr
+        self.live = (not quiet) and (self.out.isatty() if live is None else live)
+        self._status, self._lock = "", threading.Lock()
+
+    @contextmanager
+    def step(self, title: str):
+        self.index += 1
+        label = f"[{self.index}/{self.total}] {title}"
+        start = time.perf_counter()
+        stop = threading.Event()
+        if self.live:
+            ticker = threading.Thread(target=self._tick, args=(label, start, stop), daemon=True)
+            ticker.start()
+        else:
+            self._line(f"{label} ...")
+        try:
+            yield self
+        except BaseException:
+            stop.set()
+            self._finish(f"{label}: failed after {time.perf_counter() - start:.1f} s")
+            raise
+        stop.set()
+        self._finish(f"{label}: done in {time.perf_counter() - start:.1f} s")
+
+    def status(self, text: str) -> None:
+        """A sub-status of the running step (a TensorRT phase, say)."""
+        with self._lock:
+            changed, self._status = text != self._status, text
+        if changed and not self.live:
+            self._line(f"    {text}")
+
+    def note(self, text: str) -> None:
+        """A line between steps: a warning, or what a step decided."""
+        self._line(text)
+
+    def tensorrt_callback(self, event: str, phase: str, step: int, total: int) -> bool:
+        if event == "start" and not self.live:
+            self.status(f"{phase} ({total} steps)" if total else phase)
+        elif self.live and event in ("start", "step"):
+            self.status(f"{phase} {step}/{total}" if total else phase)
+        return True  # never cancel; Ctrl-C is handled by the monitor itself
+
+    def _tick(self, label: str, start: float, stop: threading.Event) -> None:
+        while not stop.wait(0.5):
+            with self._lock:
+                status = f"  {self._status}" if self._status else ""
+            self.out.write(f"\r\x1b[2K{label} ... {time.perf_counter() - start:5.0f} s{status}"[:200])
+            self.out.flush()
+
+    def _finish(self, text: str) -> None:
+        with self._lock:
+            self._status = ""
+        if self.live:
+            self.out.write("\r\x1b[2K")
+        self._line(text)
+
+    def _line(self, text: str) -> None:
+        if self.quiet:
+            return
+        self.out.write(text + "\n")
+        self.out.flush()
+
+
+@dataclass
+class Built:
+    engine: Path
+    info: EngineInfo
+    fidelity: FidelityReport | None  # None when built with check=False
+
+
+def resolve_output(output: str | Path | None, filename: str, suffix: str) -> Path:
+    """-o: a file name with the target's suffix is used as given; anything else is a folder."""
+    if output is None:
+        return Path.cwd() / filename
+    path = Path(output)
+    if path.suffix == suffix and not path.is_dir():
+        folder = path.parent
+    elif path.exists() and not path.is_dir():
+        raise UsageError(f"-o {output} is an existing file, not a folder or a {suffix} engine name; give a folder "
+                         f"(the engine gets its descriptive name there) or a file name ending in {suffix}")
+    else:
+        folder, path = path, path / filename
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"-o {output}: cannot create the folder {folder} ({e.strerror or e})") from None
+    return path
+
+
+def build(model: str | Path | None, target: str, *, precision: str | None = None, batch: str | BatchRange = DEFAULT_BATCH,
+          head: str = "engine", device: str | None = None, output: str | Path | None = None, check: bool = True,
+          calib_dir: str | Path | None = None, max_score_diff: float = DEFAULT_MAX_SCORE_DIFF, keep_failed: bool = False,
+          progress: Progress | None = None, **options) -> Built:
+    """Build a `target` engine (one of backends.TARGETS) of `model` (a folder, a name, or None for
+    the built-in model), write its sidecar, and (check=True) run the fidelity check on the images
+    of `calib_dir` (default: the bundled samples). `options`: the backend's own BuildRequest fields
+    (workspace_gib, timing_cache, typing, keep_onnx for TensorRT).
+
+    Raises UsageError for options the backend does not take, MissingDependencyError when its
+    library is missing (both before any work), FidelityCheckFailed when the engine moves scores by
+    more than `max_score_diff` (the engine is deleted unless keep_failed). An interrupted build
+    leaves no partial files."""
+    from rali_edge.model_file import load_model, read_manifest
+    from rali_edge.scoring import model_path
+
+    chosen = backend(target)
+    if head not in HEADS:
+        raise UsageError(f"--head {head!r}: choose one of {', '.join(HEADS)}")
+    batch = batch if isinstance(batch, BatchRange) else BatchRange.parse(batch)
+    device = device or chosen.default_device()
+    request = BuildRequest(precision=precision or chosen.default_precision(device), batch=batch, outputs=HEADS[head],
+                           device=device, **options)
+    chosen.check_request(request)
+    if request.precision not in chosen.precisions:
+        raise UsageError(f"--target {target} --precision {request.precision}: {target} engines are "
+                         f"{', '.join(chosen.precisions)}")
+    images = find_images(calib_dir) if check else []
+    path = model_path(model)
+    manifest = read_manifest(path)
+    progress = progress or Progress()
+    progress.total = chosen.build_steps + int(check)
+
+    runtime = chosen.runtime(device)
+    opset = chosen.opset()
+    engine = resolve_output(output, engine_filename(manifest.name, target, request.precision, batch, request.outputs,
+                                                    runtime, opset), chosen.suffix)
+    size = manifest.encoder.image_size
+    info = EngineInfo(target=target, precision=request.precision, outputs=request.outputs, batch=batch,
+                      image_size=(size, size), model_name=manifest.name, model_sha256=manifest.weights_sha256,
+                      runtime=runtime, build_options={"target": target, "precision": request.precision,
+                                                      "batch": str(batch), "head": head},
+                      preprocess=manifest.preprocess, onnx_opset=opset)
+    written = [engine, sidecar_path(engine)]
+    try:
+        # The loaded model is handed over, not kept here, so that a backend can free the weights
+        # once it no longer needs them (TensorRT builds want that memory).
+        chosen.build(load_model(path)[0], engine, request, info, progress, written)
+        write_sidecar(engine, info)
+        progress.note(f"engine: {engine} ({engine.stat().st_size / 2**20:.1f} MiB)")
+        report = _check(path, engine, info, images, max_score_diff, keep_failed, device, progress) if check else None
+    except KeyboardInterrupt:
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
+    return Built(engine, info, report)
+
+
+def _check(model_path: Path, engine: Path, info: EngineInfo, images: list[Path], max_score_diff: float,
+           keep_failed: bool, device: str, progress: Progress) -> FidelityReport:
+    with progress.step(f"fidelity check on {len(images)} images against fp32 PyTorch"):
+        report = check_engine(model_path, engine, info.target, images, max_score_diff, device=device)
+    info.fidelity = report.to_dict()
+    write_sidecar(engine, info)
+    progress.note(f"fidelity: {report.summary()}")
+    if not report.passed:
+        if not keep_failed:
+            engine.unlink(missing_ok=True)
+            sidecar_path(engine).unlink(missing_ok=True)
+            where = "the engine was deleted (--keep-failed keeps it)"
+        else:
+            where = f"the engine is kept at {engine}, marked as failed in its sidecar"
+        raise FidelityCheckFailed(
+            f"fidelity check failed: max |score diff| {report.max_abs_diff:.4f} > {max_score_diff} "
+            f"(worst image: {report.worst_image}); {where}. Try --precision fp32, or raise --max-score-diff "
+            "if this difference is acceptable for your use."
+        )
+    return report
+
+
+def check(engine: str | Path, model: str | Path | None = None, calib_dir: str | Path | None = None,
+          max_score_diff: float = DEFAULT_MAX_SCORE_DIFF, device: str | None = None, batch_size: int = 8) -> FidelityReport:
+    """Score the images of `calib_dir` with `engine` and with fp32 PyTorch (what `rali-edge
+    check-engine` runs); the engine runs where it was built unless `device` says otherwise."""
+    from rali_edge.engines.naming import read_sidecar
+    from rali_edge.scoring import model_path
+
+    info = read_sidecar(engine)
+    return check_engine(model_path(model), engine, info.target, find_images(calib_dir), max_score_diff,
+                        device=device or info.runtime.device_type, batch_size=batch_size)
+
+
+__all__ = ["Built", "HEADS", "Progress", "build", "check", "resolve_output"]
