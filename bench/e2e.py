@@ -50,7 +50,8 @@ def build_models(folder: Path, layers: int):
     """A random ViT-L/14-336 CLIPModel (tiny text tower) and the same weights as a rali-edge model."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from rali_edge.model import EncoderConfig, fold_head
+    from rali_edge.head import PrototypeHead
+    from rali_edge.model import EncoderConfig
     from rali_edge.model_file import Manifest, build_model, save_model
     from rali_edge.preprocess import PreprocessConfig
 
@@ -62,15 +63,13 @@ def build_models(folder: Path, layers: int):
     processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
 
     p, k = 512, 250
-    head = dict(
+    head = PrototypeHead(
         pca_mean=torch.randn(768) * 0.1, pca_scale=torch.rand(768) + 0.5, pca_components=torch.randn(p, 768) / 768**0.5,
-        prototypes=torch.randn(k, p), proto_scores=torch.rand(k) * 4 + 1, logit_scale=torch.tensor(14.29),
+        prototypes=torch.randn(k, p), proto_scores=torch.rand(k) * 4 + 1, logit_scale=14.29,
     )
-    vm = clip.vision_model
-    folded = fold_head(vm.post_layernorm.weight, vm.post_layernorm.bias, 1e-5, clip.visual_projection.weight, **head)
     cfg = EncoderConfig.from_hf(clip.config.to_dict())
     state = {k_: v for k_, v in clip.state_dict().items() if k_.startswith(("vision_model.", "visual_projection."))}
-    model = build_model(cfg, state, folded)
+    model = build_model(cfg, state, head)
     pre = PreprocessConfig.from_hf(processor.to_dict())
     path = save_model(folder / "model", model, Manifest("bench-vitl14-336", cfg, pre.to_dict(), p, k))
     return clip, processor, head, path
@@ -79,8 +78,6 @@ def build_models(folder: Path, layers: int):
 def published_scorer(clip, processor, head):
     from PIL import Image
 
-    from rali_edge.model import reference_head
-
     @torch.inference_mode()
     def score(paths):
         out = []
@@ -88,7 +85,7 @@ def published_scorer(clip, processor, head):
             pixels = processor(images=Image.open(path).convert("RGB"), return_tensors="pt")["pixel_values"]
             feats = clip.get_image_features(pixel_values=pixels)
             feats = getattr(feats, "pooler_output", feats)  # transformers 5 returns an output object
-            out += reference_head(feats, **head).tolist()
+            out += head(feats).tolist()  # the published formula
         return out
 
     return score

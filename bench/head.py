@@ -159,12 +159,8 @@ def sweep_configs(B):
 
 
 def run(args) -> dict:
-    from rali_edge.kernels.rali_head import (
-        pick_config,
-        precision_for_torch_setting,
-        rali_head_reference,
-        rali_head_triton,
-    )
+    from rali_edge.head import rali_head_torch
+    from rali_edge.kernels.rali_head import pick_config, precision_for_torch_setting, rali_head_triton
 
     torch.set_float32_matmul_precision(args.fp32_precision)
     precision = precision_for_torch_setting()
@@ -182,11 +178,11 @@ def run(args) -> dict:
         dtype = DTYPES[dtype_name]
         for B in (int(b) for b in args.batches.split(",")):
             cls, head = make_inputs(B, dtype)
-            eager = rali_head_reference(cls, *head)
+            eager = rali_head_torch(cls, *head)
             fused = rali_head_triton(cls, *head)
             row = {"dtype": dtype_name, "B": B, "config": repr(pick_config(B, D, P, K, props.multi_processor_count)),
                    "max_abs_diff_vs_eager": (fused - eager).abs().max().item()}
-            fused_call, eager_call = partial(rali_head_triton, cls, *head), partial(rali_head_reference, cls, *head)
+            fused_call, eager_call = partial(rali_head_triton, cls, *head), partial(rali_head_torch, cls, *head)
             row["triton_us"] = bench_us(fused_call)
             row["eager_us"] = bench_us(eager_call)
             row["triton_loop_us"] = loop_us(fused_call)
@@ -195,7 +191,7 @@ def run(args) -> dict:
             if args.compile_mode != "none":
                 try:
                     torch._dynamo.reset()
-                    compiled = torch.compile(rali_head_reference, mode=args.compile_mode, dynamic=False)
+                    compiled = torch.compile(rali_head_torch, mode=args.compile_mode, dynamic=False)
                     t0 = time.time()
                     row["compile_max_abs_diff_vs_eager"] = (compiled(cls, *head) - eager).abs().max().item()
                     row["compile_s"] = time.time() - t0

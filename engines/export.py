@@ -33,6 +33,7 @@ from torch import nn
 
 from rali_edge.engines.naming import ONNX_OPSET
 from rali_edge.errors import EngineMismatchError, MissingDependencyError, RaliEdgeError
+from rali_edge.head import rali_head_torch
 from rali_edge.model import Attention, RaliModel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -69,8 +70,7 @@ class ExportEncoder(nn.Module):
         self.encoder = encoder
         self.head = None
         if outputs == "score":  # the head always computes in fp32, in eager PyTorch
-            self.head = copy.deepcopy(model.head).float().eval()
-            self.head.impl = "torch"
+            self.head = model.head.with_impl(rali_head_torch).float().eval()
         self.config = model.encoder.config
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

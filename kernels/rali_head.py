@@ -25,8 +25,7 @@ fp32 tiles and accumulate in fp32 on tensor cores, at the precision PyTorch's ow
 "ieee" (fp32 FMA, no tensor cores) can be asked for explicitly. Operands are rounded in the kernel with
 integer ops, not left to the hardware (which truncates tf32), so the TRITON_INTERPRET=1 run on a CPU, whose
 tl.dot ignores input_precision, computes the same roundings and the tests check them.
-The PyTorch reference of the same computation is `rali_edge.model.head_torch`, re-exported here as
-`rali_head_reference` (one definition, used by the tests and the benchmark).
+Its PyTorch twin, the reference of the tests and the benchmark, is `rali_edge.head.rali_head_torch`.
 """
 
 from __future__ import annotations
@@ -37,8 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rali_edge.model import NORMALIZE_EPS
-from rali_edge.model import head_torch as rali_head_reference
+from rali_edge.head import NORMALIZE_EPS
 
 SUPPORTED_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PRECISIONS = ("3xtf32", "tf32", "bf16", "ieee")
@@ -338,7 +336,7 @@ def _launch_plan(cls, weight, bias, prototypes, proto_scores, logit_scale, ln_ep
 
 def rali_head_triton(cls, weight, bias, prototypes, proto_scores, logit_scale, ln_eps: float,
                      return_weights=False, *, precision: str | None = None, config: HeadConfig | None = None):
-    """Fused RALI head, same signature and result as `rali_head_reference` (rali_edge.model.head_torch).
+    """Fused RALI head, same signature and result as rali_edge.head.rali_head_torch.
 
     cls [B, D] fp32/fp16/bf16 (any strides); weight [P, D], bias [P], prototypes [K, P] (unit rows),
     proto_scores [K] in fp32 (fp16/bf16 buffers are read as they are: half the bytes, with their own
@@ -416,6 +414,5 @@ __all__ = [
     "head_bytes_and_flops",
     "pick_config",
     "precision_for_torch_setting",
-    "rali_head_reference",
     "rali_head_triton",
 ]

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from rali_edge.errors import ImageError, RaliEdgeError
-from rali_edge.model import LOGIT_SCALE_MIN, FoldedHead, PrototypeHead
+from rali_edge.head import LOGIT_SCALE_MIN, PrototypeHead
 
 PCA_SCALE_FLOOR = 1e-10  # as the published code: smaller standard deviations are set to 1
 CACHE_VERSION = 1
@@ -263,13 +263,6 @@ def _fit(x: np.ndarray, y: np.ndarray, recipe: HeadRecipe, epochs: int, log=None
     return head, report, held_mse
 
 
-def fold_for(encoder, head: PrototypeHead) -> FoldedHead:
-    """Fold the head with `encoder`'s post-layernorm and projection."""
-    vm = encoder.vision_model
-    return head.fold(vm.post_layernorm.weight.detach(), vm.post_layernorm.bias.detach(),
-                     encoder.config.layer_norm_eps, encoder.visual_projection.weight.detach())
-
-
 # --- images -> embeddings, cached -----------------------------------------------------------
 def _sha256(path: str) -> str | None:
     digest = hashlib.sha256()
@@ -385,8 +378,7 @@ def fit_head_model(encoder_model, dataset, out: str | Path, recipe: HeadRecipe =
 
     manifest = scorer.manifest
     encoder = scorer.encoder.encoder.float().cpu()  # fp32 on the CPU, as it was loaded from the file
-    folded = fold_for(encoder, head)
-    new = build_model(manifest.encoder, encoder.state_dict(), folded)
+    new = build_model(manifest.encoder, encoder.state_dict(), head)
     source = {
         "kind": "fit-head",
         "recipe": asdict(recipe),
@@ -410,5 +402,5 @@ def fit_head_model(encoder_model, dataset, out: str | Path, recipe: HeadRecipe =
 
 __all__ = [
     "HeadRecipe", "PrototypeHead", "FitReport", "fit_pca", "kmeans", "allocate", "bucket_prototypes",
-    "fit_prototype_head", "validation_folds", "fold_for", "embed_dataset", "fit_head_model",
+    "fit_prototype_head", "validation_folds", "embed_dataset", "fit_head_model",
 ]

@@ -43,13 +43,8 @@ from rali_edge.errors import (
     RaliEdgeError,
     UnsafePickleError,
 )
-from rali_edge.model import (
-    Encoder,
-    EncoderConfig,
-    FoldedHead,
-    PrototypeHead,
-    head_torch,
-)
+from rali_edge.head import PrototypeHead
+from rali_edge.model import Encoder, EncoderConfig
 from rali_edge.safe_pickle import (
     read_pca_pickle,
     torch_load_safely,
@@ -192,11 +187,6 @@ class PublishedCheckpoint:
     @property
     def num_prototypes(self) -> int:
         return self.head.num_prototypes
-
-    def fold(self) -> FoldedHead:
-        s = self.vision_state
-        return self.head.fold(s["vision_model.post_layernorm.weight"], s["vision_model.post_layernorm.bias"],
-                              self.encoder.layer_norm_eps, s["visual_projection.weight"])
 
     def summary(self) -> str:
         c = self.encoder
@@ -461,8 +451,7 @@ def _check_fold(ckpt: PublishedCheckpoint, model) -> None:
             enc.visual_projection.weight.double(),
         )
         ref = ckpt.head.to(torch.float64)(emb)
-        h = model.head
-        got = head_torch(cls.float(), h.weight, h.bias, h.prototypes, h.proto_scores, float(h.logit_scale), h.ln_eps)
+        got = model.head(cls.float())
     err = float((got.double() - ref).abs().max())
     span = float(ckpt.head.proto_scores.abs().max()) + 1.0
     if not math.isfinite(err) or err > 1e-4 * span:
@@ -491,7 +480,7 @@ def convert_published(src_dir: str | Path, out_dir: str | Path, name: str | None
                 "or a rali-edge model folder to replace"
             )
     ckpt = read_published(src_dir)
-    model = build_model(ckpt.encoder, ckpt.vision_state, ckpt.fold())
+    model = build_model(ckpt.encoder, ckpt.vision_state, ckpt.head)
     _check_fold(ckpt, model)
     source = {
         "kind": "published-rali",

@@ -2,12 +2,8 @@
 
 The encoder mirrors Hugging Face's CLIPVisionModelWithProjection (same parameter names, so a
 vision state_dict loads as it is) without importing transformers and without the text tower.
-
-The head comes in two forms:
-- `reference_head`: the published formula, term by term (what tests compare against);
-- `RaliHead`: the same function with every affine step before the L2 normalisation folded
-  into one matrix and bias at conversion time (`fold_head`). It takes the encoder's class-token
-  hidden state *before* the post-layernorm, so the layernorm's gamma/beta are folded in as well.
+The head (rali_edge/head.py) takes the encoder's class-token hidden state *before* the
+post-layernorm: the layernorm's gamma/beta are folded into it with the projection and the PCA.
 """
 
 from __future__ import annotations
@@ -18,9 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORMALIZE_EPS = 1e-12  # F.normalize's default, as in the published PrototypeScorer
-LOGIT_SCALE_MIN = 1e-6  # published: tau = 1 / logit_scale.clamp(min=1e-6)
-
+from rali_edge.head import RaliHead
 
 # HF CLIPVisionConfig defaults, for fields a config.json leaves out.
 HF_VISION_DEFAULTS = {
@@ -230,143 +224,6 @@ class Encoder(nn.Module):
     forward = class_token
 
 
-def reference_head(
-    embedding: torch.Tensor,
-    pca_mean: torch.Tensor,
-    pca_scale: torch.Tensor,
-    pca_components: torch.Tensor,
-    prototypes: torch.Tensor,
-    proto_scores: torch.Tensor,
-    logit_scale: torch.Tensor | float,
-    return_weights: bool = False,
-):
-    """The published PrototypeScorer, term by term, on the projected embedding [B, E]."""
-    x_pca = ((embedding - pca_mean) / pca_scale.abs()) @ pca_components.T
-    x = F.normalize(x_pca, dim=-1)
-    sim = x @ F.normalize(prototypes, dim=-1).T
-    tau = 1.0 / torch.as_tensor(logit_scale, dtype=sim.dtype).clamp(min=LOGIT_SCALE_MIN)
-    w = torch.softmax(sim / tau, dim=-1)
-    score = w @ proto_scores.to(w.dtype)
-    return (score, w) if return_weights else score
-
-
-@dataclass
-class FoldedHead:
-    """Tensors of the folded head (see `fold_head`)."""
-
-    ln_eps: float
-    weight: torch.Tensor  # [P, D]
-    bias: torch.Tensor  # [P]
-    prototypes: torch.Tensor  # [K, P], unit rows
-    proto_scores: torch.Tensor  # [K]
-    logit_scale: float  # already clamped
-
-
-def fold_head(
-    post_ln_weight, post_ln_bias, ln_eps, projection, pca_mean, pca_scale, pca_components, prototypes, proto_scores, logit_scale
-) -> FoldedHead:
-    """Fold post-layernorm affine, visual projection, standardisation and PCA into one map.
-
-    With n = (h - mean(h)) / std(h) the plain layernorm of the class token h:
-        z = C diag(1/|s|) (Wp (g * n + beta) - mu) = (C diag(1/|s|) Wp diag(g)) n + C diag(1/|s|) (Wp beta - mu)
-    Done in float64 so that folding adds no rounding of its own.
-    """
-    f64 = {"dtype": torch.float64}
-    components = pca_components.to(**f64) / pca_scale.to(**f64).abs()  # [P, E] = C diag(1/|s|)
-    proj = projection.to(**f64)  # [E, D]
-    weight = components @ proj * post_ln_weight.to(**f64)  # [P, D]
-    bias = components @ (proj @ post_ln_bias.to(**f64) - pca_mean.to(**f64))
-    return FoldedHead(
-        ln_eps=float(ln_eps),
-        weight=weight.float(),
-        bias=bias.float(),
-        prototypes=F.normalize(prototypes.to(**f64), dim=-1).float(),
-        proto_scores=proto_scores.float(),
-        logit_scale=max(float(logit_scale), LOGIT_SCALE_MIN),
-    )
-
-
-@dataclass
-class PrototypeHead:
-    """RALI's head in its published form: what the published checkpoint stores, what
-    `reference_head` computes with, and what `rali-edge fit-head` makes."""
-
-    pca_mean: torch.Tensor  # [E]
-    pca_scale: torch.Tensor  # [E]
-    pca_components: torch.Tensor  # [P, E]
-    prototypes: torch.Tensor  # [K, P]
-    proto_scores: torch.Tensor  # [K]
-    logit_scale: float
-
-    @property
-    def pca_dim(self) -> int:
-        return self.pca_components.shape[0]
-
-    @property
-    def num_prototypes(self) -> int:
-        return self.prototypes.shape[0]
-
-    def to(self, dtype: torch.dtype) -> PrototypeHead:
-        return PrototypeHead(self.pca_mean.to(dtype), self.pca_scale.to(dtype), self.pca_components.to(dtype),
-                             self.prototypes.to(dtype), self.proto_scores.to(dtype), self.logit_scale)
-
-    def __call__(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return reference_head(embeddings, self.pca_mean, self.pca_scale, self.pca_components,
-                              self.prototypes, self.proto_scores, self.logit_scale)
-
-    def fold(self, post_ln_weight, post_ln_bias, ln_eps, projection) -> FoldedHead:
-        """Folded with an encoder's post-layernorm and projection (`fold_head`)."""
-        return fold_head(post_ln_weight, post_ln_bias, ln_eps, projection, self.pca_mean, self.pca_scale,
-                         self.pca_components, self.prototypes, self.proto_scores, self.logit_scale)
-
-
-def head_torch(cls, weight, bias, prototypes, proto_scores, logit_scale, ln_eps: float, return_weights=False):
-    """The folded head in eager PyTorch, computed in float32 whatever the input dtype.
-
-    An all-zero projected row (z = 0) normalises to 0, so every similarity is 0, the softmax is
-    uniform and the score is the mean of the prototype scores.
-    """
-    x = F.layer_norm(cls.float(), (cls.shape[-1],), eps=ln_eps)
-    z = F.normalize(x @ weight.float().T + bias.float(), dim=-1, eps=NORMALIZE_EPS)
-    w = torch.softmax((z @ prototypes.float().T) * logit_scale, dim=-1)
-    score = w @ proto_scores.float()
-    return (score, w) if return_weights else score
-
-
-class RaliHead(nn.Module):
-    """Folded RALI head: class-token state [B, D] -> score [B]. Buffers are saved in the model file."""
-
-    def __init__(self, hidden_size: int, pca_dim: int, num_prototypes: int, ln_eps: float = 1e-5):
-        super().__init__()
-        self.ln_eps = ln_eps
-        self.register_buffer("weight", torch.zeros(pca_dim, hidden_size))
-        self.register_buffer("bias", torch.zeros(pca_dim))
-        self.register_buffer("prototypes", torch.zeros(num_prototypes, pca_dim))
-        self.register_buffer("proto_scores", torch.zeros(num_prototypes))
-        self.register_buffer("logit_scale", torch.ones(()))
-        self.impl = "torch"  # "torch" or "triton"; chosen by the scorer (see scoring.py)
-
-    @classmethod
-    def from_folded(cls, folded: FoldedHead) -> "RaliHead":
-        p, d = folded.weight.shape
-        head = cls(d, p, folded.prototypes.shape[0], folded.ln_eps)
-        head.weight.copy_(folded.weight)
-        head.bias.copy_(folded.bias)
-        head.prototypes.copy_(folded.prototypes)
-        head.proto_scores.copy_(folded.proto_scores)
-        head.logit_scale.fill_(folded.logit_scale)
-        return head
-
-    def forward(self, cls: torch.Tensor, return_weights: bool = False):
-        # logit_scale stays a 0-d tensor: float() here would stop torch.export and torch.compile.
-        args = (self.weight, self.bias, self.prototypes, self.proto_scores, self.logit_scale, self.ln_eps)
-        if self.impl == "triton":
-            from rali_edge.kernels.rali_head import rali_head_triton
-
-            return rali_head_triton(cls, *args, return_weights=return_weights)
-        return head_torch(cls, *args, return_weights=return_weights)
-
-
 class RaliModel(nn.Module):
     """Pixels -> quality score: CLIP encoder, then the folded prototype head."""
 
@@ -383,15 +240,4 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
 
 
-__all__ = [
-    "EncoderConfig",
-    "Encoder",
-    "RaliHead",
-    "RaliModel",
-    "FoldedHead",
-    "PrototypeHead",
-    "fold_head",
-    "head_torch",
-    "reference_head",
-    "count_parameters",
-]
+__all__ = ["Encoder", "EncoderConfig", "RaliModel", "count_parameters"]

@@ -18,7 +18,8 @@ import torch
 
 from rali_edge import __version__
 from rali_edge.errors import ModelFormatError, UsageError
-from rali_edge.model import EncoderConfig, FoldedHead, RaliHead, RaliModel
+from rali_edge.head import PrototypeHead
+from rali_edge.model import EncoderConfig, RaliModel
 
 FORMAT = "rali-edge-model"
 FORMAT_VERSION = 1
@@ -87,13 +88,14 @@ class Manifest:
             raise ModelFormatError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
 
 
-def build_model(encoder: EncoderConfig, encoder_state: dict, head: FoldedHead) -> RaliModel:
+def build_model(encoder: EncoderConfig, encoder_state: dict, head: PrototypeHead) -> RaliModel:
     """A RaliModel from a vision state_dict (HF names, `vision_model.*`, `visual_projection.weight`)
-    and a folded head. Missing or unexpected keys and wrong shapes raise ModelFormatError."""
-    model = RaliModel(encoder, head.weight.shape[0], head.prototypes.shape[0])
+    and a head in its published form, folded here with that encoder. Missing or unexpected keys
+    and wrong shapes raise ModelFormatError."""
+    model = RaliModel(encoder, head.pca_dim, head.num_prototypes)
     state = {k: v for k, v in encoder_state.items() if not k.endswith("position_ids")}
     _load_strict(model.encoder, state, "encoder weights")
-    model.head = RaliHead.from_folded(head)
+    model.head = head.fold(model.encoder)
     return model.eval()
 
 

@@ -20,6 +20,7 @@ import torch
 from rali_edge.engines.backends import BACKENDS
 from rali_edge.errors import ImageError, MissingDependencyError, RaliEdgeError
 from rali_edge.images import open_image
+from rali_edge.head import rali_head_torch
 from rali_edge.model import RaliModel
 from rali_edge.model_file import Manifest, load_model
 from rali_edge.preprocess import PreprocessConfig, Preprocessor
@@ -100,8 +101,7 @@ class Scorer:
         self.encoder = encoder or TorchEncoder(model, self.device, DTYPES[dtype])
         # The head stays in float32 whatever the encoder's dtype: it is tiny, and the softmax over
         # prototype similarities is where low precision would show in the score.
-        self.head = model.head.to(self.encoder.device).float()
-        self.head.impl = resolve_head(head, self.encoder.device)
+        self.head = model.head.with_impl(head_impl(head, self.encoder.device)).to(self.encoder.device).float()
 
     @property
     def model_sha256(self) -> str:
@@ -195,24 +195,27 @@ class Scorer:
         return [s for chunk in pixels.split(rows) for s in self.score_pixels(chunk).tolist()]
 
 
-def resolve_head(head: str, device: torch.device) -> str:
-    """auto -> the fused Triton kernel on CUDA, eager PyTorch elsewhere."""
+def head_impl(head: str, device: torch.device):
+    """The head's implementation for --head `head` on `device`: rali_head_torch, or the fused
+    Triton kernel (auto: on CUDA when Triton is installed)."""
     if head not in HEADS:
         raise RaliEdgeError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     if head == "torch" or (head == "auto" and device.type != "cuda"):
-        return "torch"
+        return rali_head_torch
     try:
         import triton  # noqa: F401
     except ImportError:
         if head == "auto":
-            return "torch"
+            return rali_head_torch
         raise MissingDependencyError("--head triton needs the `triton` package (pip install triton)") from None
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise MissingDependencyError(
             "--head triton needs a CUDA GPU; to run the kernel on a CPU (slowly, for checking), "
             "set TRITON_INTERPRET=1 in the environment"
         )
-    return "triton"
+    from rali_edge.kernels.rali_head import rali_head_triton
+
+    return rali_head_triton
 
 
 def load(

@@ -183,7 +183,7 @@ def published_head_tensors(src_dir, state) -> dict:
 
 def published_reference_scores(src_dir, pixel_values: torch.Tensor) -> torch.Tensor:
     """Scores [B] of the published model on preprocessed pixels [B, 3, H, W], in float32."""
-    from rali_edge.model import reference_head
+    from rali_edge.head import PrototypeHead
 
     clip, state = published_clip(src_dir)
     head = published_head_tensors(src_dir, state)
@@ -191,7 +191,6 @@ def published_reference_scores(src_dir, pixel_values: torch.Tensor) -> torch.Ten
         feats = clip.get_image_features(pixel_values=pixel_values)
         if not isinstance(feats, torch.Tensor):  # transformers 5: an output object
             feats = feats.pooler_output
-        return reference_head(
-            feats, head["pca_mean"], head["pca_scale"], head["pca_components"], head["prototypes"],
-            head["proto_scores"], head["logit_scale"],
-        )
+        published = PrototypeHead(head["pca_mean"], head["pca_scale"], head["pca_components"], head["prototypes"],
+                                  head["proto_scores"], head["logit_scale"])
+        return published(feats)

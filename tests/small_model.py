@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from rali_edge.model import Encoder, EncoderConfig, fold_head
+from rali_edge.head import PrototypeHead
+from rali_edge.model import Encoder, EncoderConfig
 from rali_edge.model_file import Manifest, build_model, save_model
 from rali_edge.preprocess import PreprocessConfig
 
@@ -27,9 +28,7 @@ def make_small_model(out_dir: str | Path, seed: int = 0, pca_dim: int = 24, num_
         for name, p in encoder.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "norm" in name else 0.1) + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
     e = config.projection_dim
-    folded = fold_head(
-        encoder.vision_model.post_layernorm.weight, encoder.vision_model.post_layernorm.bias, config.layer_norm_eps,
-        encoder.visual_projection.weight,
+    head = PrototypeHead(
         pca_mean=torch.randn(e, generator=g) * 0.1,
         pca_scale=torch.rand(e, generator=g) + 0.5,
         pca_components=torch.randn(pca_dim, e, generator=g),
@@ -37,7 +36,7 @@ def make_small_model(out_dir: str | Path, seed: int = 0, pca_dim: int = 24, num_
         proto_scores=torch.rand(num_prototypes, generator=g) * 4 + 1,
         logit_scale=14.29,
     )
-    model = build_model(config, encoder.state_dict(), folded)
+    model = build_model(config, encoder.state_dict(), head)
     pre = PreprocessConfig(resize_shortest_edge=config.image_size, crop_height=config.image_size, crop_width=config.image_size, **views)
     manifest = Manifest(f"rali-test-{seed}", config, pre.to_dict(), pca_dim, num_prototypes, source={"kind": "random", "seed": seed})
     return save_model(out_dir, model, manifest)

@@ -41,8 +41,8 @@ from rali_edge.loading import (
     fetch_published,
     read_published,
 )
-from rali_edge.model import EncoderConfig, head_torch, reference_head
-from rali_edge.model_file import load_model
+from rali_edge.model import EncoderConfig
+from rali_edge.model_file import build_model, load_model
 from rali_edge.safe_pickle import load_pickle_safely, read_pca_pickle
 
 pytest.importorskip("transformers")
@@ -220,12 +220,12 @@ def test_scale_floor_on_tiny_variances(tmp_path):
     assert (converted_scores(src, tmp_path / "m") - published_reference_scores(src, pixels())).abs().max() <= PARITY_TOL
 
 
-def test_folded_head_matches_reference_head(published):
-    """fold_head (float64 folding, float32 storage) against the term-by-term published head in
+def test_folded_head_matches_the_published_formula(published):
+    """PrototypeHead.fold (float64 folding, float32 storage) against the term-by-term published head in
     float64 on random class tokens: the only error is the float32 rounding of the folded
     matrices and the float32 head arithmetic, ~1e-6 on scores of size ~5. Tolerance 2e-5."""
     ckpt = read_published(published)
-    folded = ckpt.fold()
+    folded = build_model(ckpt.encoder, ckpt.vision_state, ckpt.head).head
     cls = 3 * torch.randn(64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
     s = ckpt.vision_state
     emb = torch.nn.functional.linear(
@@ -235,12 +235,9 @@ def test_folded_head_matches_reference_head(published):
         s["visual_projection.weight"].double(),
     )
     h64 = ckpt.head.to(torch.float64)
-    ref, ref_w = reference_head(emb, h64.pca_mean, h64.pca_scale, h64.pca_components, h64.prototypes, h64.proto_scores,
-                                h64.logit_scale, return_weights=True)
-    got, got_w = head_torch(
-        cls.float(), folded.weight, folded.bias, folded.prototypes, folded.proto_scores, folded.logit_scale, folded.ln_eps,
-        return_weights=True,
-    )
+    ref, ref_w = h64(emb, return_weights=True)
+    with torch.no_grad():
+        got, got_w = folded(cls.float(), return_weights=True)
     assert (got.double() - ref).abs().max() <= 2e-5
     assert (got_w.double() - ref_w).abs().max() <= 2e-6
     assert ref.std() > 0.05

@@ -20,12 +20,10 @@ from rali_edge.fit_head import (
     fit_head_model,
     fit_pca,
     fit_prototype_head,
-    fold_for,
     kmeans,
     validation_folds,
 )
 from rali_edge.errors import RaliEdgeError
-from rali_edge.model import head_torch
 from rali_edge.model_file import load_model
 
 CLUSTER_SCORES = (1.3, 2.1, 2.8, 3.6, 4.2, 4.9)
@@ -115,8 +113,8 @@ def test_validation_picks_the_epoch_count_with_the_lowest_left_out_mse():
         errors = []
         for k in range(3):
             plain = HeadRecipe(**{**recipe.__dict__, "epochs": epochs, "validation_folds": 0})
-            fold_head, _ = fit_prototype_head(x[fold != k], y[fold != k], plain)
-            errors.append(np.mean((fold_head(torch.tensor(x[fold == k])).numpy() - y[fold == k]) ** 2))
+            fold_fit, _ = fit_prototype_head(x[fold != k], y[fold != k], plain)
+            errors.append(np.mean((fold_fit(torch.tensor(x[fold == k])).numpy() - y[fold == k]) ** 2))
         assert curve[epochs] == pytest.approx(np.mean(errors), rel=1e-4), epochs  # float32 fine-tune vs float64 head
 
     # The head returned is the plain recipe's with the chosen epoch count, on all samples.
@@ -170,16 +168,16 @@ def image_dataset(folder, n=24, seed=0):
     return items
 
 
-def test_fold_for_matches_the_published_formula(small_model):
+def test_the_folded_fitted_head_matches_the_published_formula(small_model):
     model, _ = load_model(small_model)
     x, y = clustered(dim=model.encoder.config.projection_dim, per_cluster=10)
     head, _ = fit_prototype_head(x, y, HeadRecipe(pca_dim=8, prototypes=6, buckets=6, epochs=3))
-    folded = fold_for(model.encoder, head)
+    folded = head.fold(model.encoder)
     pixels = torch.randn(5, 3, 56, 56)
     with torch.no_grad():
         cls = model.encoder.class_token(pixels)
         want = head(model.encoder.embed(pixels).double()).float()
-        got = head_torch(cls, folded.weight, folded.bias, folded.prototypes, folded.proto_scores, folded.logit_scale, folded.ln_eps)
+        got = folded(cls)
     # float32 folded path vs float64 reference: ~1e-6 on scores of 1..5
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 

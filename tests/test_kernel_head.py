@@ -1,10 +1,10 @@
 """The fused Triton head (rali_edge.kernels.rali_head) against float64 references.
 
 On a CPU these run under TRITON_INTERPRET=1 (tests/conftest.py). The float64 reference is the *published*
-PrototypeScorer (`reference_head`), fed the float64 layernorm of the class token with the folded bias
+PrototypeScorer (`PrototypeHead.__call__`), fed the float64 layernorm of the class token with the folded bias
 appended as an extra input channel of value 1 ([n, 1] @ [W, b].T = n @ W.T + b): an implementation
 independent of both the kernel and the eager head. Both the kernel and the eager fp32 head
-(`rali_head_reference`) are measured against it, on the same inputs.
+(`rali_head_torch`, the kernel's PyTorch twin) are measured against it, on the same inputs.
 
 Tolerances (max abs error over the batch):
 - fp32-class precisions ("3xtf32", PyTorch's default setting, and "ieee"): kernel error <= 2 x eager error
@@ -32,11 +32,10 @@ from rali_edge.kernels.rali_head import (
     HeadConfig,
     _round_to_tf32,
     pick_config,
-    rali_head_reference,
     rali_head_triton,
 )
 
-from rali_edge.model import reference_head
+from rali_edge.head import PrototypeHead, rali_head_torch
 
 EPS32 = torch.finfo(torch.float32).eps  # 2**-23, the spacing of fp32 at 1
 U32 = EPS32 / 2  # unit roundoff of round-to-nearest
@@ -45,7 +44,7 @@ PUBLISHED_LOGIT_SCALE = 1 / 0.07  # tau = 0.07, the published default
 
 
 def make_head(D, P, K, seed=0):
-    """Folded-head buffers as fold_head leaves them: fp32, prototypes normalised in float64 then rounded."""
+    """Folded-head buffers as PrototypeHead.fold leaves them: fp32, prototypes normalised in float64 then rounded."""
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(P, D, generator=g) / D**0.5
     bias = torch.randn(P, generator=g) * 0.5
@@ -65,11 +64,10 @@ def float64_reference(cls, weight, bias, prototypes, proto_scores, logit_scale):
     embedding = torch.cat([n, torch.ones_like(n[:, :1])], dim=1)
     e = embedding.shape[1]
     f64 = {"dtype": torch.float64}
-    return reference_head(
-        embedding, torch.zeros(e, **f64), torch.ones(e, **f64),
-        torch.cat([weight.double(), bias.double()[:, None]], dim=1),
-        prototypes.double(), proto_scores.double(), logit_scale, return_weights=True,
-    )
+    published = PrototypeHead(torch.zeros(e, **f64), torch.ones(e, **f64),
+                              torch.cat([weight.double(), bias.double()[:, None]], dim=1),
+                              prototypes.double(), proto_scores.double(), logit_scale)
+    return published(embedding, return_weights=True)
 
 
 def fp32_atol(logit_scale, proto_scores):
@@ -85,7 +83,7 @@ def assert_fp32_class(cls, head, logit_scale, precision=None, config=None):
     """Kernel error against the float64 reference <= 2 x the eager head's + atol, for scores and weights."""
     score, weights = rali_head_triton(cls, *head, logit_scale, LN_EPS, return_weights=True,
                                       precision=precision, config=config)
-    eager_score, eager_weights = rali_head_reference(cls.cpu(), *(t.cpu() for t in head), logit_scale, LN_EPS,
+    eager_score, eager_weights = rali_head_torch(cls.cpu(), *(t.cpu() for t in head), logit_scale, LN_EPS,
                                                      return_weights=True)
     ref_score, ref_weights = float64_reference(cls.cpu(), *(t.cpu() for t in head), logit_scale)
     atol_score, atol_weights = fp32_atol(logit_scale, head[3])

@@ -65,7 +65,7 @@ def quality_model(small_model, tmp_path_factory) -> Path:
     import torch.nn.functional as F
     from skimage import data
 
-    from rali_edge.model import RaliHead
+    from rali_edge.head import RaliHead
     from rali_edge.model_file import load_model, save_model
     from rali_edge.scoring import Scorer
 

@@ -285,7 +285,7 @@ def _rali_model_info(scorer, model_kwargs) -> dict:
         "name": scorer.manifest.name, "path": path, "sha256": scorer.model_sha256, "parameters": params,
         "backend": model_kwargs.get("backend"), "engine": model_kwargs.get("engine"),
         "dtype": model_kwargs.get("dtype"),
-        "head": "in engine" if head_in_encoder(scorer) else getattr(scorer.head, "impl", None),
+        "head": "in engine" if head_in_encoder(scorer) else scorer.head.impl_name,
         "image_size": [scorer.preprocess.config.crop_height, scorer.preprocess.config.crop_width],
         "encoder": scorer.manifest.encoder.to_dict(),
     }

@@ -45,7 +45,7 @@ from PIL import Image
 from rali_edge.distortions import DISTORTIONS, HAS_JPEG2000
 from rali_edge.errors import RaliEdgeError
 from rali_edge.evaluation import correlations
-from rali_edge.fit_head import HeadRecipe, fit_prototype_head, fold_for
+from rali_edge.fit_head import HeadRecipe, fit_prototype_head
 from rali_edge.model import Encoder, EncoderConfig
 from rali_edge.model_file import Manifest, build_model, load_model, save_model
 from rali_edge.preprocess import PreprocessConfig, Preprocessor
@@ -390,7 +390,7 @@ def finish(recipe: Recipe, encoder: Encoder, train_pixels, train_labels, heldout
     groups = [data.training_source(recipe.seed, i) for i in range(len(train_labels))]
     proto_head, fit_report = fit_prototype_head(train_emb.numpy(), train_labels.numpy(), head_recipe, log=log,
                                                 groups=groups)
-    model = build_model(cfg, encoder.state_dict(), fold_for(encoder, proto_head))
+    model = build_model(cfg, encoder.state_dict(), proto_head)
     times["head_s"] = time.perf_counter() - t2
 
     # Held-out check through the public path: Scorer on the images as arrays.
