@@ -278,6 +278,37 @@ def test_baseline_without_transformers_exits_4(small_model, monkeypatch):
     assert "pip install 'rali-edge[baseline]'" in result.output
 
 
+def test_a_baseline_folder_that_is_no_model_fails_before_rali_runs(small_model, tmp_path, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("RALI was profiled before the baseline folder was checked")
+
+    monkeypatch.setattr(runner, "profile_rali", must_not_run)
+    result = run_profile("--model", str(small_model), "--baseline-model", str(tmp_path), "--power", "none")
+    assert result.exit_code == 3 and "no config.json" in result.output
+
+
+def test_profile_from_python(small_model, image_dir):
+    """The library call the command wraps: the same profile dict, no output of its own."""
+    from rali_edge.profiling import report
+    from rali_edge.profiling.session import run_profile as profile
+
+    kept = []
+
+    class Lines:
+        def __call__(self, text):
+            pass
+
+        def keep(self, text):
+            kept.append(text)
+
+    result = profile(small_model, batch_sizes=[2, 1, 2], warmup=0, iters=2, images=[image_dir], power="none",
+                     idle_seconds=0, threads=1, progress=Lines())
+    assert [r["batch_size"] for r in result["rali"]["runs"]] == [1, 2]
+    assert result["rali"]["model"]["head"] == "torch" and result["settings"]["effective_device"] == "cpu"
+    assert any(line.startswith("RALI batch 2:") for line in kept)
+    assert "RALI" in report.summary_text(result)
+
+
 def test_iters_and_duration_exclude_each_other(small_model):
     result = run_profile("--model", str(small_model), "--iters", "2", "--duration", "1", "--power", "none")
     assert result.exit_code == 2 and "exclude" in result.output

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import shlex
 import sys
 import time
@@ -137,218 +136,31 @@ def profile_command(ctx, batch_sizes, warmup, iters, duration, image_paths, powe
 
     Idle power is measured first; each batch size then warms up and runs timed iterations inside
     a power window. With --report DIR the figures go to profile.json, a comparison table to
-    profile.md, and plots to PNG files.
+    profile.md, and plots to PNG files. Python: rali_edge.profiling.session.run_profile.
     """
-    from rali_edge.profiling import report as rep
-    from rali_edge.profiling import runner
-    from rali_edge.profiling.power import pick_sampler
+    from rali_edge.profiling import report
+    from rali_edge.profiling.session import Baseline, run_profile
 
-    if (baseline_model or baseline_random_weights) and not baseline:
-        baseline = "qinsight"  # asking for a baseline model means asking for the baseline
-    if baseline and not (baseline_model or baseline_random_weights):
-        raise click.UsageError(
-            "--baseline qinsight needs --baseline-model PATH (Q-Insight's weights: ByteDance/Q-Insight, "
-            "subfolder score_degradation) or --baseline-random-weights (architecture cost only)")
-    if baseline_tokens is not None and not baseline_random_weights:
-        raise click.UsageError("--baseline-tokens applies to --baseline-random-weights; real weights stop at </answer>")
-    if iters is not None and duration is not None:
-        raise click.UsageError("--iters and --duration exclude each other; give one")
-    if baseline:
-        from rali_edge.profiling.baseline import check_transformers_installed
-
-        check_transformers_installed()  # fail now (exit 4), not after the RALI runs
-
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    # Asking for a baseline model means asking for the baseline.
+    wants_baseline = baseline or baseline_model or baseline_random_weights or baseline_tokens is not None
     line = ProgressLine(progress)
-    device = model_kwargs["device"]
-    _check_device(device)  # before the idle measurement, not after
-    settings = {
-        **{k: v for k, v in model_kwargs.items()}, "batch_sizes": batch_sizes, "power": power,
-        "sysfs_root": sysfs_root, "idle_seconds": idle_seconds, "baseline": baseline,
-        "baseline_model": baseline_model, "baseline_random_weights": baseline_random_weights,
-        "baseline_config": baseline_config, "baseline_images": baseline_images, "threads": threads, "seed": seed,
-    }
-    profile = rep.new_profile(settings, command_line(ctx), list(sys.argv))
-    code = EXIT_OK
-    sampler = pick_sampler(power, sysfs_root=sysfs_root)
     try:
-        images = runner.load_image_set(list(image_paths) or None)
-        profile["images"] = images.to_dict()
-        for skipped in images.skipped:
-            line.keep(f"skipped {skipped['path']}: {skipped['error']}")
-        if images.skipped:
-            profile["notes"].append(f"{len(images.skipped)} files could not be read and were left out: "
-                                    + ", ".join(s["path"] for s in images.skipped))
-        if images.origin == "synthetic":
-            profile["notes"].append(f"no bundled sample images were found ({runner.SAMPLES_DIR}); profiled on "
-                                    f"{len(images.sources)} synthetic 1024x768 JPEG images")
-        budget = runner.Budget.from_options(warmup, iters, duration, sampler.available)
-        settings["budget"] = _describe_budget(budget, iters, duration)
-        settings["budget_detail"] = budget.to_dict()
-        idle = runner.idle_power(sampler, idle_seconds, line)
-        profile["power"] = _power_section(sampler, idle)
-        if sampler.available:  # unavailable: the summary says so, once
-            line.keep(f"power: {sampler.name}" + (f", idle {idle.average_w:.2f} W" if idle and idle.average_w else ""))
-
-        scorer = _load_rali(model_kwargs)
-        # An engine may run elsewhere than --device says (TensorRT runs on a GPU): the baseline
-        # and the environment follow where RALI really ran.
-        device = str(scorer.encoder.device)
-        settings["effective_device"] = device
-        profile["rali"] = {"model": _rali_model_info(scorer, model_kwargs), "timing": _timing_note(scorer, device)}
-        runs = runner.profile_rali(scorer, images, batch_sizes, budget, sampler, idle, line)
-        profile["rali"]["runs"] = [r.to_dict() for r in runs]
-        for r in runs:
-            line.keep(f"RALI batch {r.batch_size}: {r.per_image_ms:.3g} ms/image, {r.images_per_s:.4g} images/s")
-        del scorer
-        _free_memory(device)
-
-        if baseline:
-            profile["baseline"] = _run_baseline(
-                images, device, baseline_model, baseline_random_weights, baseline_config, baseline_tokens,
-                baseline_images, baseline_dtype, seed, sampler, idle, line)
-        # A sensor can stop answering mid-run (a driver hiccup): say so, but keep the figures.
-        energies = [r["energy"] for r in profile["rali"]["runs"]]
-        if profile["power"]["available"] and not any(e["available"] for e in energies):
-            profile["power"].update(available=False, unavailable_reason=energies[0]["unavailable_reason"])
-        profile["environment"] = rep.environment(device)
-        profile["comparison"] = rep.comparison(profile)
+        profile = run_profile(
+            **model_kwargs, batch_sizes=batch_sizes, warmup=warmup, iters=iters, duration=duration,
+            images=list(image_paths), power=power, sysfs_root=sysfs_root, idle_seconds=idle_seconds,
+            baseline=Baseline(baseline_model, baseline_random_weights, baseline_config, baseline_tokens,
+                              baseline_images, baseline_dtype, seed) if wants_baseline else None,
+            threads=threads, command_line=command_line(ctx), argv=list(sys.argv), progress=line)
     except KeyboardInterrupt:
         line.clear()
         click.echo("interrupted: no report written", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    finally:
-        sampler.close()
     line.clear()
     if report_dir:
-        files = rep.write_report(profile, report_dir)
+        files = report.write_report(profile, report_dir)
         click.echo(f"report: {', '.join(files)} in {report_dir}", err=True)
-    click.echo(rep.summary_text(profile))
-    sys.exit(code)
-
-
-def _check_device(device: str) -> None:
-    if str(device).startswith("cuda"):
-        import torch
-
-        from rali_edge.errors import MissingDependencyError
-
-        if not torch.cuda.is_available():
-            raise MissingDependencyError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
-
-
-def _describe_budget(budget, iters, duration) -> str:
-    if iters is not None:
-        how = f"{iters} timed iterations per batch size"
-    elif duration is not None:
-        how = f"{duration:g} s of timed iterations per batch size"
-    else:
-        how = f"at least {budget.min_iters} timed iterations" + (
-            f" and {budget.min_seconds:g} s" if budget.min_seconds else "") + " per batch size"
-    return f"{budget.warmup} untimed warm-up iteration{'s' if budget.warmup != 1 else ''}, then {how}"
-
-
-def _power_section(sampler, idle) -> dict:
-    return {
-        "source": sampler.name,
-        "available": sampler.available,
-        "unavailable_reason": sampler.unavailable_reason,
-        "update_period_s": sampler.update_period_s if sampler.available else None,
-        "min_window_s": sampler.min_window_s if sampler.available else None,
-        "rails": getattr(sampler, "rail_names", None),
-        "idle": idle.to_dict() if idle is not None else None,
-        "idle_w": idle.average_w if idle is not None else None,
-    }
-
-
-def _load_rali(model_kwargs):
-    from rali_edge.cli.common import load_scorer
-
-    return load_scorer(**model_kwargs)
-
-
-def _rali_model_info(scorer, model_kwargs) -> dict:
-    from rali_edge.model import count_parameters
-    from rali_edge.profiling.runner import head_in_encoder
-    from rali_edge.scoring import model_path
-
-    path = str(model_path(model_kwargs.get("model")))
-    torch_encoder = getattr(scorer.encoder, "encoder", None)
-    if torch_encoder is not None:
-        params = count_parameters(torch_encoder) + count_parameters(scorer.head)
-    else:  # an engine: count the tensors of the model file it was built from
-        params = _count_file_parameters(path)
-    return {
-        "name": scorer.manifest.name, "path": path, "sha256": scorer.model_sha256, "parameters": params,
-        "backend": model_kwargs.get("backend"), "engine": model_kwargs.get("engine"),
-        "dtype": model_kwargs.get("dtype"),
-        "head": "in engine" if head_in_encoder(scorer) else scorer.head.impl_name,
-        "image_size": [scorer.preprocess.config.crop_height, scorer.preprocess.config.crop_width],
-        "encoder": scorer.manifest.encoder.to_dict(),
-    }
-
-
-def _count_file_parameters(folder) -> int | None:
-    from math import prod
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    from rali_edge.model_file import WEIGHTS
-
-    try:
-        with safe_open(str(Path(folder) / WEIGHTS), "pt") as f:
-            return sum(prod(f.get_slice(k).get_shape()) for k in f.keys())
-    except Exception:
-        return None
-
-
-def _timing_note(scorer, device) -> str:
-    from rali_edge.profiling.runner import head_in_encoder
-
-    gpu = str(device).startswith("cuda")
-    note = ("decode and preprocess on the host clock; encoder (including the pixel upload) and head with "
-            "CUDA events; total on the host clock, file to scores on the host" if gpu else
-            "every stage on the host monotonic clock (time.perf_counter); total is file to scores")
-    if head_in_encoder(scorer):
-        note += "; the engine contains the head, so head time is included in encoder"
-    return note
-
-
-def _free_memory(device) -> None:
-    gc.collect()
-    if str(device).startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
-
-
-def _run_baseline(images, device, model_path, random_weights, config, tokens, n_images, dtype, seed, sampler,
-                  idle, line) -> dict:
-    import torch
-
-    from rali_edge.profiling import runner
-    from rali_edge.profiling.baseline import TYPICAL_ANSWER_TOKENS, QInsightBaseline
-
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if dtype == "auto":
-        dtype = "bf16" if str(device).startswith("cuda") else "fp32"
-    line.keep(f"loading the baseline ({'random weights, ' + (model_path or config) if random_weights else model_path})")
-    if random_weights:
-        baseline = QInsightBaseline.random_weights(
-            model_path or config, device=device, dtype=dtypes[dtype],
-            answer_tokens=tokens or TYPICAL_ANSWER_TOKENS, seed=seed)
-    else:
-        baseline = QInsightBaseline.from_weights(model_path, device=device, dtype=dtypes[dtype], seed=seed)
-    info = baseline.info()
-    run = runner.profile_baseline(baseline, images, n_images, sampler, idle, line, seed=seed)
-    line.keep(f"Q-Insight: {run.per_image_ms:.4g} ms/image, {run.extra['tokens_per_image']:.4g} tokens/image")
-    del baseline
-    _free_memory(device)
-    return {"info": info.to_dict(), "run": run.to_dict()}
+    click.echo(report.summary_text(profile))
+    sys.exit(EXIT_OK)
 
 
 __all__ = ["profile_command"]
