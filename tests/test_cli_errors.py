@@ -105,3 +105,17 @@ def test_ctrl_c_in_any_command_exits_130_without_a_traceback(monkeypatch):
     result = CliRunner().invoke(main, ["convert", ".", "-o", "x"])
     assert result.exit_code == 130 and "interrupted" in result.output and result.exception is not None
     assert isinstance(result.exception, SystemExit)
+
+
+def test_examples_name_one_published_model():
+    """README and every command's --help call the published model by its one name, rali-vitl14-336."""
+    import re
+    from pathlib import Path
+
+    from rali_edge.cli import COMMANDS
+
+    texts = [(Path(__file__).resolve().parent.parent / "README.md").read_text()]
+    texts += [CliRunner().invoke(main, [name, "--help"], terminal_width=200).output for name in COMMANDS]
+    assert all("rali-vitl14-336" in t for t in texts[:2])  # the README and `score --help` show it
+    names = {m.rstrip(".") for text in texts for m in re.findall(r"rali-vit[\w.-]*", text)}
+    assert {n for n in names if n != "rali-vitl14-336" and not n.startswith("rali-vitl14-336.")} == set()

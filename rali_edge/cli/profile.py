@@ -78,8 +78,8 @@ def command_line(ctx: click.Context) -> str:
     "profile",
     epilog="""\b
 Examples:
-  rali-edge profile --report out/                        # CPU, built-in model, sample images
-  rali-edge profile --model rali-vitl14 --device cuda --dtype fp16 --batch-sizes 1,8,32 --report out/
+  rali-edge profile --report out/                        # CPU, built-in model, 12 MP photographs
+  rali-edge profile --model rali-vitl14-336 --device cuda --dtype fp16 --batch-sizes 1,8,32 --report out/
   rali-edge profile --device cuda --baseline qinsight --baseline-model q-insight/ --report out/
   rali-edge profile --device cuda --baseline-random-weights --baseline-config 7b --report out/
 """,

@@ -48,7 +48,7 @@ class ResultWriter:
 Examples:
   rali-edge score photo.jpg                       # built-in model, table
   rali-edge score shots/ --format csv -o out.csv  # a folder, recursively
-  rali-edge score 'cam/**/*.jpg' --model rali-vitl14 --device cuda --dtype fp16 --format json
+  rali-edge score 'cam/**/*.jpg' --model rali-vitl14-336 --device cuda --dtype fp16 --format json
 """,
 )
 @click.argument("paths", nargs=-1, required=True)
