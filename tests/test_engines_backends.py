@@ -112,3 +112,14 @@ def test_backends_module_imports_without_torch():
     imported |= {node.module.split(".")[0] for node in ast.walk(source)
                  if isinstance(node, ast.ImportFrom) and node.module}
     assert "torch" not in imported
+
+
+@pytest.mark.parametrize("command", ["score", "eval", "profile", "stream"])
+def test_every_command_that_takes_an_engine_names_every_backend(command):
+    from click.testing import CliRunner
+
+    from rali_edge.cli import main
+
+    text = " ".join(CliRunner().invoke(main, [command, "--help"], terminal_width=500).output.split())
+    for entry in TABLE:
+        assert f"{entry.name} {entry.suffix}" in text, (command, entry.name)

@@ -6,11 +6,12 @@ import functools
 
 import click
 
-from rali_edge.engines.backends import BACKENDS
+from rali_edge.engines.backends import BACKENDS, TABLE
 
-BACKEND_HELP = "torch: PyTorch encoder; aoti, tensorrt, onnx: an engine from `rali-edge build` (needs --engine)."
-ENGINE_HELP = ("Engine file from `rali-edge build` (aoti .pt2, tensorrt .plan, onnx .onnx), or a folder holding one; "
-               "without --backend, the engine's sidecar names the backend.")
+BACKEND_HELP = (f"torch: PyTorch encoder; {', '.join(e.name for e in TABLE)}: an engine from `rali-edge build` "
+                "(needs --engine).")
+ENGINE_HELP = (f"Engine file from `rali-edge build` ({', '.join(f'{e.name} {e.suffix}' for e in TABLE)}), or a folder "
+               "holding one; without --backend, the engine's sidecar names the backend.")
 
 
 class ModelFolder(click.ParamType):
