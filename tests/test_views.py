@@ -106,7 +106,7 @@ from rali_edge.scoring import default_model_path  # noqa: E402
 
 def test_load_default_is_the_built_in_model():
     assert rali_edge.load("default").manifest.weights_sha256 == rali_edge.load().manifest.weights_sha256
-    assert rali_edge.load("default").preprocess.view_count == 9  # 3 x 3 native-resolution views
+    assert rali_edge.load("default").preprocess.view_count == 16  # 4 x 4 native-resolution views
 
 
 def test_score_with_the_built_in_model_says_it_is_a_demo(tmp_path):

@@ -1,7 +1,7 @@
 """Write the bundled sample images (rali_edge/assets/samples/): whole held-out photographs
 (never seen in training) at their own sizes (300-512 pixels on the short side), clean and with a
 few distortions, as JPEG quality 85, plus LICENSES.md: the path users take, whole photographs
-through `rali-edge score` (the default model looks at them through 3 x 3 native-resolution views).
+through `rali-edge score` (the default model looks at them through 4 x 4 native-resolution views).
 
     python -m rali_edge.training.samples --out rali_edge/assets/samples
 """
