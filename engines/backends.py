@@ -35,7 +35,18 @@ TABLE = (
     Entry("onnx", ".onnx", "rali_edge.engines.onnx", "ONNX file run by ONNX Runtime (CPU)"),
 )
 TARGETS = tuple(e.name for e in TABLE)  # the engines `rali-edge build` makes
-BACKENDS = ("torch", *TARGETS)  # what scores: eager PyTorch, or one of the engines
+BACKENDS = ("auto", "torch", *TARGETS)  # what scores: the fastest (engines/cache.py), eager PyTorch, or an engine
+BACKEND_ENV = "RALI_EDGE_BACKEND"  # the default backend when none is named (default: auto)
+
+
+def default_backend() -> str:
+    """`auto`, unless RALI_EDGE_BACKEND names another (RALI_EDGE_BACKEND=torch: eager PyTorch everywhere)."""
+    import os
+
+    name = os.environ.get(BACKEND_ENV) or "auto"
+    if name not in BACKENDS:
+        raise RaliEdgeError(f"{BACKEND_ENV}={name!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+    return name
 SUFFIX = {e.name: e.suffix for e in TABLE}
 TARGET_HELP = "; ".join(f"{e.name}: {e.summary}" for e in TABLE) + "."
 
@@ -60,11 +71,14 @@ class Backend:
 
     name: str = ""
     precisions: tuple[str, ...] = ("fp32", "fp16", "bf16")
-    build_steps: int = 1  # progress steps of `build`, the fidelity check not counted
 
     @property
     def suffix(self) -> str:
         return SUFFIX[self.name]
+
+    def build_steps(self, request: BuildRequest) -> int:
+        """Progress steps of `build` for `request`, the fidelity check not counted."""
+        return 1
 
     def default_device(self) -> str:
         """Where `rali-edge build` builds when given no --device."""
@@ -103,7 +117,7 @@ class Backend:
         return ""
 
     def build(self, model, path: Path, request: BuildRequest, info, progress, written: list[Path]) -> None:
-        """Write the engine for `model` (a RaliModel) at `path`, in `build_steps` steps of
+        """Write the engine for `model` (a RaliModel) at `path`, in `build_steps(request)` steps of
         `progress`; record extra files in `written` (removed when the build is interrupted) and
         what the build decided in `info` (the sidecar, written afterwards)."""
         raise NotImplementedError
@@ -151,5 +165,5 @@ def open_engine(name: str, path: str | Path, manifest, device: str | None = "cpu
     return chosen.open(Path(path), info, device)
 
 
-__all__ = ["BACKENDS", "Backend", "BuildRequest", "SUFFIX", "TABLE", "TARGETS", "TARGET_HELP", "backend",
+__all__ = ["BACKENDS", "BACKEND_ENV", "Backend", "default_backend", "BuildRequest", "SUFFIX", "TABLE", "TARGETS", "TARGET_HELP", "backend",
            "open_engine", "same_platform"]

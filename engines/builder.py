@@ -159,7 +159,7 @@ def build(model: str | Path | None, target: str, *, precision: str | None = None
     path = model_path(model)
     manifest = read_manifest(path)
     progress = progress or Progress()
-    progress.total = chosen.build_steps + int(check)
+    progress.total = chosen.build_steps(request) + int(check)
 
     runtime = chosen.runtime(device)
     opset = chosen.opset()
@@ -184,6 +184,58 @@ def build(model: str | Path | None, target: str, *, precision: str | None = None
             p.unlink(missing_ok=True)
         raise
     return Built(engine, info, report)
+
+
+@dataclass
+class Candidate:
+    """One path `auto` could take here, measured on the fidelity images."""
+
+    backend: str
+    precision: str
+    ms_per_image: float
+    max_abs_diff: float  # against fp32 PyTorch, same images
+    chosen: bool
+
+
+def build_auto(model: str | Path | None = None, device: str = "cpu", dtype: str = "fp32", batch_size: int = 8,
+               repeats: int = 3, progress: Progress | None = None) -> tuple[Path | None, list[Candidate]]:
+    """What `rali-edge build --target auto` runs: the engine `backend="auto"` would use (built into
+    the engine cache, or found there; None when auto runs eager PyTorch), and every path auto
+    could take for `dtype` on this machine, timed side by side on `batch_size` of the fidelity
+    images (median of `repeats`, encoder and head, preprocessing done before)."""
+    import rali_edge
+    from rali_edge.engines import cache
+    from rali_edge.images import open_image
+    from rali_edge.scoring import DTYPES
+
+    progress = progress or Progress()
+    choice = cache.choose(device, dtype)
+    scorer = rali_edge.load(model, device=device, dtype=dtype, backend="auto", progress=progress)
+    paths = [("torch", dtype)] if dtype in DTYPES else []
+    if choice.backend != "torch":
+        paths.append((choice.backend, choice.precision))
+    if device == "cpu" and dtype == "fp32" and cache._importable("onnxruntime", "onnx", "onnxscript"):
+        paths.append(("onnx", "int8"))  # the reduced precision this CPU has, for comparison
+    images = [open_image(p) for p in find_images(None)[:batch_size]]
+    pixels = scorer.preprocess(images)
+    reference = rali_edge.load(model, device=device, dtype="fp32", backend="torch").score_pixels(pixels).float().cpu()
+    found = []
+    for name, precision in paths:
+        try:
+            candidate = rali_edge.load(model, device=device, dtype=precision, backend="auto" if name != "torch" else "torch",
+                                       progress=progress) if (name, precision) != (scorer.backend, scorer.dtype_name) else scorer
+        except FidelityCheckFailed as e:  # int8 refused on this model: say so in the table's place
+            progress.note(f"{name} {precision}: {e}")
+            continue
+        times = []
+        for _ in range(repeats + 1):  # the first call warms up
+            start = time.perf_counter()
+            scores = candidate.score_pixels(pixels).float().cpu()
+            times.append(time.perf_counter() - start)
+        found.append(Candidate(name, precision, 1000 * sorted(times[1:])[len(times[1:]) // 2] / len(images),
+                               float((scores - reference).abs().max()),
+                               (name, precision) == (scorer.backend, scorer.dtype_name)))
+    return scorer.engine, found
 
 
 def _check(model_path: Path, engine: Path, info: EngineInfo, images: list[Path], max_score_diff: float,
@@ -220,4 +272,4 @@ def check(engine: str | Path, model: str | Path | None = None, calib_dir: str | 
                         device=device or info.runtime.device_type, batch_size=batch_size)
 
 
-__all__ = ["Built", "HEADS", "Progress", "build", "check", "resolve_output"]
+__all__ = ["Built", "Candidate", "HEADS", "Progress", "build", "build_auto", "check", "resolve_output"]

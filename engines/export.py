@@ -122,7 +122,7 @@ def export_onnx(model: RaliModel, path: str | Path, precision: str = "fp32", out
         import onnx
         import onnxscript  # noqa: F401
     except ImportError:
-        raise MissingDependencyError("ONNX export needs onnx and onnxscript: pip install 'rali-edge[onnx]'") from None
+        raise MissingDependencyError("ONNX export needs onnx and onnxscript: pip install onnx onnxscript") from None
     path = Path(path)
     module = ExportEncoder(model, precision, outputs).eval()
     example = example_pixels(model, example_batch(batch_min, batch_max))
@@ -191,7 +191,7 @@ def onnx_session(path: str | Path, threads: int | None = None):
     try:
         import onnxruntime as ort
     except ImportError:
-        raise MissingDependencyError("running ONNX files needs onnxruntime: pip install 'rali-edge[onnx]'") from None
+        raise MissingDependencyError("running ONNX files needs onnxruntime: pip install onnxruntime") from None
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:

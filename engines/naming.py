@@ -32,7 +32,7 @@ from rali_edge.errors import EngineMismatchError, UsageError
 
 SIDECAR_FORMAT = "rali-edge-engine"
 SIDECAR_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # int8: ONNX only (engines/onnx.py)
 OUTPUTS = ("score", "class_token")
 DEFAULT_BATCH = "1:8:16"
 INPUT_NAME = "pixels"

@@ -585,7 +585,9 @@ def cuda_index(device: str) -> int:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
-    build_steps = 2  # export ONNX, build the plan
+
+    def build_steps(self, request: BuildRequest) -> int:
+        return 2  # export ONNX, build the plan
 
     def default_device(self) -> str:
         return "cuda"

@@ -67,3 +67,11 @@ class ScoringError(RaliEdgeError):
 
 class FidelityCheckFailed(RaliEdgeError):
     """An engine's scores differ from fp32 PyTorch by more than --max-score-diff."""
+
+
+class PrecisionRefused(FidelityCheckFailed):
+    """The engine cache's reduced-precision (int8) build of a model failed the fidelity check: the
+    model cannot be scored at that precision here, so nothing was scored (like a model that
+    cannot be loaded)."""
+
+    exit_code = 3

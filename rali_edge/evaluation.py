@@ -304,9 +304,8 @@ def evaluate(
             progress(1)
     seconds = time.perf_counter() - start
     metrics = correlations([p["score"] for p in predictions], [p["mos"] for p in predictions])
-    backend = type(scorer.encoder).__name__
     return EvalReport(
-        dataset=name, model=scorer.manifest.name, backend=f"{backend}, {scorer.dtype_name}",
+        dataset=name, model=scorer.manifest.name, backend=f"{scorer.backend}, {scorer.dtype_name}",
         count=len(dataset), scored=len(predictions), failures=failures, metrics=metrics,
         seconds=seconds, predictions=predictions,
     )

@@ -17,8 +17,8 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 import torch
 
-from rali_edge.engines.backends import BACKENDS
-from rali_edge.errors import ImageError, MissingDependencyError, RaliEdgeError
+from rali_edge.engines.backends import BACKENDS, default_backend
+from rali_edge.errors import EngineMismatchError, ImageError, MissingDependencyError, ModelFormatError, RaliEdgeError, UsageError
 from rali_edge.images import open_image
 from rali_edge.head import rali_head_torch
 from rali_edge.model import RaliModel
@@ -26,6 +26,7 @@ from rali_edge.model_file import Manifest, load_model
 from rali_edge.preprocess import PreprocessConfig, Preprocessor
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ENGINE_DTYPES = ("int8",)  # only as an engine (backend auto or onnx)
 HEADS = ("auto", "triton", "torch")
 
 
@@ -97,6 +98,7 @@ class Scorer:
         self.manifest = manifest
         self.device = torch.device(device)
         self.dtype_name = dtype
+        self.backend, self.engine = "torch", None  # what load() ran: the backend's name and its engine file
         self.preprocess = Preprocessor(PreprocessConfig.from_dict(manifest.preprocess))
         self.encoder = encoder or TorchEncoder(model, self.device, DTYPES[dtype])
         # The head stays in float32 whatever the encoder's dtype: it is tiny, and the softmax over
@@ -222,19 +224,26 @@ def load(
     model: str | Path | None = None,
     device: str = "cpu",
     dtype: str = "fp32",
-    backend: str = "torch",
+    backend: str | None = None,
     engine: str | Path | None = None,
     head: str = "auto",
+    cache: bool = True,
+    progress=None,
 ) -> Scorer:
     """Load a rali-edge model folder (None or "default": the built-in model) as a Scorer.
 
-    backend "torch" runs the encoder in PyTorch on `device` in `dtype`; "aoti", "tensorrt" and
-    "onnx" (ONNX Runtime) run a built engine (`engine=PATH`, see `rali-edge build`), checked against this model.
-    An engine given with the default backend runs with the backend its sidecar names; `engine` may
-    be a folder that holds one engine.
+    backend "auto" (the default; RALI_EDGE_BACKEND changes it) runs the fastest path this machine
+    has for `device` and `dtype`, building its engine on first use, fidelity-checked, into the
+    engine cache (engines/cache.py; cache=False: no engine is read or written, eager PyTorch
+    runs). "torch" runs the encoder in PyTorch in `dtype`; "aoti", "tensorrt" and "onnx" (ONNX
+    Runtime) run a built engine (`engine=PATH`, see `rali-edge build`), checked against this
+    model. An engine given without a backend runs with the backend its sidecar names; `engine`
+    may be a folder that holds one engine. dtype "int8" is an ONNX Runtime engine (CPU).
+    `progress`: an engines.builder.Progress for a first-use build (default: stderr).
     """
-    if dtype not in DTYPES:
-        raise RaliEdgeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    backend = backend or default_backend()
+    if dtype not in DTYPES and dtype not in ENGINE_DTYPES:
+        raise RaliEdgeError(f"unknown dtype {dtype!r}; choose one of {', '.join([*DTYPES, *ENGINE_DTYPES])}")
     if backend not in BACKENDS:
         raise RaliEdgeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -242,17 +251,53 @@ def load(
     if engine is not None:
         from rali_edge.engines.naming import read_sidecar, resolve_engine
 
-        engine = resolve_engine(engine, None if backend == "torch" else backend)
-        if backend == "torch":  # an engine alone: run it with the backend that reads it
+        engine = resolve_engine(engine, None if backend in ("auto", "torch") else backend)
+        if backend in ("auto", "torch"):  # an engine alone: run it with the backend that reads it
             backend = read_sidecar(engine).target
     path = model_path(model)
     rali_model, manifest = load_model(path)
+    from_cache = backend == "auto"
+    if from_cache:
+        backend, dtype, engine = _auto(path, manifest, device, dtype, cache, progress)
+    if dtype in ENGINE_DTYPES and engine is None:
+        raise UsageError(f"--dtype {dtype} runs as an ONNX engine: use --backend auto (with the engine cache) or "
+                         f"build one: rali-edge build MODEL --target onnx --precision {dtype}")
     encoder = None
     if backend != "torch":
         if engine is None:
             raise RaliEdgeError(f"backend {backend!r} needs an engine file (--engine PATH); build one with `rali-edge build`")
         from rali_edge.engines.backends import open_engine
 
-        # model_ref: the rebuild command in a mismatch error names this model folder.
-        encoder = open_engine(backend, engine, manifest, device=device, model_ref=str(path))
-    return Scorer(rali_model, manifest, device=device, dtype=dtype, head=head, encoder=encoder)
+        try:
+            # model_ref: the rebuild command in a mismatch error names this model folder.
+            encoder = open_engine(backend, engine, manifest, device=device, model_ref=str(path))
+        except (EngineMismatchError, ModelFormatError):
+            if not from_cache:
+                raise
+            from rali_edge.engines import cache as engine_cache
+
+            engine_cache.evict(engine)  # a corrupt cached file: built again, once
+            backend, dtype, engine = _auto(path, manifest, device, dtype, cache, progress)
+            encoder = open_engine(backend, engine, manifest, device=device, model_ref=str(path))
+    scorer = Scorer(rali_model, manifest, device=device, dtype=dtype, head=head, encoder=encoder)
+    scorer.backend, scorer.engine = backend, engine
+    return scorer
+
+
+def _auto(path: Path, manifest, device: str, dtype: str, cache: bool, progress):
+    """backend="auto": (backend, dtype, engine) of the choice, its engine from the cache."""
+    from rali_edge.engines import cache as engine_cache
+
+    choice = engine_cache.choose(device, dtype)
+    if choice.fallback:
+        import sys
+
+        print(f"note: {choice.reason}", file=sys.stderr)
+    if choice.backend == "torch" or not cache:
+        if not cache and choice.precision in ENGINE_DTYPES:
+            raise UsageError(f"--dtype {dtype} needs an engine, and --no-cache turns the engine cache off; build one: "
+                             f"rali-edge build MODEL --target onnx --precision {dtype}")
+        return "torch", dtype, None
+    engine = engine_cache.cached_engine(path, manifest, choice, device, progress)
+    return choice.backend, choice.precision, engine
+

@@ -3,6 +3,12 @@ import os
 # The Triton interpreter must be chosen before any module defines a @triton.jit kernel.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a hub
+# Most tests check numbers against PyTorch references and make many small models: they run eager
+# PyTorch, as RALI_EDGE_BACKEND=torch makes every command and rali_edge.load do. The default
+# (auto, with its engine cache) is tested on its own in test_engine_cache.py, with a cache in a
+# temporary folder; no test writes to the user's ~/.cache.
+os.environ["RALI_EDGE_BACKEND"] = "torch"
+os.environ["RALI_EDGE_CACHE"] = os.path.join(__import__("tempfile").mkdtemp(prefix="rali-edge-test-cache-"), "engines")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -122,6 +122,44 @@ def test_every_head_node_is_marked_for_tensorrt(exported):
     assert not any(n.name.startswith(HEAD_PREFIX) for n in class_token_only.graph.node)
 
 
+# ------------------------------------------------------------------------------------- int8
+@pytest.mark.parametrize("reduce_range", [False, True])  # VNNI CPUs, and 7-bit weights for the others
+def test_int8_quantizes_the_encoder_matmuls_and_keeps_the_rest_fp32(model, exported, inputs, tmp_path, reduce_range):
+    from rali_edge.engines.onnx import quantize_int8
+
+    int8 = tmp_path / "int8.onnx"
+    kept = quantize_int8(exported["fp32", "score"], int8, reduce_range=reduce_range)
+    proto, types = _types(int8)
+    nodes = proto.graph.node
+    layers = model[0].encoder.config.num_hidden_layers
+    quantized = [n for n in nodes if n.op_type == "MatMulInteger"]
+    # q, k, v, out and fc1 per block; fc2 (its input is GELU's, with outliers 8 bits clip) stays fp32.
+    assert len(quantized) == 5 * layers
+    head_matmuls = [n for n in nodes if n.op_type == "MatMul" and n.name.startswith(HEAD_PREFIX)]
+    # Left in fp32: the two attention matmuls (no weights) and fc2 per block, and the head's.
+    assert head_matmuls and len([n for n in nodes if n.op_type == "MatMul"]) == 3 * layers + len(head_matmuls)
+    assert kept >= layers + len(head_matmuls)
+    assert not any(n.name.startswith(HEAD_PREFIX) and n.op_type in ("MatMulInteger", "DynamicQuantizeLinear")
+                   for n in nodes)
+    for n in [n for n in nodes if n.op_type in ("LayerNormalization", "Softmax")]:
+        assert types[n.input[0]] == onnx.TensorProto.FLOAT, n.name
+    got = onnx_session(int8).run(None, {"pixels": inputs["real"].numpy()})[0]
+    want = reference(model[0], inputs["real"], "score")
+    # The random small model's narrow layers quantize coarsely (~0.05 of score seen); the real
+    # models' bound (0.02) is the fidelity check's job, and bench/e2e.py's. A broken quantization
+    # (wrong scales, a quantized softmax) moves scores by whole points.
+    assert np.abs(got - want).max() <= 0.15
+
+
+def test_vnni_is_read_from_the_cpu_flags(tmp_path):
+    from rali_edge.engines.onnx import has_vnni
+
+    for flags, expected in [("fpu avx2 avx512f avx512_vnni", True), ("fpu avx2 avx_vnni", True), ("fpu avx2 fma", False)]:
+        (tmp_path / "cpuinfo").write_text(f"processor : 0\nflags : {flags}\n")
+        assert has_vnni(str(tmp_path / "cpuinfo")) is expected
+    assert has_vnni(str(tmp_path / "missing")) is False
+
+
 # -------------------------------------------------------------------------------------- CLI
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])

@@ -20,6 +20,7 @@ COMMANDS = {
     "check-engine": ("build", "Check an engine's scores against fp32 PyTorch."),
     "profile": ("profile", "Latency, throughput, power and energy per image, against the MLLM baseline."),
     "stream": ("stream", "Score live camera streams, video files or image folders."),
+    "cache": ("cache", "List or clear the engines --backend auto built on first use."),
 }
 
 # Exit codes, the same for every command.

@@ -32,7 +32,9 @@ Then: rali-edge score --model rali-vitl14-336 --backend tensorrt --engine ENGINE
 """,
 )
 @click.argument("model", type=MODEL, default="default", required=False)
-@click.option("--target", type=click.Choice(TARGETS), required=True, help=TARGET_HELP)
+@click.option("--target", type=click.Choice(("auto", *TARGETS)), required=True,
+              help="auto: the engine `--backend auto` uses here (built into the engine cache), and every path it could "
+                   "take, timed side by side. " + TARGET_HELP)
 @click.option("--precision", type=click.Choice(PRECISIONS),
               help="Default: fp16 for tensorrt, fp32 for onnx; aoti: fp16 on CUDA, fp32 on CPU. Layernorm, softmax and the head stay fp32.")
 @click.option("--batch", "batch_text", default=DEFAULT_BATCH, show_default=True,
@@ -67,6 +69,8 @@ def build_command(model, target, precision, batch_text, head, workspace, timing_
     """
     from rali_edge.engines.builder import Progress, build
 
+    if target == "auto":
+        return _build_auto(model, precision or "fp32", device or "cpu", Progress(live=progress))
     try:
         built = build(model, target, precision=precision, batch=batch_text, head=head, device=device, output=output,
                       check=check, calib_dir=calib_dir, max_score_diff=max_score_diff, keep_failed=keep_failed,
@@ -77,6 +81,20 @@ def build_command(model, target, precision, batch_text, head, workspace, timing_
         sys.exit(EXIT_INTERRUPTED)
     click.echo(f"use it: rali-edge score --model {model} --engine {built.engine} IMAGES...", err=True)
     click.echo(str(built.engine))
+
+
+def _build_auto(model, dtype: str, device: str, progress) -> None:
+    from rali_edge.engines.builder import build_auto
+
+    engine, candidates = build_auto(model, device=device, dtype=dtype, progress=progress)
+    base = next((c.ms_per_image for c in candidates if c.backend == "torch"), None)
+    click.echo(f"{'path':<16} {'ms/image':>9} {'vs torch':>9} {'max |diff| vs fp32':>19}", err=True)
+    for c in candidates:
+        ratio = f"{base / c.ms_per_image:.2f}x" if base else "-"
+        mark = "  <- auto" if c.chosen else ""
+        click.echo(f"{c.backend + ' ' + c.precision:<16} {c.ms_per_image:>9.2f} {ratio:>9} {c.max_abs_diff:>19.4f}{mark}",
+                   err=True)
+    click.echo("auto runs eager PyTorch here (no engine to build)" if engine is None else str(engine))
 
 
 @click.command(

@@ -6,10 +6,11 @@ import functools
 
 import click
 
-from rali_edge.engines.backends import BACKENDS, TABLE
+from rali_edge.engines.backends import BACKENDS, TABLE, default_backend
 
-BACKEND_HELP = (f"torch: PyTorch encoder; {', '.join(e.name for e in TABLE)}: an engine from `rali-edge build` "
-                "(needs --engine).")
+BACKEND_HELP = (f"auto: the fastest path here, its engine built on first use and cached (RALI_EDGE_BACKEND changes "
+                f"the default); torch: PyTorch encoder; {', '.join(e.name for e in TABLE)}: an engine from "
+                "`rali-edge build` (needs --engine).")
 ENGINE_HELP = (f"Engine file from `rali-edge build` ({', '.join(f'{e.name} {e.suffix}' for e in TABLE)}), or a folder "
                "holding one; without --backend, the engine's sidecar names the backend.")
 
@@ -62,18 +63,23 @@ DEMO_NOTE = ("note: the built-in model is a small demonstration model, not a gen
              "accuracy get the published RALI weights: rali-edge fetch (--quiet hides this)")
 
 
-def model_options(fn):
-    """--model, --device, --dtype, --backend, --engine, --head: how to load the scorer."""
+DTYPE_HELP = ("Encoder precision (the head always runs in fp32). int8: an ONNX Runtime engine on the CPU, "
+              "refused when it moves scores by more than 0.02 on the fidelity images.")
 
-    @click.option("--model", "-m", type=MODEL, default="default",
-                  help="A rali-edge model folder (from `rali-edge convert`/`fetch`/`fit-head`), or `default`: the built-in model.")
+
+def backend_options(fn):
+    """--device, --dtype, --backend, --engine, --head, --no-cache: how a model runs."""
+
     @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-    @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-                  help="Encoder precision (the head always runs in fp32).")
-    @click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True, help=BACKEND_HELP)
+    @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32", show_default=True,
+                  help=DTYPE_HELP)
+    @click.option("--backend", type=click.Choice(BACKENDS), default=default_backend, show_default="auto",
+                  help=BACKEND_HELP)
     @click.option("--engine", type=click.Path(exists=True), help=ENGINE_HELP)
     @click.option("--head", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
                   help="RALI head: the fused Triton kernel (auto picks it on CUDA) or eager PyTorch.")
+    @click.option("--no-cache", "no_cache", is_flag=True,
+                  help="Do not read or write the engine cache (--backend auto then runs eager PyTorch).")
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         return fn(*args, **kwargs)
@@ -81,7 +87,21 @@ def model_options(fn):
     return wrapper
 
 
-def load_scorer(model=None, device="cpu", dtype="fp32", backend="torch", engine=None, head="auto"):
+def model_options(fn):
+    """--model and backend_options: which model, and how it runs."""
+
+    @click.option("--model", "-m", type=MODEL, default="default",
+                  help="A rali-edge model folder (from `rali-edge convert`/`fetch`/`fit-head`), or `default`: the built-in model.")
+    @backend_options
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def load_scorer(model=None, device="cpu", dtype="fp32", backend=None, engine=None, head="auto", no_cache=False):
     import rali_edge
 
-    return rali_edge.load(model, device=device, dtype=dtype, backend=backend, engine=engine, head=head)
+    return rali_edge.load(model, device=device, dtype=dtype, backend=backend, engine=engine, head=head,
+                          cache=not no_cache)

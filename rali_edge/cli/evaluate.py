@@ -9,7 +9,7 @@ import sys
 import click
 
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
-from rali_edge.cli.common import BACKEND_HELP, BACKENDS, ENGINE_HELP, OUTPUT_FILE
+from rali_edge.cli.common import OUTPUT_FILE, backend_options
 
 
 @click.command(
@@ -26,16 +26,12 @@ Examples:
 @click.option("--root", type=click.Path(file_okay=False), help="Folder the image paths are relative to. Default: the dataset file's folder.")
 @click.option("--label", type=click.Choice(["auto", "gt_score", "gt_score_norm"]), default="auto", show_default=True,
               help="Metas JSON: which label to use (auto: gt_score_norm when every entry has it). Rank metrics do not depend on it.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="Encoder precision.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True, help=BACKEND_HELP)
-@click.option("--engine", type=click.Path(exists=True), help=ENGINE_HELP)
-@click.option("--head", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True, help="RALI head implementation.")
+@backend_options
 @click.option("--batch-size", "-b", default=16, show_default=True, type=click.IntRange(min=1), help="Images per encoder call.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--predictions", type=OUTPUT_FILE, help="Also write path,mos,score for every scored image (CSV; checked before scoring starts).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
-def eval_command(model, dataset, root, label, device, dtype, backend, engine, head, batch_size, fmt, predictions, progress):
+def eval_command(model, dataset, root, label, batch_size, fmt, predictions, progress, **backend_kwargs):
     """Measure how well MODEL's scores agree with the labels of DATASET.
 
     MODEL is a rali-edge model folder, or `default` for the built-in model. DATASET is a
@@ -51,8 +47,7 @@ def eval_command(model, dataset, root, label, device, dtype, backend, engine, he
 
     def go():
         items = read_dataset(dataset, root=root, label=label)
-        scorer = load_scorer(model, device=device, dtype=dtype,
-                             backend=backend, engine=engine, head=head)
+        scorer = load_scorer(model, **backend_kwargs)
         show = sys.stderr.isatty() if progress is None else progress
         with click.progressbar(length=len(items), label="scoring", file=sys.stderr, hidden=not show) as bar:
             return evaluate(scorer, items, batch_size=batch_size, name=str(dataset), progress=bar.update)

@@ -144,6 +144,7 @@ def profile_command(ctx, batch_sizes, warmup, iters, duration, image_paths, powe
     # Asking for a baseline model means asking for the baseline.
     wants_baseline = baseline or baseline_model or baseline_random_weights or baseline_tokens is not None
     line = ProgressLine(progress)
+    model_kwargs["cache"] = not model_kwargs.pop("no_cache")
     try:
         profile = run_profile(
             **model_kwargs, batch_sizes=batch_sizes, warmup=warmup, iters=iters, duration=duration,

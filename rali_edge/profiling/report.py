@@ -274,6 +274,10 @@ def summary_text(profile: dict) -> str:
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
              for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    model = profile["rali"]["model"]
+    lines.append(f"RALI ran: {model['backend']} {model['dtype']}"
+                 + (f", engine {Path(model['engine']).name}" if model.get("engine") else "")
+                 + (" (chosen by --backend auto)" if profile["settings"].get("backend") in (None, "auto") else ""))
     imgs = profile["images"]
     sizes = sorted({f"{w}x{h}" for w, h in imgs["sizes"]})
     lines.append(f"timed on {imgs['count']} images ({imgs['origin']}): {', '.join(sizes[:4])}"
@@ -315,8 +319,10 @@ def markdown(profile: dict) -> str:
     out = [
         "# rali-edge profile",
         "",
-        f"{profile['created']} on **{device}** ({settings['device']}), RALI backend `{settings['backend']}`, "
-        f"encoder dtype {settings['dtype']}, power source: "
+        f"{profile['created']} on **{device}** ({settings['device']}), RALI backend `{model['backend']}`"
+        + (f" (chosen by auto; engine `{Path(model['engine']).name}`)" if settings['backend'] in (None, "auto")
+           and model.get('engine') else " (chosen by auto)" if settings['backend'] in (None, "auto") else "")
+        + f", encoder dtype {model['dtype']}, power source: "
         + (f"{power['source']}" if power["available"] else f"unavailable ({power['unavailable_reason']})") + ".",
         "",
         f"Command: `{profile['command_line']}`",

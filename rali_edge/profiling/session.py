@@ -62,8 +62,8 @@ class Baseline:
             resolve_model_folder(self.model)
 
 
-def run_profile(model=None, *, backend: str = "torch", engine=None, device: str = "cpu", dtype: str = "fp32",
-                head: str = "auto", batch_sizes=(1, 8, 32), warmup: int = 3, iters: int | None = None,
+def run_profile(model=None, *, backend: str | None = None, engine=None, device: str = "cpu", dtype: str = "fp32",
+                head: str = "auto", cache: bool = True, batch_sizes=(1, 8, 32), warmup: int = 3, iters: int | None = None,
                 duration: float | None = None, images: list[str] | None = None, power: str = "auto",
                 sysfs_root: str = "/sys", idle_seconds: float = 3.0, baseline: Baseline | None = None,
                 threads: int | None = None, command_line: str = "", argv: list[str] | None = None,
@@ -87,7 +87,8 @@ def run_profile(model=None, *, backend: str = "torch", engine=None, device: str 
 
         torch.set_num_threads(threads)
     line = progress or _Silent()
-    load = {"model": model, "device": device, "dtype": dtype, "backend": backend, "engine": engine, "head": head}
+    load = {"model": model, "device": device, "dtype": dtype, "backend": backend, "engine": engine, "head": head,
+            "cache": cache}
     batch_sizes = sorted(set(batch_sizes))
     settings = {
         **load, "batch_sizes": batch_sizes, "power": power, "sysfs_root": sysfs_root, "idle_seconds": idle_seconds,
@@ -186,7 +187,9 @@ def _rali_model_info(scorer, load: dict) -> dict:
         params = _count_file_parameters(path)
     return {
         "name": scorer.manifest.name, "path": path, "sha256": scorer.model_sha256, "parameters": params,
-        "backend": load["backend"], "engine": load["engine"], "dtype": load["dtype"],
+        # What ran: auto's choice and its cached engine, or what was asked for.
+        "backend": scorer.backend, "engine": None if scorer.engine is None else str(scorer.engine),
+        "dtype": scorer.dtype_name, "asked": {"backend": load["backend"], "dtype": load["dtype"]},
         "head": "in engine" if runner.head_in_encoder(scorer) else scorer.head.impl_name,
         "image_size": [scorer.preprocess.config.crop_height, scorer.preprocess.config.crop_width],
         "encoder": scorer.manifest.encoder.to_dict(),

@@ -1,0 +1,246 @@
+"""Engines built on first use and kept: what `backend="auto"` (the default) runs.
+
+    ~/.cache/rali-edge/engines/<model weights sha256, 16 hex>/<engine file name> (+ its .json sidecar)
+
+`RALI_EDGE_CACHE` moves the folder. An entry is keyed on the model's weights (the folder), the
+engine's file name (backend, precision, batch profile and, for TensorRT, GPU and versions:
+engines/naming.py) and the `stamp` the cache adds to its sidecar (this machine's CPU or GPU and
+the versions of rali-edge, torch, ONNX and ONNX Runtime or TensorRT that built and checked it).
+
+An entry is used only when its sidecar matches the model, its stamp this machine, and its
+fidelity check passed; a stale, foreign, half-written or corrupt entry is rebuilt, never trusted. An int8 build
+that fails the fidelity check leaves a `.refused` note, so that the next run says so at once
+instead of building again (`rali-edge cache clear` forgets it). Each entry has a lock file: two
+processes starting at once build it once (the second waits, then uses it). Builds are written
+under a temporary name and renamed into place, so no reader ever sees half an engine.
+
+How `auto` chooses (`choose`): on a CPU, ONNX Runtime (MLAS's fp32 GEMMs ran 1.7x MKL's on the
+2-core Zen 5 we measured, and ONNX Runtime's engine was 2.18x the published pipeline end to end;
+bench/results/e2e-cpu.md); int8 is ONNX Runtime's too; bf16 and fp16 run eager PyTorch (ONNX
+Runtime has no bf16 CPU kernels; oneDNN uses AVX-512 BF16 or AMX where the CPU has them). On an
+NVIDIA GPU, TensorRT when it is installed, else eager PyTorch with the fused Triton head.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from rali_edge.engines.naming import DEFAULT_BATCH, BatchRange, engine_filename, read_sidecar, sidecar_path
+from rali_edge.errors import FidelityCheckFailed, MissingDependencyError, PrecisionRefused, RaliEdgeError, UsageError
+
+CACHE_ENV = "RALI_EDGE_CACHE"
+OUTPUTS = "score"  # cached engines hold the head: one call per batch
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rali-edge" / "engines").expanduser()
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What `auto` runs: `backend` ("torch" or an engine backend) at `precision` (an engine's
+    precision, or the torch dtype), and why."""
+
+    backend: str
+    precision: str
+    reason: str
+    fallback: bool = False  # a faster path exists but is not installed: say so
+
+
+def _importable(*modules: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def choose(device: str, dtype: str) -> Choice:
+    """The fastest path for `device` and `dtype` that this machine has (module doc)."""
+    onnx_ok = _importable("onnxruntime", "onnx", "onnxscript")
+    if str(device).startswith("cuda"):
+        if dtype == "int8":
+            raise UsageError("--dtype int8 runs on the CPU (ONNX Runtime); on a GPU use fp16 or bf16")
+        if _importable("tensorrt"):
+            return Choice("tensorrt", dtype, "TensorRT is installed")
+        return Choice("torch", dtype, "TensorRT is not installed (pip install 'rali-edge[tensorrt]'), so PyTorch "
+                                      "runs the encoder", fallback=True)
+    if dtype == "int8":
+        if not onnx_ok:
+            raise MissingDependencyError("--dtype int8 needs ONNX Runtime: pip install onnx onnxruntime onnxscript")
+        return Choice("onnx", "int8", "int8 runs on ONNX Runtime")
+    if dtype != "fp32":
+        return Choice("torch", dtype, f"ONNX Runtime has no {dtype} CPU kernels; PyTorch has")
+    if onnx_ok:
+        return Choice("onnx", "fp32", "ONNX Runtime's fp32 CPU kernels are the fastest measured")
+    return Choice("torch", "fp32", "ONNX Runtime is not installed (pip install onnx onnxruntime onnxscript), "
+                                   "so PyTorch runs the encoder, about half as fast", fallback=True)
+
+
+def entry_path(manifest, choice: Choice, device: str, batch: BatchRange | None = None) -> Path:
+    """Where the cache keeps the engine of `choice` for this model on this machine."""
+    from rali_edge.engines.backends import backend
+
+    chosen = backend(choice.backend)
+    batch = batch or BatchRange.parse(DEFAULT_BATCH)
+    name = engine_filename(manifest.name, choice.backend, choice.precision, batch, OUTPUTS,
+                           chosen.runtime(chosen.run_device(device)), chosen.opset())
+    return cache_dir() / manifest.weights_sha256[:16] / name
+
+
+def _refusal(path: Path) -> Path:
+    return path.with_name(path.name + ".refused")
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        yield
+
+
+def stamp(backend_name: str, device: str) -> dict:
+    """What a cached engine's build depended on beyond its sidecar's portability rules: this
+    machine's processor and the versions of everything that exported, quantized and checked it.
+    An ONNX file is portable, but its fidelity check (and int8's choice of 7- or 8-bit weights)
+    held on the CPU and ONNX Runtime that ran it, so the cache trusts it only there."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from rali_edge.engines.backends import backend
+
+    chosen = backend(backend_name)
+    versions = {}
+    for package in ("rali-edge", "torch", "onnx", "onnxruntime", "tensorrt"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {"runtime": chosen.runtime(chosen.run_device(device)).to_dict(), "cpu": _cpu_model(), "versions": versions}
+
+
+def _cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    try:
+        lines = Path(cpuinfo).read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
+def usable(path: Path, manifest, backend_name: str, device: str) -> bool:
+    """The entry at `path` is complete, for this model, was built on this machine with these
+    versions (`stamp`), and passed its fidelity check."""
+    from rali_edge.engines.backends import backend
+    from rali_edge.engines.naming import check_compatible
+
+    try:
+        info = read_sidecar(path)
+        if not path.is_file() or path.stat().st_size == 0 or not (info.fidelity or {}).get("passed"):
+            return False
+        if json.loads(sidecar_path(path).read_text()).get("cache") != stamp(backend_name, device):
+            return False
+        chosen = backend(backend_name)
+        check_compatible(info, manifest.weights_sha256, chosen.runtime(chosen.run_device(device)), backend=backend_name)
+    except RaliEdgeError:  # no sidecar, an unreadable one, or another machine's or model's engine
+        return False
+    return True
+
+
+def evict(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    sidecar_path(path).unlink(missing_ok=True)
+
+
+def cached_engine(model_path: Path, manifest, choice: Choice, device: str, progress=None) -> Path:
+    """The cached engine of `choice` for this model on this machine, built (and fidelity-checked)
+    first if there is none that can be trusted. Raises FidelityCheckFailed when the build moves
+    scores by more than the fidelity limit (PrecisionRefused for int8, and remembers it: module doc)."""
+    from rali_edge.engines import builder
+
+    path = entry_path(manifest, choice, device)
+    with _locked(path):
+        if usable(path, manifest, choice.backend, device):
+            return path
+        here = stamp(choice.backend, device)
+        refused = _refusal(path)
+        note = _read_refusal(refused)
+        if note and note.get("cache") == here:
+            raise PrecisionRefused(f"{note['message']} (remembered in {refused}; `rali-edge cache clear` forgets it)")
+        evict(path)
+        progress = progress or builder.Progress()
+        progress.note(f"first use of {manifest.name} here: building its {choice.backend} {choice.precision} engine "
+                      f"({choice.reason}); seconds for small models, minutes for ViT-L. Cached in {path.parent}")
+        staging = Path(tempfile.mkdtemp(prefix=".build-", dir=path.parent))
+        try:
+            built = builder.build(model_path, choice.backend, precision=choice.precision, output=staging / path.name,
+                                  device=device, progress=progress)
+        except FidelityCheckFailed as e:
+            if choice.precision != "int8":
+                raise
+            message = (f"{manifest.name} int8 moves its scores too far on this CPU ({_first_clause(e)}); "
+                       f"use --dtype fp32, or build one with your own limit and pass it as --engine: "
+                       f"rali-edge build {model_path} --target onnx --precision int8 --max-score-diff X")
+            refused.write_text(json.dumps({"message": message, "cache": here}))
+            raise PrecisionRefused(message) from None
+        finally:
+            if not (staging / path.name).is_file():
+                shutil.rmtree(staging, ignore_errors=True)
+        sidecar = sidecar_path(built.engine)
+        sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "cache": here}, indent=2))
+        os.replace(built.engine, path)  # the engine first: a sidecar always names a whole engine
+        os.replace(sidecar, sidecar_path(path))
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _read_refusal(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # none, or unreadable: build (and check) again
+        return None
+
+
+def _first_clause(error: Exception) -> str:
+    return str(error).split(";")[0].split(" (worst")[0]
+
+
+@dataclass
+class Entry:
+    path: Path
+    size: int
+    info: dict | None  # the sidecar (a refusal: its note), None when unreadable
+    refused: bool = False
+
+
+def entries() -> list[Entry]:
+    """Every engine (and refusal note) in the cache."""
+    root = cache_dir()
+    found = []
+    for path in sorted(root.glob("*/*")):
+        if path.name.endswith(".refused"):
+            found.append(Entry(path, path.stat().st_size, _read_refusal(path), refused=True))
+        elif sidecar_path(path).is_file() and path.is_file():
+            try:
+                info = json.loads(sidecar_path(path).read_text())
+            except (OSError, ValueError):
+                info = None
+            found.append(Entry(path, path.stat().st_size + sidecar_path(path).stat().st_size, info))
+    return found
+
+
+def clear() -> tuple[int, int]:
+    """Remove the cache folder; (files removed, bytes freed)."""
+    root = cache_dir()
+    files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+    freed = sum(p.stat().st_size for p in files)
+    shutil.rmtree(root, ignore_errors=True)
+    return len(files), freed
+
+
+__all__ = ["CACHE_ENV", "Choice", "Entry", "cache_dir", "cached_engine", "choose", "clear", "entries", "entry_path",
+           "evict", "stamp", "usable"]

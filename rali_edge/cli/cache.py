@@ -1,0 +1,50 @@
+"""`rali-edge cache list|clear`: the engines `--backend auto` built on first use (engines/cache.py)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.group("cache")
+def cache_command():
+    """The engine cache: engines `--backend auto` built on first use, one per model, machine,
+    backend, precision and batch profile, in ~/.cache/rali-edge/engines (RALI_EDGE_CACHE moves it)."""
+
+
+@cache_command.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per entry on stdout.")
+def list_command(as_json):
+    """Show every cached engine: model, backend, precision, size, fidelity."""
+    from rali_edge.engines import cache
+
+    found = cache.entries()
+    for e in found:
+        info = e.info or {}
+        fidelity = (info.get("fidelity") or {})
+        row = {"path": str(e.path), "bytes": e.size, "refused": e.refused, "model": info.get("model", {}).get("name"),
+               "backend": info.get("target"), "precision": info.get("precision"),
+               "max_abs_diff": fidelity.get("max_abs_diff"), "passed": fidelity.get("passed")}
+        if as_json:
+            click.echo(json.dumps(row))
+        elif e.refused:
+            click.echo(f"refused  {e.path.name}: {(e.info or {}).get('message', '?')[:200]}")
+        else:
+            diff = "?" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.4f}"
+            click.echo(f"{e.size / 2**20:7.1f} MiB  {row['backend'] or '?':<8} {row['precision'] or '?':<5} "
+                       f"max |diff| {diff}  {e.path}")
+    if not as_json:
+        click.echo(f"{len(found)} entries in {cache.cache_dir()}", err=True)
+
+
+@cache_command.command("clear")
+def clear_command():
+    """Delete every cached engine (they are built again on their next use)."""
+    from rali_edge.engines import cache
+
+    files, freed = cache.clear()
+    click.echo(f"removed {files} files ({freed / 2**20:.1f} MiB) from {cache.cache_dir()}", err=True)
+
+
+__all__ = ["cache_command"]
