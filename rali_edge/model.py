@@ -151,16 +151,20 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        # Each branch runs in the weights' dtype; the residual stream keeps its own (fp32 when the
+        # encoder's residual_fp32 is set; otherwise the same dtype, and the casts are no-ops).
+        low = self.mlp.fc1.weight.dtype
+        x = x + self.self_attn(self.layer_norm1(x).to(low)).to(x.dtype)
+        return x + self.mlp(self.layer_norm2(x).to(low)).to(x.dtype)
 
     def class_row(self, x: torch.Tensor) -> torch.Tensor:
         """forward(x)[:, 0] without computing the other rows: the class token's attention over
         every token, then its own MLP. The encoder keeps only this row of its last block, so the
         last block's queries, output projection and MLP for the patch tokens would be wasted
         (a quarter of a 4-layer model's work; 1/24 of ViT-L's)."""
-        cls = x[:, :1] + self.self_attn(self.layer_norm1(x), queries=1)
-        return (cls + self.mlp(self.layer_norm2(cls)))[:, 0]
+        low = self.mlp.fc1.weight.dtype
+        cls = x[:, :1] + self.self_attn(self.layer_norm1(x).to(low), queries=1).to(x.dtype)
+        return (cls + self.mlp(self.layer_norm2(cls).to(low)).to(x.dtype))[:, 0]
 
 
 class Embeddings(nn.Module):
@@ -171,10 +175,12 @@ class Embeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(cfg.num_channels, d, cfg.patch_size, cfg.patch_size, bias=False)
         self.position_embedding = nn.Embedding(cfg.num_patches + 1, d)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Token embeddings in `dtype` (default: the weights')."""
         patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        patches = patches.to(dtype or patches.dtype)
         cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
-        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight.to(patches.dtype)
 
 
 class _Layers(nn.Module):
@@ -204,11 +210,15 @@ class Encoder(nn.Module):
         self.config = cfg
         self.vision_model = VisionTower(cfg)
         self.visual_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+        # With weights in bf16/fp16: keep the residual stream (the sum every block adds to) in
+        # fp32, as the layernorms are. Its 8-bit bf16 mantissa otherwise rounds every block's
+        # addition: at ViT-L depth that moved scores by 1.4e-3 (bench/results/e2e-cpu.md).
+        self.residual_fp32 = False
 
     def class_token(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] normalised pixels -> [B, D] class-token state before the post-layernorm."""
         vm = self.vision_model
-        x = vm.pre_layrnorm(vm.embeddings(pixels))
+        x = vm.pre_layrnorm(vm.embeddings(pixels, torch.float32 if self.residual_fp32 else None))
         *body, last = vm.encoder.layers
         for block in body:
             x = block(x)
@@ -219,7 +229,19 @@ class Encoder(nn.Module):
         return self.project(self.class_token(pixels))
 
     def project(self, cls: torch.Tensor) -> torch.Tensor:
-        return self.visual_projection(self.vision_model.post_layernorm(cls))
+        return self.visual_projection(self.vision_model.post_layernorm(cls).to(self.visual_projection.weight.dtype))
+
+    def to_mixed(self, dtype: torch.dtype) -> "Encoder":
+        """The weight matmuls (and convolution) in `dtype`; the residual stream, layernorms and
+        embeddings' additive terms in fp32 (see residual_fp32). Eager PyTorch in bf16/fp16."""
+        self.to(dtype)
+        if dtype != torch.float32:
+            self.residual_fp32 = True
+            embeddings = self.vision_model.embeddings
+            for module in [m for m in self.modules() if isinstance(m, LayerNorm)] + [embeddings.position_embedding]:
+                module.float()
+            embeddings.class_embedding.data = embeddings.class_embedding.data.float()
+        return self
 
     forward = class_token
 
@@ -227,9 +249,9 @@ class Encoder(nn.Module):
 class RaliModel(nn.Module):
     """Pixels -> quality score: CLIP encoder, then the folded prototype head."""
 
-    def __init__(self, cfg: EncoderConfig, pca_dim: int, num_prototypes: int):
+    def __init__(self, cfg: EncoderConfig, pca_dim: int, num_prototypes: int, encoder: bool = True):
         super().__init__()
-        self.encoder = Encoder(cfg)
+        self.encoder = Encoder(cfg) if encoder else None  # None: the head alone (an engine encodes)
         self.head = RaliHead(cfg.hidden_size, pca_dim, num_prototypes, cfg.layer_norm_eps)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

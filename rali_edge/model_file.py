@@ -149,9 +149,11 @@ def read_manifest(path: str | Path) -> Manifest:
     return Manifest.from_dict(data, str(where))
 
 
-def load_model(path: str | Path, verify: bool = True) -> tuple[RaliModel, Manifest]:
-    """Read a model folder. `verify` checks the weights' sha256 against the manifest."""
-    from safetensors import SafetensorError
+def load_model(path: str | Path, verify: bool = True, encoder: bool = True) -> tuple[RaliModel, Manifest]:
+    """Read a model folder. `verify` checks the weights' sha256 against the manifest. encoder=False
+    reads the head alone (model.encoder is None): what a scorer whose encoder is an engine needs,
+    so that the encoder's weights are not held twice in memory (once by the engine)."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     manifest = read_manifest(path)
@@ -161,16 +163,21 @@ def load_model(path: str | Path, verify: bool = True) -> tuple[RaliModel, Manife
     if verify and manifest.weights_sha256 and sha256_file(weights) != manifest.weights_sha256:
         raise ModelFormatError(f"{weights}: sha256 differs from {MANIFEST}; the file is corrupt or was replaced")
     try:
-        state = load_file(str(weights))
+        if encoder:
+            state = load_file(str(weights))
+        else:
+            with safe_open(str(weights), framework="pt") as f:
+                state = {k: f.get_tensor(k) for k in f.keys() if k.startswith("head.")}
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelFormatError(f"{weights}: cannot read safetensors ({e})") from None
-    model = RaliModel(manifest.encoder, manifest.pca_dim, manifest.num_prototypes)
-    _load_strict(model, state, str(weights))
+    with torch.device("meta"):  # no random initialisation, and no second copy: the read tensors become the model's
+        model = RaliModel(manifest.encoder, manifest.pca_dim, manifest.num_prototypes, encoder=encoder)
+    _load_strict(model, state, str(weights), assign=True)
     model.head.ln_eps = manifest.encoder.layer_norm_eps
     return model.eval(), manifest
 
 
-def _load_strict(module: torch.nn.Module, state: dict, where: str) -> None:
+def _load_strict(module: torch.nn.Module, state: dict, where: str, assign: bool = False) -> None:
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -188,4 +195,4 @@ def _load_strict(module: torch.nn.Module, state: dict, where: str) -> None:
         problems.append("wrong shapes: " + "; ".join(wrong[:3]))
     if problems:
         raise ModelFormatError(f"{where}: " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=assign)
