@@ -64,6 +64,8 @@ class BuildRequest:
     timing_cache: str | None = None  # TensorRT
     typing: str = "auto"  # TensorRT
     keep_onnx: bool = False  # TensorRT: keep the intermediate ONNX file
+    form: str | None = None  # which of the backend's `forms` of this precision to build
+    calib_images: tuple = ()  # the fidelity check's images (paths), for forms that calibrate
 
 
 class Backend:
@@ -79,6 +81,11 @@ class Backend:
     def build_steps(self, request: BuildRequest) -> int:
         """Progress steps of `build` for `request`, the fidelity check not counted."""
         return 1
+
+    def forms(self, request: BuildRequest) -> list[str | None]:
+        """The ways to build `request`, fastest first: the builder keeps the first whose engine
+        passes the fidelity check (without a check, the last: the one closest to fp32)."""
+        return [None]
 
     def default_device(self) -> str:
         """Where `rali-edge build` builds when given no --device."""

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rali_edge.engines.backends import BuildRequest, backend
@@ -172,18 +172,30 @@ def build(model: str | Path | None, target: str, *, precision: str | None = None
                                                       "batch": str(batch), "head": head},
                       preprocess=manifest.preprocess, onnx_opset=opset)
     written = [engine, sidecar_path(engine)]
-    try:
-        # The loaded model is handed over, not kept here, so that a backend can free the weights
-        # once it no longer needs them (TensorRT builds want that memory).
-        chosen.build(load_model(path)[0], engine, request, info, progress, written)
-        write_sidecar(engine, info)
-        progress.note(f"engine: {engine} ({engine.stat().st_size / 2**20:.1f} MiB)")
-        report = _check(path, engine, info, images, max_score_diff, keep_failed, device, progress) if check else None
-    except KeyboardInterrupt:
-        for p in written:
-            p.unlink(missing_ok=True)
-        raise
-    return Built(engine, info, report)
+    forms = chosen.forms(request) if check else chosen.forms(request)[-1:]
+    for i, form in enumerate(forms):
+        attempt = replace(request, form=form, calib_images=tuple(images))
+        last = i == len(forms) - 1
+        try:
+            # The loaded model is handed over, not kept here, so that a backend can free the weights
+            # once it no longer needs them (TensorRT builds want that memory).
+            chosen.build(load_model(path)[0], engine, attempt, info, progress, written)
+            write_sidecar(engine, info)
+            progress.note(f"engine: {engine} ({engine.stat().st_size / 2**20:.1f} MiB)")
+            report = _check(path, engine, info, images, max_score_diff, keep_failed and last, device,
+                            progress) if check else None
+        except KeyboardInterrupt:
+            for p in written:
+                p.unlink(missing_ok=True)
+            raise
+        except FidelityCheckFailed as e:
+            if last:
+                raise
+            progress.note(f"{request.precision} as {form} failed the fidelity check ({str(e).split(' (worst')[0]}); "
+                          f"building it as {forms[i + 1]}")
+            progress.total += chosen.build_steps(attempt) + 1
+            continue
+        return Built(engine, info, report)
 
 
 @dataclass
@@ -197,33 +209,36 @@ class Candidate:
     chosen: bool
 
 
-def build_auto(model: str | Path | None = None, device: str = "cpu", dtype: str = "fp32", batch_size: int = 8,
+def build_auto(model: str | Path | None = None, device: str = "cpu", dtype: str = "auto", batch_size: int = 8,
                repeats: int = 3, progress: Progress | None = None) -> tuple[Path | None, list[Candidate]]:
-    """What `rali-edge build --target auto` runs: the engine `backend="auto"` would use (built into
-    the engine cache, or found there; None when auto runs eager PyTorch), and every path auto
-    could take for `dtype` on this machine, timed side by side on `batch_size` of the fidelity
-    images (median of `repeats`, encoder and head, preprocessing done before)."""
+    """What `rali-edge build --target auto` runs: the engine `backend="auto"` uses for `dtype` (built
+    into the engine cache, or found there; None when auto runs eager PyTorch), and the paths auto
+    chooses among on this machine, timed side by side on `batch_size` of the fidelity images
+    (median of `repeats`, encoder and head, preprocessing done before): eager PyTorch fp32, the
+    reduced precisions of dtype="auto", the fp32 engine and int8 (on a CPU with ONNX Runtime)."""
     import rali_edge
     from rali_edge.engines import cache
     from rali_edge.images import open_image
-    from rali_edge.scoring import DTYPES
 
     progress = progress or Progress()
-    choice = cache.choose(device, dtype)
     scorer = rali_edge.load(model, device=device, dtype=dtype, backend="auto", progress=progress)
-    paths = [("torch", dtype)] if dtype in DTYPES else []
-    if choice.backend != "torch":
-        paths.append((choice.backend, choice.precision))
-    if device == "cpu" and dtype == "fp32" and cache._importable("onnxruntime", "onnx", "onnxscript"):
-        paths.append(("onnx", "int8"))  # the reduced precision this CPU has, for comparison
+    chosen = (scorer.backend, scorer.dtype_name)
+    paths = [("torch", "fp32"), *[("torch", d) for d in cache.fast_dtypes(device)]]
+    engine_fp32 = cache.choose(device, "fp32")
+    if engine_fp32.backend != "torch":
+        paths.append((engine_fp32.backend, "fp32"))
+    if not str(device).startswith("cuda") and cache._importable("onnxruntime", "onnx", "onnxscript"):
+        paths.append(("onnx", "int8"))
+    if chosen not in paths:
+        paths.append(chosen)
     images = [open_image(p) for p in find_images(None)[:batch_size]]
     pixels = scorer.preprocess(images)
     reference = rali_edge.load(model, device=device, dtype="fp32", backend="torch").score_pixels(pixels).float().cpu()
     found = []
     for name, precision in paths:
         try:
-            candidate = rali_edge.load(model, device=device, dtype=precision, backend="auto" if name != "torch" else "torch",
-                                       progress=progress) if (name, precision) != (scorer.backend, scorer.dtype_name) else scorer
+            candidate = scorer if (name, precision) == chosen else rali_edge.load(
+                model, device=device, dtype=precision, backend="torch" if name == "torch" else "auto", progress=progress)
         except FidelityCheckFailed as e:  # int8 refused on this model: say so in the table's place
             progress.note(f"{name} {precision}: {e}")
             continue
@@ -233,8 +248,7 @@ def build_auto(model: str | Path | None = None, device: str = "cpu", dtype: str 
             scores = candidate.score_pixels(pixels).float().cpu()
             times.append(time.perf_counter() - start)
         found.append(Candidate(name, precision, 1000 * sorted(times[1:])[len(times[1:]) // 2] / len(images),
-                               float((scores - reference).abs().max()),
-                               (name, precision) == (scorer.backend, scorer.dtype_name)))
+                               float((scores - reference).abs().max()), (name, precision) == chosen))
     return scorer.engine, found
 
 

@@ -6,11 +6,21 @@ only the model's weights hash and the image size are.
 int8: the fp32 export with ONNX Runtime's dynamic quantization of the encoder's weight matmuls
 (int8 weights per output channel, uint8 activations quantized per batch at run time; MatMulInteger
 runs on AVX-512 VNNI / AVX-VNNI where the CPU has them, on AVX2 otherwise). The patch convolution,
-the attention's activation-by-activation matmuls, every layernorm and softmax, the whole head and
-the MLPs' second linear layers stay fp32: its inputs come out of the GELU, one-sided and
-heavy-tailed, and one uint8 scale per batch for them moved the built-in model's view scores by up
-to 0.35 (0.07 without them). Without VNNI the weights use 7 bits (`reduce_range`): ONNX Runtime's u8s8 kernels for
-AVX2/AVX-512 without VNNI can saturate with 8.
+the attention's activation-by-activation matmuls, every layernorm and softmax and the whole head
+stay fp32. The MLPs' second linear layers (fc2, a third of the FLOPs) are the hard part: their
+inputs come out of the GELU, one-sided and heavy-tailed, and one uint8 scale per batch for them
+moved the built-in model's scores by up to 0.049 (0.012 with fc2 in fp32). So int8 has two forms,
+tried fastest first, the fidelity check keeping the first that passes (`forms`):
+
+- "smoothed": fc2 in int8 too, after SmoothQuant's smoothing (Xiao et al. 2023, alpha 0.5): each
+  input channel j of fc2 is divided by s_j = max|x_j|^0.5 / max|w_j|^0.5 and fc2's weight row j
+  multiplied by it (exact in fp32), so that the activations' outlier channels share their range
+  with the weights. max|x_j| comes from the fidelity check's images (the calibration); on the
+  built-in model this form moves scores by up to 0.025, so the check refuses it there;
+- "mlp-out-fp32": fc2 stays fp32.
+
+Without VNNI the weights use 7 bits (`reduce_range`): ONNX Runtime's u8s8 kernels for AVX2/AVX-512
+without VNNI can saturate with 8.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import torch
 
 from rali_edge.engines.backends import Backend, BuildRequest
 from rali_edge.engines.export import HEAD_PREFIX, export_onnx, node_scopes, onnx_session
-from rali_edge.engines.naming import ONNX_OPSET, EngineInfo
+from rali_edge.engines.naming import ONNX_OPSET, EngineInfo, cpu_flags
 from rali_edge.errors import UsageError
 
 
@@ -49,6 +59,9 @@ class OnnxBackend(Backend):
 
     def build_steps(self, request: BuildRequest) -> int:
         return 2 if request.precision == "int8" else 1  # int8: export, then quantize
+
+    def forms(self, request: BuildRequest) -> list[str | None]:
+        return list(INT8_FORMS) if request.precision == "int8" else [None]
 
     def run_device(self, device: str | None) -> str:
         return "cpu"  # the CPU execution provider, whatever device the scorer was asked for
@@ -79,39 +92,108 @@ class OnnxBackend(Backend):
                 export_onnx(model, fp32, "fp32", request.outputs, batch.min, batch.max)
             del model  # the quantizer holds the graph twice; the torch weights are not needed any more
             vnni = has_vnni()
-            with progress.step(f"quantizing to int8 ({'VNNI' if vnni else 'no VNNI on this CPU: 7-bit weights'})"):
-                kept = quantize_int8(fp32, path, reduce_range=not vnni)
+            form = request.form or INT8_FORMS[-1]
+            with progress.step(f"quantizing to int8, {form} ({'VNNI' if vnni else 'no VNNI on this CPU: 7-bit weights'})"):
+                if form == "smoothed":
+                    smooth_mlp_outputs(fp32, _calibration_pixels(request.calib_images, info.preprocess))
+                kept = quantize_int8(fp32, path, reduce_range=not vnni, mlp_out_fp32=form == "mlp-out-fp32")
         finally:
             fp32.unlink(missing_ok=True)
-        info.build_options["int8"] = {"reduce_range": not vnni, "fp32_nodes_excluded": kept}
+        info.build_options["int8"] = {"form": form, "reduce_range": not vnni, "fp32_nodes_excluded": kept,
+                                      **({"smooth_alpha": SMOOTH_ALPHA, "calibration_images": len(request.calib_images)}
+                                         if form == "smoothed" else {})}
 
     def open(self, path: Path, info: EngineInfo, device: str) -> OnnxRuntimeEncoder:
         return OnnxRuntimeEncoder(path, info)
 
 
 def has_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU has the int8 dot-product instructions (AVX-512 VNNI or AVX-VNNI)."""
-    try:
-        flags = Path(cpuinfo).read_text().split()
-    except OSError:  # not Linux: assume the safe 7-bit weights
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    """Whether this CPU has the int8 dot-product instructions (AVX-512 VNNI or AVX-VNNI); not
+    known (not Linux): no, and the safe 7-bit weights."""
+    return bool(cpu_flags(cpuinfo) & {"avx512_vnni", "avx_vnni"})
 
 
-def _stays_fp32(node) -> bool:
-    return node.name.startswith(HEAD_PREFIX) or any(scope.endswith(".mlp.fc2") for scope in node_scopes(node))
+INT8_FORMS = ("smoothed", "mlp-out-fp32")  # fastest first (module doc)
+SMOOTH_ALPHA = 0.5  # SmoothQuant's default: the outliers' range split evenly between x and w
 
 
-def quantize_int8(fp32: Path, out: Path, reduce_range: bool) -> int:
-    """ONNX Runtime's dynamic int8 quantization of the encoder's weight matmuls but the MLPs'
-    second layers (module doc); returns how many nodes were kept in fp32 by name."""
+def _is_mlp_out(node) -> bool:
+    return any(scope.endswith(".mlp.fc2") for scope in node_scopes(node))
+
+
+def _calibration_pixels(images, preprocess: dict) -> list[np.ndarray]:
+    from rali_edge.errors import RaliEdgeError
+    from rali_edge.images import open_image
+    from rali_edge.preprocess import PreprocessConfig, Preprocessor
+
+    if not images:
+        raise RaliEdgeError("int8 (smoothed) calibrates on the fidelity check's images, and there are none")
+    prep = Preprocessor(PreprocessConfig.from_dict(preprocess))
+    return [prep([open_image(p)]).numpy() for p in images]
+
+
+def smooth_mlp_outputs(path: Path, pixels: list[np.ndarray], alpha: float = SMOOTH_ALPHA) -> int:
+    """Rewrite the fp32 ONNX file at `path` so that every fc2 MatMul takes x / s and has weight
+    rows w_j * s_j (the same function in exact arithmetic; module doc), s from the largest |x_j|
+    seen on `pixels` (one array per image, its views as the batch). Returns how many layers."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    weights = {t.name: t for t in graph.initializer}
+    layers = [n for n in graph.node if n.op_type == "MatMul" and _is_mlp_out(n) and n.input[1] in weights]
+    x_max = _channel_max(proto, [n.input[0] for n in layers], pixels)
+    for i, (node, amax) in enumerate(zip(layers, x_max)):
+        w = numpy_helper.to_array(weights[node.input[1]])  # [in, out]: the export's transposed weight
+        scale = (np.maximum(amax, 1e-6) ** alpha / np.maximum(np.abs(w).max(axis=1), 1e-6) ** (1 - alpha))
+        scale = scale.astype(np.float32)
+        weights[node.input[1]].CopyFrom(numpy_helper.from_array(w * scale[:, None], node.input[1]))
+        inverse, smoothed = f"smooth_{i}_inverse_scale", f"{node.input[0]}_smoothed"
+        graph.initializer.append(numpy_helper.from_array(1.0 / scale, inverse))
+        mul = helper.make_node("Mul", [node.input[0], inverse], [smoothed], name=f"smooth_{i}")
+        mul.metadata_props.extend(node.metadata_props)  # the same module scope (`.mlp.fc2`)
+        node.input[0] = smoothed
+        graph.node.insert(list(graph.node).index(node), mul)
+    onnx.save(proto, str(path))
+    return len(layers)
+
+
+def _channel_max(proto, names: list[str], pixels: list[np.ndarray]) -> list[np.ndarray]:
+    """Largest |value| per channel (last axis) of the tensors `names` over `pixels`, by ONNX
+    Runtime on a copy of the graph that outputs them."""
+    import tempfile
+
+    import onnx
+    from onnx import helper
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    del probe.graph.output[:]
+    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(probe, f"{tmp}/probe.onnx")
+        del probe
+        session = onnx_session(f"{tmp}/probe.onnx")
+    found = [None] * len(names)
+    for x in pixels:
+        for i, value in enumerate(session.run(None, {"pixels": x})):
+            m = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            found[i] = m if found[i] is None else np.maximum(found[i], m)
+    return found
+
+
+def quantize_int8(fp32: Path, out: Path, reduce_range: bool, mlp_out_fp32: bool = True) -> int:
+    """ONNX Runtime's dynamic int8 quantization of the encoder's weight matmuls (with
+    `mlp_out_fp32`, but the MLPs' second layers: module doc); returns how many nodes were kept in
+    fp32 by name."""
     import logging
 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     graph = onnx.load(str(fp32), load_external_data=False).graph
-    kept = [n.name for n in graph.node if _stays_fp32(n)]
+    kept = [n.name for n in graph.node if n.name.startswith(HEAD_PREFIX) or (mlp_out_fp32 and _is_mlp_out(n))]
     root = logging.getLogger()
     level, root.level = root.level, logging.ERROR  # its advice to pre-process is printed on the root logger
     try:
@@ -125,4 +207,4 @@ def quantize_int8(fp32: Path, out: Path, reduce_range: bool) -> int:
 
 BACKEND = OnnxBackend()
 
-__all__ = ["BACKEND", "OnnxRuntimeEncoder", "has_vnni", "quantize_int8"]
+__all__ = ["BACKEND", "INT8_FORMS", "OnnxRuntimeEncoder", "has_vnni", "quantize_int8", "smooth_mlp_outputs"]

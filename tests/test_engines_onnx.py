@@ -128,7 +128,7 @@ def test_int8_quantizes_the_encoder_matmuls_and_keeps_the_rest_fp32(model, expor
     from rali_edge.engines.onnx import quantize_int8
 
     int8 = tmp_path / "int8.onnx"
-    kept = quantize_int8(exported["fp32", "score"], int8, reduce_range=reduce_range)
+    kept = quantize_int8(exported["fp32", "score"], int8, reduce_range=reduce_range, mlp_out_fp32=True)
     proto, types = _types(int8)
     nodes = proto.graph.node
     layers = model[0].encoder.config.num_hidden_layers
@@ -149,6 +149,62 @@ def test_int8_quantizes_the_encoder_matmuls_and_keeps_the_rest_fp32(model, expor
     # models' bound (0.02) is the fidelity check's job, and bench/e2e.py's. A broken quantization
     # (wrong scales, a quantized softmax) moves scores by whole points.
     assert np.abs(got - want).max() <= 0.15
+
+
+def test_smoothing_is_exact_in_fp32_and_lets_fc2_be_quantized(model, exported, inputs, tmp_path):
+    import shutil
+
+    from rali_edge.engines.onnx import quantize_int8, smooth_mlp_outputs
+
+    smoothed = tmp_path / "smoothed.onnx"
+    shutil.copy(exported["fp32", "score"], smoothed)
+    calibration = [inputs["real"][:2].numpy(), inputs["real"][2:].numpy()]
+    layers = model[0].encoder.config.num_hidden_layers
+    assert smooth_mlp_outputs(smoothed, calibration) == layers
+    pixels = {"pixels": inputs["random"].numpy()}
+    plain = onnx_session(exported["fp32", "score"]).run(None, pixels)[0]
+    # x / s times (s w) is x w up to fp32 rounding of the scales (seen: ~1e-6 of score).
+    np.testing.assert_allclose(onnx_session(smoothed).run(None, pixels)[0], plain, atol=1e-4)
+    graph = onnx.load(str(smoothed)).graph
+    scales = [n for n in graph.node if n.name.startswith("smooth_")]
+    assert len(scales) == layers and all(n.op_type == "Mul" for n in scales)
+
+    int8 = tmp_path / "int8.onnx"
+    quantize_int8(smoothed, int8, reduce_range=False, mlp_out_fp32=False)
+    nodes = onnx.load(str(int8)).graph.node
+    assert len([n for n in nodes if n.op_type == "MatMulInteger"]) == 6 * layers  # fc2 as well
+    assert not any(n.name.startswith(HEAD_PREFIX) and n.op_type == "MatMulInteger" for n in nodes)
+    got = onnx_session(int8).run(None, {"pixels": inputs["real"].numpy()})[0]
+    assert np.abs(got - reference(model[0], inputs["real"], "score")).max() <= 0.15  # as in the test above
+
+
+def test_int8_build_tries_the_smoothed_form_first_then_fc2_in_fp32(small_model, photos, tmp_path, monkeypatch):
+    from rali_edge.engines import builder
+    from rali_edge.engines.fidelity import FidelityReport
+
+    real_check = builder.check_engine
+    verdicts = iter([False, True])  # the first form fails its check, the second passes
+
+    def check_engine(*args, **kwargs):
+        report = real_check(*args, **kwargs)
+        return FidelityReport(**{**report.to_dict(), "passed": next(verdicts)})
+
+    monkeypatch.setattr(builder, "check_engine", check_engine)
+    notes = []
+    progress = builder.Progress(live=False)
+    progress.note = notes.append
+    built = builder.build(small_model, "onnx", precision="int8", output=tmp_path, calib_dir=photos[0].parent,
+                          progress=progress)
+    assert built.info.build_options["int8"]["form"] == "mlp-out-fp32" and built.fidelity.passed
+    assert any("int8 as smoothed failed the fidelity check" in n and "building it as mlp-out-fp32" in n for n in notes)
+    assert [p.name for p in tmp_path.iterdir()] and all(".tmp" not in p.name for p in tmp_path.iterdir())
+    monkeypatch.setattr(builder, "check_engine", real_check)
+    first = builder.build(small_model, "onnx", precision="int8", output=tmp_path / "loose", calib_dir=photos[0].parent,
+                          max_score_diff=1.0)
+    assert first.info.build_options["int8"] == {**first.info.build_options["int8"], "form": "smoothed",
+                                                "calibration_images": len(photos)}
+    unchecked = builder.build(small_model, "onnx", precision="int8", output=tmp_path / "unchecked", check=False)
+    assert unchecked.info.build_options["int8"]["form"] == "mlp-out-fp32"  # no check: the form closest to fp32
 
 
 def test_vnni_is_read_from_the_cpu_flags(tmp_path):
