@@ -14,11 +14,15 @@ instead of building again (`rali-edge cache clear` forgets it). Each entry has a
 processes starting at once build it once (the second waits, then uses it). Builds are written
 under a temporary name and renamed into place, so no reader ever sees half an engine.
 
-How `auto` chooses (`choose`): on a CPU, ONNX Runtime (MLAS's fp32 GEMMs ran 1.7x MKL's on the
-2-core Zen 5 we measured, and ONNX Runtime's engine was 2.18x the published pipeline end to end;
-bench/results/e2e-cpu.md); int8 is ONNX Runtime's too; bf16 and fp16 run eager PyTorch (ONNX
-Runtime has no bf16 CPU kernels; oneDNN uses AVX-512 BF16 or AMX where the CPU has them). On an
-NVIDIA GPU, TensorRT when it is installed, else eager PyTorch with the fused Triton head.
+How `auto` chooses. The precision (dtype="auto", the default: `auto_dtype`): the fastest of
+`fast_dtypes` (bf16 on CPUs with bf16 instructions, fp16 on GPUs) whose eager scores stay within
+EXACT (1e-3) of fp32 on the fidelity images, measured once per model and machine and kept as a
+verdict beside the engines; else fp32. The path for a precision (`choose`): on a CPU, fp32 runs
+ONNX Runtime's engine (MLAS's fp32 GEMMs ran 1.7x MKL's on one 2-core Zen 5 and the same on
+another: never slower; bench/results/e2e-cpu.md); int8 is ONNX Runtime's too (its fastest form
+that passes the fidelity check: engines/onnx.py); bf16 and fp16 run eager PyTorch (ONNX Runtime
+has no bf16 CPU kernels; oneDNN uses AVX-512 BF16 or AMX where the CPU has them). On an NVIDIA
+GPU, TensorRT when it is installed, else eager PyTorch with the fused Triton head.
 """
 
 from __future__ import annotations
@@ -82,6 +86,62 @@ def choose(device: str, dtype: str) -> Choice:
                                    "so PyTorch runs the encoder, about half as fast", fallback=True)
 
 
+# dtype="auto" (the default): the fastest precision whose scores stay within EXACT of fp32 on the
+# fidelity images, on this machine. fp32 paths differ from each other by ~1e-6 (summation order);
+# 1e-3 of a 1..5 score is far below what anyone could see, and what bf16's 8-bit mantissa may cost.
+EXACT = 1e-3
+
+
+def fast_dtypes(device: str) -> list[str]:
+    """The reduced precisions dtype="auto" tries before fp32 on `device`, fastest first: on a GPU
+    fp16; on a CPU bf16 where it has bf16 instructions (AVX-512 BF16, AMX, Arm BF16; elsewhere
+    oneDNN emulates bf16 and it is slower than fp32)."""
+    from rali_edge.engines.naming import cpu_flags
+
+    if str(device).startswith("cuda"):
+        return ["fp16"]
+    return ["bf16"] if cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"} else []
+
+
+def auto_dtype(model_path: Path, manifest, device: str, progress=None) -> str:
+    """The first of `fast_dtypes` that `keeps_scores`, else fp32."""
+    return next((d for d in fast_dtypes(device) if keeps_scores(model_path, manifest, device, d, progress)), "fp32")
+
+
+def keeps_scores(model_path: Path, manifest, device: str, dtype: str, progress=None) -> bool:
+    """Whether eager PyTorch in `dtype` scores the fidelity images within EXACT of fp32 here:
+    measured on first use, then remembered in the cache (a verdict beside the engines, trusted
+    only while its `stamp` matches this machine)."""
+    from rali_edge.engines import builder
+
+    path = cache_dir() / manifest.weights_sha256[:16] / f"auto.{str(device).replace(':', '')}.{dtype}.verdict.json"
+    here = stamp("torch", device)
+    with _locked(path):
+        verdict = _read_json(path)
+        if verdict and verdict.get("cache") == here:
+            return verdict["fidelity"]["passed"]
+        progress = progress or builder.Progress()
+        progress.note(f"first use of {manifest.name} here: does {dtype} keep its scores within {EXACT} of fp32? "
+                      f"Measured once on the fidelity images (seconds for small models, a minute or two for ViT-L)")
+        with progress.step(f"{dtype} against fp32 PyTorch"):
+            report = _compare_dtype(model_path, device, dtype)
+        progress.note(f"{dtype}: {report.summary()}; auto runs {dtype if report.passed else 'fp32'}")
+        path.write_text(json.dumps({"dtype": dtype, "fidelity": report.to_dict(), "cache": here}, indent=2))
+    return report.passed
+
+
+def _compare_dtype(model_path: Path, device: str, dtype: str):
+    from rali_edge.engines.fidelity import compare, find_images, score_files
+    from rali_edge.model_file import load_model
+    from rali_edge.scoring import Scorer
+
+    images = find_images(None)
+    model, manifest = load_model(model_path)
+    reference, _ = score_files(Scorer(model, manifest, device=device, dtype="fp32", head="torch"), images, 8)
+    fast, skipped = score_files(Scorer(model, manifest, device=device, dtype=dtype, head="torch"), images, 8)
+    return compare(reference, fast, EXACT, f"fp32 PyTorch on {device}", skipped)
+
+
 def entry_path(manifest, choice: Choice, device: str, batch: BatchRange | None = None) -> Path:
     """Where the cache keeps the engine of `choice` for this model on this machine."""
     from rali_edge.engines.backends import backend
@@ -114,14 +174,21 @@ def stamp(backend_name: str, device: str) -> dict:
 
     from rali_edge.engines.backends import backend
 
-    chosen = backend(backend_name)
     versions = {}
     for package in ("rali-edge", "torch", "onnx", "onnxruntime", "tensorrt"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = None
-    return {"runtime": chosen.runtime(chosen.run_device(device)).to_dict(), "cpu": _cpu_model(), "versions": versions}
+    if backend_name == "torch":  # eager PyTorch: the device it runs on
+        import torch
+
+        gpu = torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else None
+        runtime = {"device": str(device), "gpu": gpu}
+    else:
+        chosen = backend(backend_name)
+        runtime = chosen.runtime(chosen.run_device(device)).to_dict()
+    return {"runtime": runtime, "cpu": _cpu_model(), "versions": versions}
 
 
 def _cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:
@@ -168,7 +235,7 @@ def cached_engine(model_path: Path, manifest, choice: Choice, device: str, progr
             return path
         here = stamp(choice.backend, device)
         refused = _refusal(path)
-        note = _read_refusal(refused)
+        note = _read_json(refused)
         if note and note.get("cache") == here:
             raise PrecisionRefused(f"{note['message']} (remembered in {refused}; `rali-edge cache clear` forgets it)")
         evict(path)
@@ -198,7 +265,7 @@ def cached_engine(model_path: Path, manifest, choice: Choice, device: str, progr
     return path
 
 
-def _read_refusal(path: Path) -> dict | None:
+def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):  # none, or unreadable: build (and check) again
@@ -213,23 +280,20 @@ def _first_clause(error: Exception) -> str:
 class Entry:
     path: Path
     size: int
-    info: dict | None  # the sidecar (a refusal: its note), None when unreadable
-    refused: bool = False
+    info: dict | None  # an engine's sidecar, a refusal's note or a verdict; None when unreadable
+    kind: str = "engine"  # "engine", "refused" (int8 failed its check) or "verdict" (dtype="auto"'s measurement)
 
 
 def entries() -> list[Entry]:
-    """Every engine (and refusal note) in the cache."""
-    root = cache_dir()
+    """Every engine, refusal note and verdict in the cache."""
     found = []
-    for path in sorted(root.glob("*/*")):
+    for path in sorted(cache_dir().glob("*/*")):
         if path.name.endswith(".refused"):
-            found.append(Entry(path, path.stat().st_size, _read_refusal(path), refused=True))
+            found.append(Entry(path, path.stat().st_size, _read_json(path), "refused"))
+        elif path.name.endswith(".verdict.json"):
+            found.append(Entry(path, path.stat().st_size, _read_json(path), "verdict"))
         elif sidecar_path(path).is_file() and path.is_file():
-            try:
-                info = json.loads(sidecar_path(path).read_text())
-            except (OSError, ValueError):
-                info = None
-            found.append(Entry(path, path.stat().st_size + sidecar_path(path).stat().st_size, info))
+            found.append(Entry(path, path.stat().st_size + sidecar_path(path).stat().st_size, _read_json(sidecar_path(path))))
     return found
 
 
@@ -242,5 +306,5 @@ def clear() -> tuple[int, int]:
     return len(files), freed
 
 
-__all__ = ["CACHE_ENV", "Choice", "Entry", "cache_dir", "cached_engine", "choose", "clear", "entries", "entry_path",
-           "evict", "stamp", "usable"]
+__all__ = ["CACHE_ENV", "EXACT", "Choice", "Entry", "auto_dtype", "cache_dir", "cached_engine", "choose", "clear",
+           "entries", "entry_path", "evict", "fast_dtypes", "keeps_scores", "stamp", "usable"]

@@ -111,6 +111,16 @@ def device_model() -> str | None:
         return None
 
 
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """This CPU's instruction-set flags (Linux /proc/cpuinfo: x86 `flags`, Arm `Features`); empty
+    elsewhere."""
+    try:
+        lines = Path(cpuinfo).read_text().splitlines()
+    except OSError:
+        return set()
+    return {flag for line in lines if line.startswith(("flags", "Features")) for flag in line.split(":", 1)[1].split()}
+
+
 def compute_capability_tag(major: int, minor: int) -> str:
     return f"sm{major}{minor}"
 

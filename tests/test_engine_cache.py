@@ -28,9 +28,12 @@ FP32_TOL = 1e-5
 
 @pytest.fixture
 def auto(tmp_path, monkeypatch):
-    """An empty cache folder, backend auto, and a count of the builds the cache starts."""
+    """An empty cache folder, backend auto, a CPU without bf16 instructions (so that dtype="auto"
+    is fp32 whatever CPU runs the tests; the bf16 choice has tests of its own), and a count of
+    the builds the cache starts."""
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "engines"))
     monkeypatch.delenv("RALI_EDGE_BACKEND", raising=False)
+    monkeypatch.setattr(cache, "fast_dtypes", lambda device: [])
     builds = []
     real_build = builder.build
 
@@ -50,7 +53,7 @@ def test_first_use_builds_then_hits(auto, small_model, photos, capsys):
     first = rali_edge.load(small_model)
     assert (first.backend, first.dtype_name) == ("onnx", "fp32")
     assert first.engine.parent.parent == cache.cache_dir() and first.engine.is_file()
-    assert "first use of" in capsys.readouterr().err and auto == ["fp32"]
+    assert "building its onnx fp32 engine" in capsys.readouterr().err and auto == ["fp32"]
     second = rali_edge.load(small_model)
     assert second.engine == first.engine and auto == ["fp32"]  # a hit: nothing built
     assert "first use" not in capsys.readouterr().err
@@ -101,13 +104,13 @@ def test_a_corrupt_engine_file_is_rebuilt_when_it_will_not_open(auto, small_mode
 def test_two_processes_starting_at_once_build_once(tmp_path, small_model, photos):
     env = {**os.environ, cache.CACHE_ENV: str(tmp_path / "engines")}
     env.pop("RALI_EDGE_BACKEND", None)
-    code = ("import sys, rali_edge; s = rali_edge.load(sys.argv[1]); "
+    code = ("import sys, rali_edge; s = rali_edge.load(sys.argv[1], dtype='fp32'); "
             "print(s.backend, s.engine, s.score([sys.argv[2]])[0])")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(small_model), str(photos[0])], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    assert sum(err.count("first use of") for _, err in outs) == 1, outs  # the second waited, then hit
+    assert sum(err.count("building its onnx") for _, err in outs) == 1, outs  # the second waited, then hit
     lines = [out.split() for out, _ in outs]
     assert lines[0][:2] == lines[1][:2] and lines[0][0] == "onnx"
     assert float(lines[0][2]) == pytest.approx(float(lines[1][2]), abs=1e-7)
@@ -236,3 +239,76 @@ def test_profile_reports_the_path_auto_ran(auto, small_model, photos, tmp_path):
     assert Path(ran["engine"]).parent.parent == cache.cache_dir()
     assert "RALI ran: onnx fp32, engine " in result.output and "(chosen by --backend auto)" in result.output
     assert "RALI backend `onnx` (chosen by auto; engine" in (tmp_path / "p" / "profile.md").read_text()
+
+
+# ------------------------------------------------------------------------ dtype="auto"
+@pytest.fixture
+def bf16_cpu(auto, monkeypatch):
+    """A CPU with bf16 instructions, and a count of the bf16-against-fp32 measurements."""
+    monkeypatch.setattr(cache, "fast_dtypes", lambda device: ["bf16"])
+    measured = []
+    real = cache._compare_dtype
+
+    def counting(*args):
+        measured.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(cache, "_compare_dtype", counting)
+    return measured
+
+
+def test_auto_dtype_runs_bf16_when_it_keeps_the_scores(bf16_cpu, auto, small_model, photos, monkeypatch):
+    # bf16's 8-bit mantissa moves the random small model's scores by ~0.01: above EXACT (1e-3), so
+    # for this test the bar is raised; the next test keeps it.
+    monkeypatch.setattr(cache, "EXACT", 0.5)
+    scorer = rali_edge.load(small_model)
+    assert (scorer.backend, scorer.dtype_name, scorer.engine) == ("torch", "bf16", None)
+    assert bf16_cpu == ["bf16"] and auto == []  # measured, nothing built
+    assert rali_edge.load(small_model).dtype_name == "bf16" and bf16_cpu == ["bf16"]  # remembered
+    assert scorer.score(photos) == pytest.approx(torch_scores(small_model, photos), abs=0.5)
+    rows = [json.loads(line) for line in CliRunner().invoke(main, ["cache", "list", "--json"]).stdout.splitlines()]
+    assert [(r["kind"], r["precision"], r["passed"]) for r in rows] == [("verdict", "bf16", True)]
+
+
+def test_auto_dtype_keeps_fp32_when_bf16_moves_scores(bf16_cpu, auto, small_model, photos):
+    scorer = rali_edge.load(small_model)
+    assert (scorer.backend, scorer.dtype_name) == ("onnx", "fp32") and bf16_cpu == ["bf16"]
+    verdict = next(e for e in cache.entries() if e.kind == "verdict")
+    assert not verdict.info["fidelity"]["passed"] and verdict.info["fidelity"]["max_abs_diff"] > cache.EXACT
+    assert rali_edge.load(small_model).dtype_name == "fp32" and bf16_cpu == ["bf16"]  # not measured again
+    assert "too far: fp32 runs" in CliRunner().invoke(main, ["cache", "list"]).output
+    # Explicit dtypes and explicit backends measure nothing.
+    assert rali_edge.load(small_model, dtype="bf16").dtype_name == "bf16"
+    assert rali_edge.load(small_model, backend="torch").dtype_name == "fp32"
+    assert rali_edge.load(small_model, cache=False).dtype_name == "fp32" and bf16_cpu == ["bf16"]
+
+
+def test_a_verdict_from_another_machine_is_measured_again(bf16_cpu, small_model):
+    rali_edge.load(small_model)
+    verdict = next(e for e in cache.entries() if e.kind == "verdict")
+    data = json.loads(verdict.path.read_text())
+    data["cache"]["cpu"] = "Another CPU"
+    verdict.path.write_text(json.dumps(data))
+    rali_edge.load(small_model)
+    assert bf16_cpu == ["bf16", "bf16"]
+
+
+def test_fast_dtypes_follow_the_cpu_flags(monkeypatch):
+    from rali_edge.engines import naming
+
+    fresh = cache  # no `auto` fixture here: the real fast_dtypes
+    for flags, expected in [({"avx2", "avx512_bf16"}, ["bf16"]), ({"amx_bf16"}, ["bf16"]), ({"asimd", "bf16"}, ["bf16"]),
+                            ({"avx2", "avx512f"}, [])]:
+        monkeypatch.setattr(naming, "cpu_flags", lambda flags=flags: flags)
+        assert fresh.fast_dtypes("cpu") == expected
+    assert fresh.fast_dtypes("cuda:0") == ["fp16"]
+
+
+def test_cpu_flags_read_x86_and_arm(tmp_path):
+    from rali_edge.engines.naming import cpu_flags
+
+    (tmp_path / "x86").write_text("processor : 0\nflags : fpu avx2 avx512_bf16\n")
+    (tmp_path / "arm").write_text("processor : 0\nFeatures : fp asimd bf16\n")
+    assert cpu_flags(str(tmp_path / "x86")) == {"fpu", "avx2", "avx512_bf16"}
+    assert cpu_flags(str(tmp_path / "arm")) == {"fp", "asimd", "bf16"}
+    assert cpu_flags(str(tmp_path / "none")) == set()

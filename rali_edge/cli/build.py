@@ -70,7 +70,7 @@ def build_command(model, target, precision, batch_text, head, workspace, timing_
     from rali_edge.engines.builder import Progress, build
 
     if target == "auto":
-        return _build_auto(model, precision or "fp32", device or "cpu", Progress(live=progress))
+        return _build_auto(model, precision or "auto", device or "cpu", Progress(live=progress))
     try:
         built = build(model, target, precision=precision, batch=batch_text, head=head, device=device, output=output,
                       check=check, calib_dir=calib_dir, max_score_diff=max_score_diff, keep_failed=keep_failed,

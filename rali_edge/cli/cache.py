@@ -16,24 +16,28 @@ def cache_command():
 @cache_command.command("list")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per entry on stdout.")
 def list_command(as_json):
-    """Show every cached engine: model, backend, precision, size, fidelity."""
+    """Show every cached engine (model, backend, precision, size, fidelity), int8 refusals, and
+    the verdicts of --dtype auto (whether a reduced precision keeps the scores within 1e-3)."""
     from rali_edge.engines import cache
 
     found = cache.entries()
     for e in found:
         info = e.info or {}
-        fidelity = (info.get("fidelity") or {})
-        row = {"path": str(e.path), "bytes": e.size, "refused": e.refused, "model": info.get("model", {}).get("name"),
-               "backend": info.get("target"), "precision": info.get("precision"),
+        fidelity = info.get("fidelity") or {}
+        row = {"path": str(e.path), "kind": e.kind, "bytes": e.size, "model": info.get("model", {}).get("name"),
+               "backend": info.get("target", "torch" if e.kind == "verdict" else None),
+               "precision": info.get("precision", info.get("dtype")),
                "max_abs_diff": fidelity.get("max_abs_diff"), "passed": fidelity.get("passed")}
         if as_json:
             click.echo(json.dumps(row))
-        elif e.refused:
-            click.echo(f"refused  {e.path.name}: {(e.info or {}).get('message', '?')[:200]}")
+        elif e.kind == "refused":
+            click.echo(f"refused  {e.path.name}: {info.get('message', '?')[:200]}")
         else:
             diff = "?" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.4f}"
-            click.echo(f"{e.size / 2**20:7.1f} MiB  {row['backend'] or '?':<8} {row['precision'] or '?':<5} "
-                       f"max |diff| {diff}  {e.path}")
+            size = "verdict " if e.kind == "verdict" else f"{e.size / 2**20:7.1f} MiB"
+            verdict = "" if e.kind == "engine" else (" kept" if row["passed"] else " too far: fp32 runs")
+            click.echo(f"{size}  {row['backend'] or '?':<8} {row['precision'] or '?':<5} "
+                       f"max |diff| {diff}{verdict}  {e.path}")
     if not as_json:
         click.echo(f"{len(found)} entries in {cache.cache_dir()}", err=True)
 

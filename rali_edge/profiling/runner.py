@@ -119,10 +119,13 @@ def load_image_set(paths: list[str] | None) -> ImageSet:
     return ImageSet(files, [Path(f).name for f in files], "files", sizes, skipped)
 
 
-def bundled_photographs(long_side: int = DEFAULT_LONG_SIDE) -> ImageSet:
+def bundled_photographs(long_side: int = DEFAULT_LONG_SIDE, distorted: bool = False) -> ImageSet:
+    """The bundled clean photographs (with `distorted`, every bundled sample) enlarged to
+    `long_side`, JPEG-encoded in memory."""
     from PIL import Image
 
-    clean = [f for f in images_in(SAMPLES_DIR) if "_clean" in f.name] if SAMPLES_DIR.is_dir() else []
+    samples = images_in(SAMPLES_DIR) if SAMPLES_DIR.is_dir() else []
+    clean = [f for f in samples if distorted or "_clean" in f.name]
     if not clean:
         return synthetic_images()
     sources, names, sizes = [], [], []

@@ -62,7 +62,7 @@ class Baseline:
             resolve_model_folder(self.model)
 
 
-def run_profile(model=None, *, backend: str | None = None, engine=None, device: str = "cpu", dtype: str = "fp32",
+def run_profile(model=None, *, backend: str | None = None, engine=None, device: str = "cpu", dtype: str = "auto",
                 head: str = "auto", cache: bool = True, batch_sizes=(1, 8, 32), warmup: int = 3, iters: int | None = None,
                 duration: float | None = None, images: list[str] | None = None, power: str = "auto",
                 sysfs_root: str = "/sys", idle_seconds: float = 3.0, baseline: Baseline | None = None,
