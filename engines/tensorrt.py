@@ -11,7 +11,7 @@ Two precision paths, picked from the installed TensorRT's major version (`plan_p
 
 Runners:
 - `TensorRTEncoder`: an EncoderBackend for rali_edge.load(..., backend="tensorrt") on torch CUDA
-  tensors, with `execute_async_v3` on torch's current stream and a CUDA graph for batch 1.
+  tensors, with `execute_async_v3` on a stream of its own and a CUDA graph for batch 1.
 - `TensorRTScorer`: no torch at all (pycuda buffers, numpy preprocessing, the head inside the
   engine), for devices where installing torch is a burden:
       TensorRTScorer("rali.trt10.3.sm87.fp16.b1-8.plan").score(["a.jpg", "b.jpg"])
@@ -25,7 +25,9 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +51,7 @@ from rali_edge.errors import (
     EngineMismatchError,
     MissingDependencyError,
     RaliEdgeError,
+    ScoringError,
     UsageError,
 )
 
@@ -60,8 +63,16 @@ INSTALL_HINT = (
     "TensorRT's Python package is not installed (or not visible to this Python). "
     "On a Jetson, use the TensorRT that ships with JetPack: `sudo apt install python3-libnvinfer "
     "python3-libnvinfer-dev`, and create your virtualenv with --system-site-packages so it sees it "
-    "(never pip-install another TensorRT there). On a desktop GPU: pip install 'rali-edge[tensorrt]'. "
+    "(never pip-install another TensorRT there). On a desktop GPU: pip install 'rali-edge[tensorrt]' (NVIDIA "
+    "driver R580 or newer; with an older CUDA 12 driver: pip install rali-edge pycuda tensorrt-cu12). "
     "Without TensorRT, `--target aoti` builds an engine with PyTorch alone."
+)
+# PyPI's `tensorrt` (11.x) is built for CUDA 13: on an older driver it imports, then cannot start CUDA.
+DRIVER_HINT = (
+    "PyPI's tensorrt is built for CUDA 13 (tensorrt-cu13) and needs an NVIDIA driver R580 or newer (nvidia-smi "
+    "shows yours); with a CUDA 12 driver (R525 or newer) use TensorRT's CUDA 12 build: pip uninstall tensorrt "
+    "tensorrt-cu13 tensorrt-cu13-libs tensorrt-cu13-bindings, then pip install tensorrt-cu12 (or 'tensorrt<11'). "
+    "On a Jetson use JetPack's TensorRT (sudo apt install python3-libnvinfer), never a PyPI wheel."
 )
 
 
@@ -71,8 +82,43 @@ def import_tensorrt():
     except ImportError:
         raise MissingDependencyError(INSTALL_HINT) from None
     except OSError as e:  # the bindings are there but libnvinfer.so is not
-        raise MissingDependencyError(f"TensorRT is installed but cannot load its libraries ({e}). {INSTALL_HINT}") from None
+        raise MissingDependencyError(f"TensorRT is installed but cannot load its libraries ({e}). {DRIVER_HINT}") from None
     return trt
+
+
+def _create(trt, factory, logger):
+    """trt.Builder(logger) or trt.Runtime(logger). TensorRT gives no object (pybind's TypeError)
+    when it cannot start CUDA, most often a driver older than the CUDA this TensorRT was built for."""
+    try:
+        return factory(logger)
+    except TypeError:
+        raise MissingDependencyError(
+            f"TensorRT {trt.__version__} cannot start CUDA (see its messages above). {DRIVER_HINT}") from None
+
+
+@contextmanager
+def on_gpu(index: int):
+    """Make GPU `index` current on this thread: TensorRT builds, loads and runs on the device that is
+    current when its builder, runtime and contexts are created and when it enqueues. With torch when
+    it has CUDA, else with pycuda (as gpu_info finds the GPU)."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None and torch.cuda.is_available():
+        with torch.cuda.device(index):
+            yield
+        return
+    import pycuda.driver as cuda
+
+    cuda.init()
+    context = cuda.Device(index).retain_primary_context()
+    context.push()
+    try:
+        yield
+    finally:
+        context.pop()
+        context.detach()
 
 
 def tensorrt_major(version: str) -> int:
@@ -119,6 +165,19 @@ def plan_precision(trt_major: int, precision: str, typing: str = "auto") -> Prec
         return PrecisionPlan("fp32", strongly_typed=False, cleared_flags=no_tf32)
     return PrecisionPlan("fp32", strongly_typed=False, builder_flags=(precision.upper(), "OBEY_PRECISION_CONSTRAINTS"),
                          pin_fp32=True)
+
+
+def fallback_plan(trt_major: int, precision: str, typing: str) -> PrecisionPlan | None:
+    """The plan to build with when TensorRT built nothing (build_serialized_network returned None)
+    from plan_precision(trt_major, precision, typing), or None when there is nothing else to try.
+    Weak typing under OBEY_PRECISION_CONSTRAINTS may find no kernel that keeps a pinned layernorm or
+    softmax in fp32; strong typing (the casts are in the ONNX, as on TensorRT 11) builds those as
+    given, and needs less memory too. Only when --typing auto chose weak typing: an explicit
+    --typing weak is kept."""
+    plan = plan_precision(trt_major, precision, typing)
+    if typing != "auto" or "OBEY_PRECISION_CONSTRAINTS" not in plan.builder_flags:
+        return None
+    return plan_precision(trt_major, precision, "strong")
 
 
 def wants_fp32(layer_name: str, layer_type: str) -> bool:
@@ -217,17 +276,18 @@ def tensorrt_runtime(device_index: int = 0) -> RuntimeInfo:
                        compute_capability=cc, device_model=device_model())
 
 
-def _logger(trt, collected: list[str] | None = None):
-    """A TensorRT logger that prints warnings and errors and keeps the errors for our messages."""
+def _logger(trt):
+    """A TensorRT logger that prints warnings and errors and keeps the errors (`.errors`) for our messages."""
 
     class Logger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
+            self.errors: list[str] = []
 
         def log(self, severity, msg):
             # Severity: INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4.
-            if int(severity) <= int(trt.ILogger.Severity.ERROR) and collected is not None:
-                collected.append(str(msg))
+            if int(severity) <= int(trt.ILogger.Severity.ERROR):
+                self.errors.append(str(msg))
             if int(severity) <= int(trt.ILogger.Severity.WARNING):
                 print(f"[TensorRT] {msg}", file=sys.stderr, flush=True)
 
@@ -239,12 +299,14 @@ ProgressCallback = Callable[[str, str, int, int], bool]  # (event, phase, step, 
 
 
 def _progress_monitor(trt, callback: ProgressCallback):
-    """Adapt TensorRT's IProgressMonitor (10.0+) to a plain callback; returning False cancels."""
+    """Adapt TensorRT's IProgressMonitor (10.0+) to a plain callback; returning False cancels, and
+    `.stop` is then what build_engine raises once TensorRT has returned."""
 
     class Monitor(trt.IProgressMonitor):
         def __init__(self):
             trt.IProgressMonitor.__init__(self)
             self.steps: dict[str, int] = {}
+            self.stop: BaseException | None = None
 
         def phase_start(self, phase_name, parent_phase, num_steps):
             self.steps[phase_name] = num_steps
@@ -252,9 +314,12 @@ def _progress_monitor(trt, callback: ProgressCallback):
 
         def step_complete(self, phase_name, step):
             try:
-                return bool(callback("step", phase_name, step, self.steps.get(phase_name, 0)))
-            except KeyboardInterrupt:
-                return False  # cancels the build cleanly instead of raising through C++
+                if callback("step", phase_name, step, self.steps.get(phase_name, 0)):
+                    return True
+                self.stop = RaliEdgeError("the TensorRT build was cancelled")
+            except KeyboardInterrupt as e:
+                self.stop = e  # cancels the build cleanly instead of raising through C++
+            return False
 
         def phase_finish(self, phase_name):
             callback("finish", phase_name, self.steps.pop(phase_name, 0), 0)
@@ -273,13 +338,15 @@ class BuildResult:
 
 def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch: BatchRange, image_size: tuple[int, int],
                  plan: PrecisionPlan, workspace_gib: float | None = None, timing_cache: str | Path | None = None,
-                 progress: ProgressCallback | None = None, head_in_engine: bool = True) -> BuildResult:
+                 progress: ProgressCallback | None = None, head_in_engine: bool = True) -> BuildResult | None:
     """Parse the ONNX file, configure precision, one optimisation profile (batch.min/opt/max),
-    the workspace limit and the timing cache, and write the serialized engine to plan_path."""
+    the workspace limit and the timing cache, and write the serialized engine to plan_path.
+    Builds on the current CUDA device (`on_gpu`). Returns None when TensorRT built no engine (no
+    kernels for the constraints, or out of memory; its messages are printed): `fallback_plan`
+    says what to try next."""
     trt = import_tensorrt()
-    errors: list[str] = []
-    logger = _logger(trt, errors)
-    builder = trt.Builder(logger)
+    logger = _logger(trt)
+    builder = _create(trt, trt.Builder, logger)
     flags = 0
     if plan.strongly_typed:
         # TensorRT 10 needs the flag; in 11 every network is strongly typed (the flag may be gone).
@@ -289,7 +356,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch: BatchRa
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        details = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "; ".join(errors)
+        details = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "; ".join(logger.errors)
         raise RaliEdgeError(f"TensorRT could not parse {onnx_path}: {details}")
     _check_network_io(network, image_size)
 
@@ -329,13 +396,11 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch: BatchRa
         config.progress_monitor = monitor
 
     serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise RaliEdgeError(
-            "TensorRT could not build the engine"
-            + (f": {'; '.join(errors[-3:])}" if errors else "")
-            + ". If it ran out of memory, lower --workspace or try --typing strong; if it was cancelled, run it again."
-        )
+    if monitor is not None and monitor.stop is not None:
+        raise monitor.stop  # a Ctrl-C stays one: the builder removes the partial files
     del monitor
+    if serialized is None:
+        return None
     plan_path = Path(plan_path)
     plan_path.write_bytes(memoryview(serialized))
     written = False
@@ -355,16 +420,19 @@ def _check_network_io(network, image_size: tuple[int, int]) -> None:
 
 
 def _deserialize(trt, path: str | Path):
-    errors: list[str] = []
-    logger = _logger(trt, errors)
-    runtime = trt.Runtime(logger)
+    logger = _logger(trt)
+    runtime = _create(trt, trt.Runtime, logger)
     engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
     if engine is None:
         raise EngineMismatchError(
-            f"{path}: TensorRT {trt.__version__} could not load this engine ({'; '.join(errors[-2:]) or 'no details'}); "
+            f"{path}: TensorRT {trt.__version__} could not load this engine ({_details(logger)}); "
             "rebuild it on this machine with `rali-edge build`"
         )
     return runtime, engine, logger
+
+
+def _details(logger) -> str:
+    return "; ".join(logger.errors[-2:]) or "no details"
 
 
 def _io_names(trt, engine) -> tuple[str, str]:
@@ -377,10 +445,25 @@ def _io_names(trt, engine) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------- runner with torch
+def graph_failure(warmed: bool, captured: bool) -> str | None:
+    """Why the batch-1 CUDA graph cannot be replayed, from what execute_async_v3 returned in the
+    warm-up run and under capture, or None when it can: a graph whose enqueue failed would replay
+    into an output buffer nothing wrote."""
+    if not warmed:
+        return "TensorRT's warm-up run failed"
+    if not captured:
+        return "TensorRT's run under capture failed"
+    return None
+
+
 class TensorRTEncoder:
-    """EncoderBackend: torch CUDA tensors in and out, execute_async_v3 on torch's current stream.
-    Batch 1 replays a CUDA graph (captured on first use) on its own execution context, which
-    saves the per-layer launch cost that dominates small batches on Jetson CPUs."""
+    """EncoderBackend: torch CUDA tensors in and out. TensorRT runs on a stream of its own
+    (enqueueV3 on the default stream adds a device synchronisation), after what the caller had
+    queued on its current stream and before what it queues next, so the caller reads the results
+    on its stream. Batch 1 replays a CUDA graph (captured on first use) on a second execution
+    context, which saves the per-layer launch cost that dominates small batches on Jetson CPUs.
+    The two contexts share one activation buffer: the lock and the one stream keep them from
+    ever running at once."""
 
     def __init__(self, path: str | Path, info: EngineInfo, device: str = "cuda", cuda_graph: bool | None = None):
         import torch
@@ -400,7 +483,10 @@ class TensorRTEncoder:
             self.device = torch.device("cuda", torch.cuda.current_device())
         with torch.cuda.device(self.device):
             self._runtime, self.engine, self._logger = _deserialize(trt, path)
-            self.context = self.engine.create_execution_context()
+            self._memory = None  # the activation buffer, made with the first context
+            self.context = self._new_context()
+            self.stream = torch.cuda.Stream(self.device)
+        self._lock = threading.Lock()
         self.input_name, self.output_name = _io_names(trt, self.engine)
         self.out_dtype = _torch_dtype(torch, trt, self.engine.get_tensor_dtype(self.output_name))
         if cuda_graph is None:
@@ -410,60 +496,82 @@ class TensorRTEncoder:
 
     def __call__(self, pixels):
         torch = self.torch
-        pixels = pixels.to(self.device, torch.float32)
-        with torch.cuda.device(self.device):
-            return self.batch.run_chunks(pixels, self._run, torch.cat)
-
-    def _run(self, chunk):
-        """One chunk within the profile (run_chunks has padded it to batch.min)."""
-        if chunk.shape[0] == 1 and self.use_graph:
-            out = self._run_graph(chunk)
-            if out is not None:
-                return out
-        chunk = chunk.contiguous()
-        self.context.set_input_shape(self.input_name, tuple(chunk.shape))
-        out = self.torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.out_dtype,
-                               device=self.device)
-        self.context.set_tensor_address(self.input_name, chunk.data_ptr())
-        self.context.set_tensor_address(self.output_name, out.data_ptr())
-        if not self.context.execute_async_v3(self.torch.cuda.current_stream(self.device).cuda_stream):
-            raise RaliEdgeError("TensorRT execute_async_v3 failed (see the TensorRT messages above)")
+        caller = torch.cuda.current_stream(self.device)
+        with self._lock, torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            self.stream.wait_stream(caller)  # the caller may still be writing the pixels
+            out = self.batch.run_chunks(pixels.to(self.device, torch.float32), self._run, torch.cat)
+        caller.wait_stream(self.stream)  # what the caller queues next (reading `out`) waits for TensorRT
+        out.record_stream(caller)  # made on our stream: not to be reused before the caller is done with it
         return out
 
-    def _run_graph(self, chunk):
-        if self._graph is None:
-            try:
+    def _new_context(self):
+        """An execution context on the runner's one activation buffer. The default (STATIC) would
+        preallocate the activations for each context, twice the memory on an 8 GB Orin; the plain
+        and the graph contexts never run at once, so they can share. TensorRT 10.0 (no
+        device_memory_size_v2) keeps the default."""
+        size = getattr(self.engine, "device_memory_size_v2", None)
+        if size is None:
+            return self.engine.create_execution_context()
+        if self._memory is None:
+            self._memory = self.torch.empty(size, dtype=self.torch.uint8, device=self.device)
+        context = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        context.set_device_memory(self._memory.data_ptr(), size)
+        return context
+
+    def _bind(self, context, pixels):
+        """Point `context` at `pixels` and at a new output tensor of the shape that gives; returns the output."""
+        context.set_input_shape(self.input_name, tuple(pixels.shape))
+        out = self.torch.empty(tuple(context.get_tensor_shape(self.output_name)), dtype=self.out_dtype,
+                               device=self.device)
+        context.set_tensor_address(self.input_name, pixels.data_ptr())
+        context.set_tensor_address(self.output_name, out.data_ptr())
+        return out
+
+    def _run(self, chunk):
+        """One chunk within the profile (run_chunks has padded it to batch.min), on self.stream."""
+        if chunk.shape[0] == 1 and self.use_graph:
+            if self._graph is None:
                 self._graph = self._capture()
-            except Exception as e:  # noqa: BLE001  not every engine can be captured; run without
-                print(f"[rali-edge] CUDA graph capture failed ({type(e).__name__}: {e}); running batch 1 without it",
-                      file=sys.stderr)
-                self.use_graph = False
-                return None
-        graph, static_in, static_out = self._graph
-        static_in.copy_(chunk)
-        graph.replay()
-        return static_out.clone()
+            if self._graph is not None:
+                graph, _, static_in, static_out = self._graph
+                static_in.copy_(chunk)
+                graph.replay()
+                return static_out.clone()
+        out = self._bind(self.context, chunk.contiguous())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise ScoringError(f"TensorRT could not run the engine ({_details(self._logger)})")
+        return out
 
     def _capture(self):
+        """(graph, its context, input, output) of one batch-1 run on a context of its own (whose shapes
+        then stay at batch 1), or None, with a note, when TensorRT cannot run under capture: the plain
+        path takes over. Called on self.stream, which the capture records."""
         torch = self.torch
-        context = self.engine.create_execution_context()  # its own context: shapes stay at batch 1
-        static_in = torch.zeros((1, 3, *self.image_size), device=self.device)
-        context.set_input_shape(self.input_name, tuple(static_in.shape))
-        static_out = torch.empty(tuple(context.get_tensor_shape(self.output_name)), dtype=self.out_dtype,
-                                 device=self.device)
-        context.set_tensor_address(self.input_name, static_in.data_ptr())
-        context.set_tensor_address(self.output_name, static_out.data_ptr())
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))  # static_in's zeros come first
-        # One plain run first: TensorRT finishes its lazy setup on the first enqueue, which must
-        # not happen inside the capture.
-        context.execute_async_v3(stream.cuda_stream)
-        stream.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            context.execute_async_v3(stream.cuda_stream)
-        self._graph_context = context  # the graph uses its memory: keep it alive
-        return graph, static_in, static_out
+        try:
+            context = self._new_context()
+            static_in = torch.zeros((1, 3, *self.image_size), device=self.device)
+            static_out = self._bind(context, static_in)
+            graph = torch.cuda.CUDAGraph()
+            # The first enqueue finishes TensorRT's lazy setup, which must not happen under capture;
+            # synchronising makes an error of that run raise here rather than at a replay.
+            warmed = context.execute_async_v3(self.stream.cuda_stream)
+            self.stream.synchronize()
+            captured = False
+            if warmed:
+                # thread_local: CUDA calls of other threads (decoders, a second scorer) stay legal meanwhile.
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    captured = context.execute_async_v3(self.stream.cuda_stream)
+                finally:
+                    graph.capture_end()  # ends the capture whatever the enqueue did
+            problem = graph_failure(warmed, captured)
+        except Exception as e:  # noqa: BLE001  not every engine can be captured; run without
+            problem = f"{type(e).__name__}: {e}"
+        if problem:
+            print(f"[rali-edge] CUDA graph capture failed ({problem}); running batch 1 without it", file=sys.stderr)
+            self.use_graph = False
+            return None
+        return graph, context, static_in, static_out
 
 
 def _torch_dtype(torch, trt, dtype):
@@ -635,16 +743,39 @@ class TensorRTBackend(Backend):
         return problems, warnings
 
     def build(self, model, path: Path, request: BuildRequest, info: EngineInfo, progress, written: list[Path]) -> None:
-        from rali_edge.engines.export import export_onnx
-
-        runtime = info.runtime
-        plan = plan_precision(tensorrt_major(runtime.tensorrt_version), request.precision, request.typing)
-        info.typing = plan.typing
-        info.build_options.update(workspace_gib=request.workspace_gib, typing=plan.typing,
-                                  timing_cache=request.timing_cache)
+        major = tensorrt_major(info.runtime.tensorrt_version)
+        plan = plan_precision(major, request.precision, request.typing)
         onnx_path = path.with_name(path.name + ".onnx")
         written.append(onnx_path)
-        batch = request.batch
+        try:
+            with on_gpu(cuda_index(request.device)):  # the GPU that info.runtime (the sidecar) describes
+                result = self._export_and_build(model, path, onnx_path, request, info, plan, progress)
+                retry = fallback_plan(major, request.precision, request.typing) if result is None else None
+                if retry is not None:
+                    progress.note("TensorRT built no weak-typed engine (no kernels for the fp32 layernorm, softmax "
+                                  "and head, or out of memory); building it strongly typed instead (--typing strong)")
+                    progress.total += self.build_steps(request)
+                    plan = retry
+                    result = self._export_and_build(model, path, onnx_path, request, info, plan, progress)
+        finally:
+            if not request.keep_onnx:
+                onnx_path.unlink(missing_ok=True)
+        if result is None:
+            raise RaliEdgeError(
+                f"TensorRT could not build the engine ({plan.typing} typing; see its messages above). If it ran out "
+                f"of memory, lower --workspace{'' if plan.strongly_typed else ' or try --typing strong'}.")
+        info.typing = plan.typing  # what was built: the sidecar says so
+        info.build_options.update(workspace_gib=request.workspace_gib, typing=plan.typing,
+                                  timing_cache=request.timing_cache)
+        if result.pinned_layers:
+            progress.note(f"kept {len(result.pinned_layers)} layers in fp32 (layernorm, softmax, reductions, head)")
+
+    def _export_and_build(self, model, path: Path, onnx_path: Path, request: BuildRequest, info: EngineInfo,
+                          plan: PrecisionPlan, progress) -> BuildResult | None:
+        """The two build steps for one precision plan: export the ONNX file it needs, build the plan."""
+        from rali_edge.engines.export import export_onnx
+
+        runtime, batch = info.runtime, request.batch
         with progress.step(f"exporting ONNX for TensorRT {runtime.tensorrt_version} ({plan.typing} typing, "
                            f"{plan.onnx_precision} weights)"):
             export_onnx(model, onnx_path, plan.onnx_precision, request.outputs, batch.min, batch.max)
@@ -654,17 +785,11 @@ class TensorRTBackend(Backend):
         advice = memory_advice(needed, available_memory_gib(), plan)
         if advice:
             progress.note(f"warning: {advice}")
-        try:
-            with progress.step(f"building the TensorRT engine on {runtime.gpu_name} ({runtime.compute_capability}, "
-                               f"{request.precision}, batch {batch}); this takes minutes"):
-                result = build_engine(onnx_path, path, batch=batch, image_size=tuple(info.image_size), plan=plan,
-                                      workspace_gib=request.workspace_gib, timing_cache=request.timing_cache,
-                                      progress=progress.tensorrt_callback, head_in_engine=request.outputs == "score")
-        finally:
-            if not request.keep_onnx:
-                onnx_path.unlink(missing_ok=True)
-        if result.pinned_layers:
-            progress.note(f"kept {len(result.pinned_layers)} layers in fp32 (layernorm, softmax, reductions, head)")
+        with progress.step(f"building the TensorRT engine on {runtime.gpu_name} ({runtime.compute_capability}, "
+                           f"{request.precision}, batch {batch}); this takes minutes"):
+            return build_engine(onnx_path, path, batch=batch, image_size=tuple(info.image_size), plan=plan,
+                                workspace_gib=request.workspace_gib, timing_cache=request.timing_cache,
+                                progress=progress.tensorrt_callback, head_in_engine=request.outputs == "score")
 
     def open(self, path: Path, info: EngineInfo, device: str) -> TensorRTEncoder:
         return TensorRTEncoder(path, info, device=device)
@@ -682,8 +807,11 @@ __all__ = [
     "available_memory_gib",
     "build_engine",
     "estimate_build_memory_gib",
+    "fallback_plan",
+    "graph_failure",
     "import_tensorrt",
     "memory_advice",
+    "on_gpu",
     "pin_fp32_layers",
     "plan_precision",
     "tensorrt_runtime",

@@ -20,9 +20,12 @@ from rali_edge.engines.builder import Progress
 from rali_edge.engines import export
 from rali_edge.engines.naming import major_minor, sidecar_path
 from rali_edge.engines.tensorrt import (
+    DRIVER_HINT,
     HEAD_PREFIX,
     PrecisionPlan,
     estimate_build_memory_gib,
+    fallback_plan,
+    graph_failure,
     memory_advice,
     plan_precision,
     tensorrt_major,
@@ -46,7 +49,15 @@ def test_build_tensorrt_without_tensorrt_is_a_clear_error(small_model, tmp_path)
     assert "error: TensorRT's Python package is not installed" in result.output
     assert "sudo apt install python3-libnvinfer" in result.output and "--system-site-packages" in result.output
     assert "pip install 'rali-edge[tensorrt]'" in result.output and "--target aoti" in result.output
+    assert "R580" in result.output and "tensorrt-cu12" in result.output  # PyPI's TensorRT 11 needs a new driver
     assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []
+
+
+def test_driver_hint_says_what_to_install_on_older_drivers():
+    """Shown when TensorRT's libraries do not load or it cannot start CUDA."""
+    for words in ("R580", "R525", "pip install tensorrt-cu12", "'tensorrt<11'", "pip uninstall tensorrt tensorrt-cu13",
+                  "JetPack", "apt install python3-libnvinfer"):
+        assert words in DRIVER_HINT, words
 
 
 @pytest.mark.skipif(HAVE_TENSORRT, reason="TensorRT is installed here; this checks the message when it is not")
@@ -100,6 +111,64 @@ def test_fp32_turns_tf32_off_and_old_tensorrt_is_refused():
     with pytest.raises(RaliEdgeError, match="precision"):
         plan_precision(10, "int8")
     assert tensorrt_major("10.3.0.30") == 10 and tensorrt_major("11.4.1") == 11
+
+
+def test_weak_builds_that_find_no_engine_are_retried_strongly_typed():
+    """TensorRT 10 with fp32-pinned layers under OBEY_PRECISION_CONSTRAINTS may build nothing; --typing
+    auto then retries with strong typing (what the sidecar records), an explicit choice is kept."""
+    for precision in ("fp16", "bf16"):
+        assert fallback_plan(10, precision, "auto") == plan_precision(10, precision, "strong")
+        assert fallback_plan(10, precision, "auto").typing == "strong"
+        assert fallback_plan(10, precision, "weak") is None  # asked for: the build error says --typing strong
+        assert fallback_plan(10, precision, "strong") is None  # nothing left to try
+        assert fallback_plan(11, precision, "auto") is None  # strong already
+    assert fallback_plan(10, "fp32", "auto") is None  # no constraints to miss
+
+
+@pytest.mark.parametrize("typing", ["auto", "weak"])
+def test_tensorrt_build_that_finds_no_engine(monkeypatch, tmp_path, typing):
+    """The backend's retry, around TensorRT (build_engine and the export replaced): auto re-exports
+    the ONNX for strong typing, builds again and records strong typing; an explicit weak fails."""
+    from contextlib import nullcontext
+
+    from rali_edge.engines import tensorrt as engines_trt
+    from rali_edge.engines.backends import BuildRequest
+    from rali_edge.engines.naming import BatchRange, EngineInfo, RuntimeInfo
+
+    plans, exported = [], []
+
+    def build_engine(onnx_path, plan_path, *, plan, **options):
+        plans.append(plan.typing)
+        return None if len(plans) == 1 else engines_trt.BuildResult(Path(plan_path), "10.3.0", plan.typing)
+
+    def export_onnx(model, path, precision, *args):
+        exported.append(precision)
+        Path(path).write_bytes(b"onnx")
+
+    monkeypatch.setattr(engines_trt, "build_engine", build_engine)
+    monkeypatch.setattr(engines_trt, "on_gpu", lambda index: nullcontext())
+    monkeypatch.setattr(export, "export_onnx", export_onnx)
+    info = EngineInfo("tensorrt", "fp16", "score", BatchRange(1, 1, 4), (56, 56), "m", "sha",
+                      RuntimeInfo(device_type="cuda", tensorrt_version="10.3.0", gpu_name="Orin", compute_capability="sm87"))
+    request = BuildRequest(precision="fp16", batch=info.batch, outputs="score", device="cuda", typing=typing)
+    out = io.StringIO()
+    progress = Progress(2, out=out, live=False)
+    if typing == "weak":
+        with pytest.raises(RaliEdgeError, match="could not build the engine .weak typing.*or try --typing strong"):
+            engines_trt.BACKEND.build(None, tmp_path / "m.plan", request, info, progress, [])
+        assert plans == ["weak"]
+        return
+    engines_trt.BACKEND.build(None, tmp_path / "m.plan", request, info, progress, [])
+    assert plans == ["weak", "strong"] and exported == ["fp32", "fp16"]  # strong typing: casts in an fp16 ONNX
+    assert info.typing == "strong" and info.build_options["typing"] == "strong"  # the sidecar's record
+    assert "building it strongly typed instead" in out.getvalue() and progress.total == 4
+    assert not (tmp_path / "m.plan.onnx").exists()
+
+
+def test_cuda_graph_is_used_only_when_both_enqueues_succeeded():
+    assert graph_failure(True, True) is None
+    assert "warm-up" in graph_failure(False, False)
+    assert "under capture" in graph_failure(True, False)
 
 
 def test_layers_kept_in_fp32():
@@ -189,6 +258,94 @@ def test_tensorrt_scores_match_pytorch(plan, small_model, batch):
     torch.testing.assert_close(engine.score_pixels(pixels).cpu(), want, atol=0.02, rtol=0)
     if batch == 1:
         assert engine.encoder._graph is not None or not engine.encoder.use_graph
+
+
+def _encoder(plan, **kwargs):
+    from rali_edge.engines.naming import read_sidecar
+    from rali_edge.engines.tensorrt import TensorRTEncoder
+
+    return TensorRTEncoder(plan[0], read_sidecar(plan[0]), **kwargs)
+
+
+def _pixels(n, seed=0, device="cuda"):
+    return torch.randn(n, 3, 56, 56, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_cuda_graph_matches_the_plain_path_at_batch_1(plan):
+    graph, plain = _encoder(plan, cuda_graph=True), _encoder(plan, cuda_graph=False)
+    for seed in range(3):  # new pixels each time: every replay reads its input anew
+        pixels = _pixels(1, seed)
+        torch.testing.assert_close(graph(pixels), plain(pixels), rtol=0, atol=1e-5)
+    assert graph._graph is not None and plain._graph is None
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_contexts_share_one_activation_buffer(plan):
+    encoder, plain = _encoder(plan, cuda_graph=True), _encoder(plan, cuda_graph=False)
+    size = encoder.engine.device_memory_size_v2
+    batches = _pixels(3, seed=1), _pixels(1, seed=2)
+    want = [plain(p) for p in batches]
+    for _ in range(2):  # the graph (batch 1) and the plain context (batch 3) overwrite each other's activations
+        for p, w in zip(batches, want):
+            torch.testing.assert_close(encoder(p), w, rtol=0, atol=1e-5)
+    assert encoder._graph is not None and encoder._memory.numel() == size
+
+    def free():
+        torch.cuda.synchronize()
+        return torch.cuda.mem_get_info()[0]
+
+    start = free()
+    ours = encoder._new_context()  # noqa: F841  (held while measuring)
+    mid = free()
+    default = encoder.engine.create_execution_context()  # noqa: F841  STATIC: preallocates its own activations
+    end = free()
+    # A context on the shared buffer costs `size` less than TensorRT's default (within the driver's 2 MiB page).
+    assert (mid - end) - (start - mid) >= size - 2 * 2**20, (start - mid, mid - end, size)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("n", [1, 3])  # 1: the CUDA graph; 3: the plain context
+def test_tensorrt_runs_on_its_own_stream_in_order_with_the_callers(plan, n):
+    encoder = _encoder(plan, cuda_graph=True)
+    assert encoder.stream.cuda_stream not in (0, torch.cuda.current_stream().cuda_stream)
+    source = _pixels(n)
+    want = encoder(source).clone()
+    caller = torch.cuda.Stream()
+    caller.wait_stream(torch.cuda.current_stream())  # `source` is ready
+    with torch.cuda.stream(caller):
+        pixels = torch.zeros_like(source)
+        torch.cuda._sleep(100_000_000)  # the caller's stream is busy for tens of milliseconds...
+        pixels.copy_(source)  # ...before it writes the pixels: TensorRT must wait for them
+        got = encoder(pixels).clone()  # read on the caller's stream: must wait for TensorRT
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensorrt_builds_and_runs_on_the_gpu_it_is_given(small_model, photos, tmp_path):
+    from rali_edge.engines.builder import build
+
+    free = lambda: [torch.cuda.mem_get_info(i)[0] for i in (0, 1)]
+    before = free()
+    lowest = list(before)
+
+    class Watch(Progress):
+        def tensorrt_callback(self, event, phase, step, total):
+            lowest[:] = map(min, lowest, free())
+            return True
+
+    built = build(small_model, "tensorrt", device="cuda:1", batch="1:2:4", output=tmp_path,
+                  calib_dir=photos[0].parent, progress=Watch(quiet=True))  # the fidelity check runs on cuda:1 too
+    assert built.info.runtime.gpu_name == torch.cuda.get_device_name(1)
+    assert before[1] - lowest[1] > before[0] - lowest[0]  # TensorRT's build memory was on GPU 1
+    engine = rali_edge.load(small_model, device="cuda:1", backend="tensorrt", engine=built.engine)
+    pixels = _pixels(3, device="cpu")
+    scores = engine.score_pixels(pixels)
+    assert scores.device == torch.device("cuda:1")
+    torch.testing.assert_close(scores.cpu(), rali_edge.load(small_model, head="torch").score_pixels(pixels),
+                               atol=0.02, rtol=0)
 
 
 @pytest.mark.tensorrt
