@@ -30,6 +30,7 @@ Its PyTorch twin, the reference of the tests and the benchmark, is `rali_edge.he
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -249,6 +250,10 @@ def pick_config(B: int, D: int, P: int, K: int, sm_count: int) -> HeadConfig:
 
 
 _WORKSPACES: dict = {}
+# Workspaces replaced by bigger ones are kept, never freed: a captured CUDA graph replays the pointers
+# it was captured with, and freeing them would let the caching allocator hand that memory to another
+# tensor that the replay then overwrites. They are small (counters, and partial sums of B x K floats).
+_RETIRED: list = []
 
 
 def _workspace(device: torch.device, n_btiles: int, n_partial: int):
@@ -257,11 +262,12 @@ def _workspace(device: torch.device, n_btiles: int, n_partial: int):
     on different streams must not share counters. (Allocate once before a CUDA-graph capture.)"""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
-    arrivals, partial = _WORKSPACES.get(key, (None, None))
+    arrivals, partial = old = _WORKSPACES.get(key, (None, None))
     if arrivals is None or arrivals.numel() < n_btiles:
         arrivals = torch.zeros(max(n_btiles, 64), dtype=torch.int32, device=device)
     if partial is None or partial.numel() < n_partial:
         partial = torch.empty(max(n_partial, 1 << 16), dtype=torch.float32, device=device)
+    _RETIRED.extend(t for t in old if t is not None and t is not arrivals and t is not partial)
     _WORKSPACES[key] = (arrivals, partial)
     return arrivals, partial
 
@@ -294,11 +300,21 @@ def _check_inputs(cls, weight, bias, prototypes, proto_scores):
         raise ValueError("the Triton head needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
 
 
+_SCALES: dict = {}
+
+
 def _scale_on(logit_scale, device) -> torch.Tensor:
     """The logit scale as a one-element fp32 tensor on `device`. A buffer already there is used
-    as it is: float() of a CUDA tensor would wait for the GPU on every call."""
+    as it is: float() of a CUDA tensor would wait for the GPU on every call. A Python number is
+    copied to the device once and kept: a copy per call would be a second operation on the GPU
+    (and a host-to-device copy is not allowed while a CUDA graph is being captured)."""
     if torch.is_tensor(logit_scale) and logit_scale.device == device and logit_scale.dtype == torch.float32:
         return logit_scale.reshape(1)
+    if isinstance(logit_scale, (int, float)):
+        key = (float(logit_scale), device)
+        if key not in _SCALES:
+            _SCALES[key] = torch.tensor([float(logit_scale)], dtype=torch.float32, device=device)
+        return _SCALES[key]
     return torch.as_tensor(logit_scale, dtype=torch.float32).reshape(1).to(device)
 
 
@@ -355,9 +371,12 @@ def rali_head_triton(cls, weight, bias, prototypes, proto_scores, logit_scale, l
 
     precision = precision or precision_for_torch_setting()
     cfg = config or pick_config(B, D, P, K, _sm_count(device))
-    grid, args, meta = _launch_plan(cls, weight, bias, prototypes, proto_scores, logit_scale, ln_eps, score,
-                                    weights_out, return_weights, precision, cfg, _workspace)
-    _rali_head_kernel[grid](*args, **meta)
+    # The launch goes to the current device and its stream: make that the tensors' device (cuda:1's
+    # pointers launched on cuda:0 would fault or read another GPU's memory).
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        grid, args, meta = _launch_plan(cls, weight, bias, prototypes, proto_scores, logit_scale, ln_eps, score,
+                                        weights_out, return_weights, precision, cfg, _workspace)
+        _rali_head_kernel[grid](*args, **meta)
     return (score, weights_out) if return_weights else score
 
 
@@ -373,10 +392,14 @@ def compile_for_gpu(arch: int, B: int, D: int = 1024, P: int = 512, K: int = 250
                     precision: str = "3xtf32", return_weights: bool = False, config: HeadConfig | None = None,
                     sm_count: int = 16):
     """Compile the kernel ahead of time for NVIDIA compute capability `arch` (87 = Jetson Orin) without a GPU,
-    with Triton's own ptxas: checks that it builds there and what it uses (`.asm["ptx"]`, `.metadata.shared`).
+    with Triton's own ptxas: checks that it builds there and what it uses (`.asm["ptx"]`, `.metadata.shared`,
+    and the cubin's registers: `cuobjdump --dump-resource-usage`). The launch's arguments are specialised by
+    the JIT's own binder, as a launch on that GPU would be (ints equal to 1 become constants, ints and
+    pointers divisible by 16 get divisibility hints), so this is the kernel the JIT would compile there.
     Needs TRITON_INTERPRET unset when this module is imported."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
     if INTERPRETED:
         raise RuntimeError("compile_for_gpu needs the compiled kernel: import with TRITON_INTERPRET unset")
@@ -391,19 +414,14 @@ def compile_for_gpu(arch: int, B: int, D: int = 1024, P: int = 512, K: int = 250
     cfg = config or pick_config(B, D, P, K, sm_count)
     _, args, meta = _launch_plan(cls, *head, 14.0, 1e-5, score, weights_out, return_weights, precision, cfg,
                                  workspace)
-    names = _rali_head_kernel.arg_names
-    type_names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
-    signature = {}
-    for name, value in zip(names, args):
-        if isinstance(value, torch.Tensor):
-            signature[name] = "*" + type_names[value.dtype]
-        else:
-            signature[name] = "fp32" if isinstance(value, float) else ("i64" if abs(value) >= 2**31 else "i32")
-    options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
-    signature.update({name: "constexpr" for name in meta})
-    constexprs = {(names.index(name),): value for name, value in meta.items()}
-    source = ASTSource(fn=_rali_head_kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    kernel = _rali_head_kernel
+    bind = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, _ = bind(*args, **meta)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, meta, bound_args, specialization, {})
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                          options={"num_warps": meta["num_warps"], "num_stages": meta["num_stages"]})
 
 
 __all__ = [

@@ -8,11 +8,12 @@ also contain the head (`outputs == "score"`), in which case the scorer skips its
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -216,9 +217,44 @@ def head_impl(head: str, device: torch.device):
             "--head triton needs a CUDA GPU; to run the kernel on a CPU (slowly, for checking), "
             "set TRITON_INTERPRET=1 in the environment"
         )
+    use_jetpack_ptxas()
     from rali_edge.kernels.rali_head import rali_head_triton
 
-    return rali_head_triton
+    return TritonOrTorch(rali_head_triton) if head == "auto" else rali_head_triton
+
+
+def use_jetpack_ptxas(root: str = "/", environ=os.environ) -> str | None:
+    """On a Jetson, compile Triton kernels with JetPack's ptxas: PyPI's aarch64 Triton brings a
+    newer one whose cubins JetPack's driver may refuse. Leaves a TRITON_PTXAS_PATH that is set."""
+    ptxas = Path(root) / "usr/local/cuda/bin/ptxas"
+    if "TRITON_PTXAS_PATH" not in environ and (Path(root) / "etc/nv_tegra_release").exists() and ptxas.exists():
+        environ["TRITON_PTXAS_PATH"] = str(ptxas)
+    return environ.get("TRITON_PTXAS_PATH")
+
+
+class TritonOrTorch:
+    """--head auto on CUDA: the fused Triton kernel until a call of it fails (a ptxas or driver
+    that refuses its cubin, a GPU it was not built for), then the eager head from that call on,
+    with one note on stderr: scoring goes on rather than stopping at the first image."""
+
+    def __init__(self, kernel: Callable):
+        self.kernel, self.impl = kernel, kernel
+
+    @property
+    def __name__(self) -> str:  # what RaliHead.impl_name reports: the head that runs now
+        return self.impl.__name__
+
+    def __call__(self, *args, **kwargs):
+        if self.impl is self.kernel:
+            try:
+                return self.kernel(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - any failure of the kernel: the eager head computes the same
+                first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                print(f"note: the Triton head failed ({type(e).__name__}: {first_line}); using the eager "
+                      f"PyTorch head (--head torch to skip the kernel, --head triton to see the error)",
+                      file=sys.stderr)
+                self.impl = rali_head_torch
+        return self.impl(*args, **kwargs)
 
 
 def load(
@@ -302,8 +338,6 @@ def _auto(path: Path, manifest, device: str, dtype: str, cache: bool, progress):
         dtype = engine_cache.auto_dtype(path, manifest, device, progress) if cache else "fp32"
     choice = engine_cache.choose(device, dtype)
     if choice.fallback:
-        import sys
-
         print(f"note: {choice.reason}", file=sys.stderr)
     if choice.backend == "torch" or not cache:
         if not cache and choice.precision in ENGINE_DTYPES:

@@ -1,7 +1,11 @@
 import os
 
-# The Triton interpreter must be chosen before any module defines a @triton.jit kernel.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# The Triton interpreter must be chosen before any module defines a @triton.jit kernel: on a machine
+# without a GPU the kernels run interpreted on the CPU; with one they compile and run on it (set
+# TRITON_INTERPRET=1 to interpret them there too).
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a hub
 # Most tests check numbers against PyTorch references and make many small models: they run eager
 # PyTorch, as RALI_EDGE_BACKEND=torch makes every command and rali_edge.load do. The default
@@ -11,7 +15,6 @@ os.environ["RALI_EDGE_BACKEND"] = "torch"
 os.environ["RALI_EDGE_CACHE"] = os.path.join(__import__("tempfile").mkdtemp(prefix="rali-edge-test-cache-"), "engines")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def _has_cuda() -> bool:

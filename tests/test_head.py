@@ -81,3 +81,40 @@ def test_no_import_cycle_between_head_model_and_kernel():
     kernel_imports = _imports(Path(rali_edge.kernels.__file__).parent / "rali_head.py")
     assert not any(m.startswith(("rali_edge.kernels", "rali_edge.model")) for m in head_imports)
     assert "rali_edge.model" not in kernel_imports and "rali_edge.head" in kernel_imports
+
+
+def test_head_auto_falls_back_to_the_eager_head_when_the_kernel_fails(capsys):
+    """On a Jetson whose driver refuses Triton's cubins the kernel fails at its first call: --head
+    auto then scores with the eager head (same numbers), says so once, and reports "torch"."""
+    from rali_edge.scoring import TritonOrTorch
+
+    calls = []
+
+    def rali_head_triton(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("PTX was compiled with an unsupported toolchain.\nmore")
+
+    head = RaliHead(8, 4, 3, impl=TritonOrTorch(rali_head_triton))
+    torch.nn.init.normal_(head.weight)
+    cls = torch.randn(2, 8)
+    assert head.impl_name == "triton"
+    first, second = head(cls), head(cls)
+    expected = RaliHead(8, 4, 3)
+    expected.load_state_dict(head.state_dict())
+    assert torch.equal(first, expected(cls)) and torch.equal(second, first)
+    assert calls == [1] and head.impl_name == "torch"
+    err = capsys.readouterr().err
+    assert err.count("note: the Triton head failed") == 1 and "unsupported toolchain" in err and "more" not in err
+
+
+def test_jetson_uses_jetpacks_ptxas_unless_told(tmp_path):
+    from rali_edge.scoring import use_jetpack_ptxas
+
+    (tmp_path / "usr/local/cuda/bin").mkdir(parents=True)
+    (tmp_path / "usr/local/cuda/bin/ptxas").write_text("")
+    assert use_jetpack_ptxas(str(tmp_path), environ={}) is None  # not a Jetson
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/nv_tegra_release").write_text("# R36 (release), REVISION: 4.0")
+    env = {}
+    assert use_jetpack_ptxas(str(tmp_path), environ=env) == str(tmp_path / "usr/local/cuda/bin/ptxas")
+    assert use_jetpack_ptxas(str(tmp_path), environ={"TRITON_PTXAS_PATH": "/opt/x"}) == "/opt/x"

@@ -41,6 +41,9 @@ EPS32 = torch.finfo(torch.float32).eps  # 2**-23, the spacing of fp32 at 1
 U32 = EPS32 / 2  # unit roundoff of round-to-nearest
 LN_EPS = 1e-5
 PUBLISHED_LOGIT_SCALE = 1 / 0.07  # tau = 0.07, the published default
+# Where the kernel runs: interpreted on the CPU (TRITON_INTERPRET=1, set by conftest on machines without
+# a GPU), compiled on CUDA otherwise; every test below then runs on the GPU too.
+DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
 
 
 def make_head(D, P, K, seed=0):
@@ -50,16 +53,17 @@ def make_head(D, P, K, seed=0):
     bias = torch.randn(P, generator=g) * 0.5
     prototypes = F.normalize(torch.randn(K, P, generator=g, dtype=torch.float64), dim=-1).float()
     proto_scores = torch.rand(K, generator=g) * 4 + 1
-    return weight, bias, prototypes, proto_scores
+    return tuple(t.to(DEVICE) for t in (weight, bias, prototypes, proto_scores))
 
 
 def make_cls(B, D, dtype=torch.float32, seed=1):
     # A shared offset per channel plus large rows: the layernorm has a mean to remove, as on real class tokens.
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, D, generator=g) * 3 + torch.randn(D, generator=g) * 2).to(dtype)
+    return (torch.randn(B, D, generator=g) * 3 + torch.randn(D, generator=g) * 2).to(dtype).to(DEVICE)
 
 
 def float64_reference(cls, weight, bias, prototypes, proto_scores, logit_scale):
+    cls, weight, bias, prototypes, proto_scores = (t.cpu() for t in (cls, weight, bias, prototypes, proto_scores))
     n = F.layer_norm(cls.double(), (cls.shape[1],), eps=LN_EPS)
     embedding = torch.cat([n, torch.ones_like(n[:, :1])], dim=1)
     e = embedding.shape[1]
@@ -142,9 +146,10 @@ def test_tf32_rounding_is_to_nearest_even():
     x = torch.randn(4000, generator=g) * torch.logspace(-20, 20, 4000, dtype=torch.float64).float()
     step = torch.tensor(2.0**-13)  # 13 dropped bits: a tie in the last kept bit of 1.0
     special = torch.tensor([1.0, -1.0, 0.0, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 2.0 - 2.0**-20, 3.0e38])
-    x = torch.cat([x, special, 1 + step * torch.arange(-64, 64)])
+    x = torch.cat([x, special, 1 + step * torch.arange(-64, 64)]).to(DEVICE)
     y = torch.empty_like(x)
     round_to_tf32_kernel[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    x, y = x.cpu(), y.cpu()
     mantissa, exponent = torch.frexp(x.double())  # x = m * 2**e, 0.5 <= |m| < 1: keep 11 bits of m
     expected = torch.ldexp(torch.round(mantissa * 2.0**11) / 2.0**11, exponent).float()  # round(): ties to even
     assert torch.equal(y, expected)
@@ -200,6 +205,7 @@ def test_constant_rows_give_the_bias_score():
     cls[3] = 7.25  # constant: zero variance, centred to 0 as well
     score, weights = assert_fp32_class(cls, head, PUBLISHED_LOGIT_SCALE)
     _, bias, prototypes, proto_scores = head
+    bias, prototypes, proto_scores = bias.cpu(), prototypes.cpu(), proto_scores.cpu()
     bias_weights = torch.softmax(F.normalize(bias.double(), dim=0) @ prototypes.double().T * PUBLISHED_LOGIT_SCALE, 0)
     atol_score, atol_weights = fp32_atol(PUBLISHED_LOGIT_SCALE, proto_scores)
     for row in (1, 3):
@@ -214,9 +220,9 @@ def test_zero_projection_gives_uniform_weights():
     _, _, prototypes, proto_scores = make_head(D, P, K, seed=7)
     cls = make_cls(4, D)
     cls[2] = 0.0
-    score, weights = rali_head_triton(cls, torch.zeros(P, D), torch.zeros(P), prototypes, proto_scores,
-                                      100.0, LN_EPS, return_weights=True)
-    assert torch.equal(weights, torch.full((4, K), 1.0 / K))  # exp(0) = 1 everywhere, one division
+    score, weights = rali_head_triton(cls, torch.zeros(P, D, device=DEVICE), torch.zeros(P, device=DEVICE),
+                                      prototypes, proto_scores, 100.0, LN_EPS, return_weights=True)
+    assert torch.equal(weights.cpu(), torch.full((4, K), 1.0 / K))  # exp(0) = 1 everywhere, one division
     assert max_err(score, proto_scores.double().mean().expand(4)) <= 4 * EPS32 * float(proto_scores.max())
 
 
@@ -228,7 +234,8 @@ def test_split_launches_leave_counters_reset_and_are_deterministic():
     first = rali_head_triton(cls, *head, PUBLISHED_LOGIT_SCALE, LN_EPS, config=config)
     from rali_edge.kernels import rali_head
 
-    arrivals, _ = rali_head._WORKSPACES[(cls.device, 0)]
+    stream = torch.cuda.current_stream(DEVICE).cuda_stream if DEVICE.type == "cuda" else 0
+    arrivals, _ = rali_head._WORKSPACES[(cls.device, stream)]
     assert not arrivals.any()  # every row block's counter went back to 0
     second = rali_head_triton(cls, *head, PUBLISHED_LOGIT_SCALE, LN_EPS, config=config)
     assert torch.equal(first, second)  # fixed summation order of the splits: bitwise the same
@@ -239,7 +246,7 @@ def test_strided_class_tokens_and_half_buffers():
     buffers are read as they are, i.e. the result is that of the eager head on the same fp16 buffers."""
     B, D, P, K = 6, 72, 50, 17
     head = make_head(D, P, K, seed=9)
-    hidden = torch.randn(B, 5, D).half()
+    hidden = torch.randn(B, 5, D).half().to(DEVICE)
     cls = hidden[:, 0]
     assert not cls.is_contiguous()
     assert_fp32_class(cls, head, PUBLISHED_LOGIT_SCALE)
@@ -249,7 +256,7 @@ def test_strided_class_tokens_and_half_buffers():
 
 def test_empty_batch():
     head = make_head(32, 16, 16)
-    score, weights = rali_head_triton(torch.zeros(0, 32), *head, 14.0, LN_EPS, return_weights=True)
+    score, weights = rali_head_triton(torch.zeros(0, 32, device=DEVICE), *head, 14.0, LN_EPS, return_weights=True)
     assert score.shape == (0,) and weights.shape == (0, 16)
 
 
@@ -286,6 +293,35 @@ def test_heuristic_configs_are_valid(B, P, K):
         assert 1 <= cfg.p_splits <= n_ptiles and (cfg.p_splits - 1) * per_split < n_ptiles  # none empty
 
 
+def test_a_python_logit_scale_is_copied_to_the_device_once():
+    """A float logit scale becomes one cached device tensor: a copy per call would be a second GPU
+    operation per head and is not allowed inside a CUDA-graph capture."""
+    from rali_edge.kernels.rali_head import _scale_on
+
+    cpu = torch.device("cpu")
+    assert _scale_on(14.0, cpu) is _scale_on(14.0, cpu)
+    assert float(_scale_on(14.0, cpu)) == 14.0 and float(_scale_on(20.0, cpu)) == 20.0
+    buffer = torch.tensor(3.0)
+    assert _scale_on(buffer, cpu).data_ptr() == buffer.data_ptr()  # a buffer already there: used as it is
+
+
+def test_a_grown_workspace_keeps_the_old_buffers_alive():
+    """A captured CUDA graph replays the workspace pointers it saw: growing the workspace must not
+    free them (the allocator would hand them to another tensor the replay then overwrites)."""
+    import weakref
+
+    from rali_edge.kernels.rali_head import _workspace
+
+    device = torch.device("cpu")
+    arrivals, partial = _workspace(device, 1, 16)
+    old = weakref.ref(partial)
+    grown_arrivals, grown = _workspace(device, 1, partial.numel() * 4)
+    assert grown.numel() >= partial.numel() * 4 and grown_arrivals is arrivals
+    del partial
+    assert old() is not None
+    assert _workspace(device, 1, 16)[1] is grown  # big enough: reused
+
+
 # ---- compiled for real GPUs, without one: Triton's own ptxas ----------------------------------------------
 
 _AOT_SCRIPT = """
@@ -296,8 +332,12 @@ for arch, B, dtype, precision in json.loads(sys.argv[1]):
     kernel = compile_for_gpu(arch, B, dtype=getattr(torch, dtype), precision=precision, return_weights=B == 1)
     ptx = kernel.asm["ptx"]
     target = [line.split()[1] for line in ptx.splitlines() if line.startswith(".target")]
+    ttir = kernel.asm["ttir"]
+    declared = {p.name for p in kernel.src.fn.params if p.is_constexpr}  # BLOCK_B, ...: constants by declaration
     out.append({"arch": arch, "B": B, "precision": precision, "target": target, "shared": kernel.metadata.shared,
-                "hopper_only": [op for op in ("wgmma", "cp.async.bulk", "setmaxnreg", "elect.sync") if op in ptx]})
+                "hopper_only": [op for op in ("wgmma", "cp.async.bulk", "setmaxnreg", "elect.sync") if op in ptx],
+                "constant": sorted(k for k, v in kernel.src.signature.items() if v == "constexpr" and k not in declared),
+                "B_hinted": "%B: i32 {tt.divisibility = 16" in ttir})
 print(json.dumps(out))
 """
 
@@ -305,7 +345,9 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_compiles_for_orin_and_ampere_without_hopper_instructions():
     """Jetson Orin is sm_87: the kernel must build there, in every precision, for the split (B=1) and the
-    single-split (B=4096) paths, with no Hopper-only instructions, and fit sm_86/89's 99 KiB of shared memory."""
+    single-split (B=4096) paths, with no Hopper-only instructions, and fit sm_86/89's 99 KiB of shared memory.
+    The arguments are specialised as the JIT does on a GPU: ints equal to 1 are constants (B=1, unit
+    strides), an int divisible by 16 gets a divisibility hint (B=4096, not B=37)."""
     pytest.importorskip("triton.backends.compiler")
     cases = [[87, B, "float16", p] for B in (1, 4096) for p in ("3xtf32", "tf32", "bf16", "ieee")]
     cases += [[87, 64, "bfloat16", "3xtf32"], [87, 37, "float32", "3xtf32"], [80, 64, "float16", "3xtf32"],
@@ -320,6 +362,9 @@ def test_compiles_for_orin_and_ampere_without_hopper_instructions():
         assert r["target"] == [f"sm_{r['arch']}"], r
         assert r["hopper_only"] == [], r
         assert r["shared"] <= 99 * 1024, r
+        unit_strides = {"stride_cd", "stride_wd", "stride_bias", "stride_pp", "stride_ps"}
+        assert set(r["constant"]) == unit_strides | ({"B"} if r["B"] == 1 else set()), r
+        assert r["B_hinted"] == (r["B"] % 16 == 0), r
 
 
 # ---- compiled kernels on a GPU (TRITON_INTERPRET=0 pytest -m gpu) -----------------------------------------
@@ -375,3 +420,41 @@ def test_gpu_one_launch_and_repeatable(B):
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert len(kernels) == 1, [e.name for e in kernels]
     assert torch.equal(first, again)
+
+
+@pytest.mark.gpu
+@needs_compiled
+@pytest.mark.parametrize("B", [1, 64])
+def test_gpu_head_captures_in_a_cuda_graph(B):
+    """The head with the published float logit scale is capturable (no host copy inside) and its
+    replay gives the eager launch's scores, also after the workspace grew for a bigger batch."""
+    D, P, K = FULL
+    head = tuple(t.cuda() for t in make_head(D, P, K))
+    cls = make_cls(B, D, torch.float16).cuda()
+    expected = rali_head_triton(cls, *head, PUBLISHED_LOGIT_SCALE, LN_EPS)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        rali_head_triton(cls, *head, PUBLISHED_LOGIT_SCALE, LN_EPS)  # this stream's workspace
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = rali_head_triton(cls, *head, PUBLISHED_LOGIT_SCALE, LN_EPS)
+        rali_head_triton(make_cls(4096, D, torch.float16).cuda(), *head, PUBLISHED_LOGIT_SCALE, LN_EPS)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.gpu
+@needs_compiled
+def test_gpu_head_runs_on_the_device_of_its_tensors():
+    """--device cuda:1: the launch goes to cuda:1 while cuda:0 is current."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    D, P, K = FULL
+    head = make_head(D, P, K)
+    cls = make_cls(37, D)
+    on0 = rali_head_triton(cls.cuda(0), *(t.cuda(0) for t in head), PUBLISHED_LOGIT_SCALE, LN_EPS)
+    with torch.cuda.device(0):
+        on1 = rali_head_triton(cls.cuda(1), *(t.cuda(1) for t in head), PUBLISHED_LOGIT_SCALE, LN_EPS)
+    assert on1.device == torch.device("cuda:1") and torch.equal(on1.cpu(), on0.cpu())
