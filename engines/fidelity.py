@@ -13,6 +13,7 @@ its engine together would not leave much room.
 from __future__ import annotations
 
 import gc
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -97,6 +98,24 @@ def compare(reference: dict[str, float], engine: dict[str, float], max_score_dif
     )
 
 
+@contextmanager
+def exact_fp32():
+    """fp32 that is IEEE fp32 on CUDA too, for references: torch runs fp32 convolutions (the patch
+    embedding) in TF32 by default, with 10-bit mantissas, and matmuls too under
+    set_float32_matmul_precision("high"). Restored afterwards."""
+    import torch
+
+    knobs = [torch.backends.cuda.matmul, torch.backends.cudnn.conv]
+    before = [k.fp32_precision for k in knobs]
+    try:
+        for k in knobs:
+            k.fp32_precision = "ieee"
+        yield
+    finally:
+        for k, value in zip(knobs, before):
+            k.fp32_precision = value
+
+
 def score_files(scorer, paths: list[Path], batch_size: int) -> tuple[dict[str, float], int]:
     scores, failed = {}, 0
     for result in scorer.score_files([str(p) for p in paths], batch_size=batch_size):
@@ -129,7 +148,8 @@ def check_engine(model_path: str | Path, engine_path: str | Path, backend: str, 
         torch.cuda.empty_cache()
     model, manifest = load_model(model_path, verify=False)
     reference = Scorer(model, manifest, device=run_device, dtype="fp32", head="torch")
-    reference_scores, _ = score_files(reference, images, batch_size)
+    with exact_fp32():
+        reference_scores, _ = score_files(reference, images, batch_size)
     return compare(reference_scores, engine_scores, max_score_diff, f"fp32 PyTorch on {run_device}", skipped)
 
 
@@ -138,6 +158,7 @@ __all__ = [
     "FidelityReport",
     "check_engine",
     "compare",
+    "exact_fp32",
     "find_images",
     "sample_images",
 ]

@@ -8,6 +8,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 import rali_edge
 from rali_edge.engines import backends
@@ -123,3 +124,30 @@ def test_every_command_that_takes_an_engine_names_every_backend(command):
     text = " ".join(CliRunner().invoke(main, [command, "--help"], terminal_width=500).output.split())
     for entry in TABLE:
         assert f"{entry.name} {entry.suffix}" in text, (command, entry.name)
+
+
+def test_the_fidelity_reference_is_ieee_fp32_and_the_setting_is_restored():
+    """On CUDA torch runs fp32 convolutions in TF32 by default: the reference turns that off, for
+    convolutions and matmuls, and puts the user's settings back, also after an error."""
+    from rali_edge.engines.fidelity import exact_fp32
+
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    with pytest.raises(KeyError):
+        with exact_fp32():
+            assert conv.fp32_precision == matmul.fp32_precision == "ieee"
+            raise KeyError
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+
+
+@pytest.mark.gpu
+def test_gpu_reference_convolution_is_fp32_not_tf32():
+    """The patch embedding's convolution under exact_fp32 is within fp32 rounding of float64; TF32
+    (10-bit mantissas) would be about 1e-3 off relative."""
+    from rali_edge.engines.fidelity import exact_fp32
+
+    x, w = torch.randn(2, 3, 336, 336, device="cuda"), torch.randn(1024, 3, 14, 14, device="cuda")
+    exact = torch.nn.functional.conv2d(x.double(), w.double(), stride=14)
+    with exact_fp32():
+        got = torch.nn.functional.conv2d(x, w, stride=14)
+    assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5

@@ -424,6 +424,9 @@ class FakeNvml:
     def nvmlDeviceGetHandleByIndex(self, i):
         return f"gpu{i}"
 
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        return f"uuid:{uuid}"
+
     def nvmlDeviceGetTotalEnergyConsumption(self, handle):
         if self.energy_mj is None:
             raise FakeNVMLError("Not Supported")
@@ -454,6 +457,14 @@ def test_nvml_missing_library_is_unavailable(monkeypatch):
 def test_nvml_failing_init_is_unavailable():
     s = NvmlSampler(nvml=FakeNvml(init_error=FakeNVMLError("Driver Not Loaded")))
     assert not s.available and "Driver Not Loaded" in s.unavailable_reason
+
+
+def test_nvml_finds_the_gpu_by_uuid_when_given_one():
+    """torch's cuda:1 need not be NVML's index 1 (NVML ignores CUDA_VISIBLE_DEVICES): profile
+    passes the UUID, and the sampler opens that GPU, not an index."""
+    by_uuid = NvmlSampler("GPU-1234", nvml=FakeNvml(energy_mj=[0], power_mw=[5000]), interval_s=NEVER)
+    by_index = NvmlSampler(2, nvml=FakeNvml(energy_mj=[0], power_mw=[5000]), interval_s=NEVER)
+    assert by_uuid._handle == "uuid:GPU-1234" and by_index._handle == "gpu2"
 
 
 def test_nvml_energy_counter_delta():
@@ -597,6 +608,23 @@ def test_pick_sampler_explicit_kinds(tmp_path, monkeypatch):
     assert pick_sampler("jetson", sysfs_root=str(tmp_path), interval_s=0.2).interval_s == 0.2
     with pytest.raises(RaliEdgeError):
         pick_sampler("rapl")
+
+
+@pytest.mark.gpu
+def test_cuda_uuid_names_the_gpu_torch_uses():
+    pynvml = pytest.importorskip("pynvml")
+    import torch
+
+    from rali_edge.profiling.power import cuda_uuid
+
+    pynvml.nvmlInit()
+    try:
+        for i in range(torch.cuda.device_count()):
+            handle = pynvml.nvmlDeviceGetHandleByUUID(cuda_uuid(f"cuda:{i}"))
+            name = pynvml.nvmlDeviceGetName(handle)
+            assert (name.decode() if isinstance(name, bytes) else name) == torch.cuda.get_device_name(i)
+    finally:
+        pynvml.nvmlShutdown()
 
 
 @pytest.mark.gpu

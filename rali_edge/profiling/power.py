@@ -341,10 +341,12 @@ class NvmlSampler(PowerSampler):
     COUNTER_UPDATE_S = 0.1
     POWER_USAGE_UPDATE_S = 1.0
 
-    def __init__(self, gpu_index: int = 0, *, interval_s: float = 0.1,
+    def __init__(self, gpu: int | str = 0, *, interval_s: float = 0.1,
                  clock: Callable[[], float] = time.monotonic, nvml=None):
+        """`gpu`: NVML's index, or the GPU's UUID ("GPU-..."; see cuda_uuid). NVML numbers GPUs in
+        PCI-bus order and ignores CUDA_VISIBLE_DEVICES, so an index from torch is not NVML's."""
         super().__init__(interval_s=interval_s, clock=clock)
-        self.gpu_index = gpu_index
+        self.gpu = gpu
         self._nvml = None
         self._handle = None
         self.has_energy_counter = False
@@ -355,7 +357,8 @@ class NvmlSampler(PowerSampler):
                 import pynvml as nvml  # from nvidia-ml-py
             nvml.nvmlInit()
             self._nvml = nvml
-            self._handle = nvml.nvmlDeviceGetHandleByIndex(gpu_index)
+            self._handle = (nvml.nvmlDeviceGetHandleByUUID(gpu) if isinstance(gpu, str)
+                            else nvml.nvmlDeviceGetHandleByIndex(gpu))
         except ImportError:
             self.unavailable_reason = (
                 "NVML unavailable: the nvidia-ml-py package (module pynvml) is not installed; "
@@ -371,7 +374,7 @@ class NvmlSampler(PowerSampler):
         if not (self.has_energy_counter or self.has_power_usage):
             self._shutdown()
             self.unavailable_reason = (
-                f"NVML GPU {gpu_index} reports neither an energy counter nor power usage"
+                f"NVML GPU {gpu} reports neither an energy counter nor power usage"
             )
             return
         self.update_period_s = (
@@ -638,7 +641,15 @@ class TegrastatsSampler(PowerSampler):
 POWER_KINDS = ("auto", "nvml", "jetson", "tegrastats", "none")
 
 
-def pick_sampler(kind: str = "auto", *, sysfs_root: str = "/sys", gpu_index: int = 0,
+def cuda_uuid(device) -> str:
+    """NVML's name ("GPU-<uuid>") of the CUDA device torch calls `device`."""
+    import torch
+
+    uuid = str(torch.cuda.get_device_properties(torch.device(device)).uuid)
+    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+
+
+def pick_sampler(kind: str = "auto", *, sysfs_root: str = "/sys", gpu: int | str = 0,
                  tegrastats: str = "tegrastats", interval_s: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> PowerSampler:
     """The sampler for `--power KIND`. Never raises for a missing sensor: an explicitly asked
@@ -657,7 +668,7 @@ def pick_sampler(kind: str = "auto", *, sysfs_root: str = "/sys", gpu_index: int
     makers = {
         "jetson": lambda: Ina3221Sampler(sysfs_root, **kw),
         "tegrastats": lambda: TegrastatsSampler(tegrastats, **kw),
-        "nvml": lambda: NvmlSampler(gpu_index, **kw),
+        "nvml": lambda: NvmlSampler(gpu, **kw),
     }
     if kind != "auto":
         return makers[kind]()

@@ -21,7 +21,7 @@ from pathlib import Path
 from rali_edge.errors import MissingDependencyError, UsageError
 from rali_edge.profiling import report as rep
 from rali_edge.profiling import runner
-from rali_edge.profiling.power import pick_sampler
+from rali_edge.profiling.power import cuda_uuid, pick_sampler
 
 
 class _Silent:
@@ -98,7 +98,9 @@ def run_profile(model=None, *, backend: str | None = None, engine=None, device: 
         "threads": threads, "seed": baseline.seed if baseline else 0,
     }
     profile = rep.new_profile(settings, command_line, list(argv or []))
-    sampler = pick_sampler(power, sysfs_root=sysfs_root)
+    # NVML must watch the GPU that runs the model, found by UUID (its indices are not torch's).
+    gpu = cuda_uuid(device) if str(device).startswith("cuda") else 0
+    sampler = pick_sampler(power, sysfs_root=sysfs_root, gpu=gpu)
     try:
         image_set = _images(profile, images, line)
         budget = runner.Budget.from_options(warmup, iters, duration, sampler.available)
