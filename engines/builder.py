@@ -46,6 +46,7 @@ class Progress:
     @contextmanager
     def step(self, title: str):
         self.index += 1
+        self.total = max(self.total, self.index)  # a step nobody counted in advance: never "[1/0]"
         label = f"[{self.index}/{self.total}] {title}"
         start = time.perf_counter()
         stop = threading.Event()
@@ -175,6 +176,7 @@ def build(model: str | Path | None, target: str, *, precision: str | None = None
     forms = chosen.forms(request) if check else chosen.forms(request)[-1:]
     for i, form in enumerate(forms):
         attempt = replace(request, form=form, calib_images=tuple(images))
+        info.fidelity = None  # an earlier form's failed check is not this one's
         last = i == len(forms) - 1
         try:
             # The loaded model is handed over, not kept here, so that a backend can free the weights

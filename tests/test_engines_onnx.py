@@ -179,7 +179,7 @@ def test_smoothing_is_exact_in_fp32_and_lets_fc2_be_quantized(model, exported, i
     assert np.abs(got - reference(model[0], inputs["real"], "score")).max() <= 0.15  # as in the test above
 
 
-def test_int8_build_tries_the_smoothed_form_first_then_fc2_in_fp32(small_model, photos, tmp_path, monkeypatch):
+def test_int8_build_tries_the_smoothed_form_first_then_fc2_in_fp32(small_model, photos, tmp_path, monkeypatch, capsys):
     from rali_edge.engines import builder
     from rali_edge.engines.fidelity import FidelityReport
 
@@ -198,6 +198,7 @@ def test_int8_build_tries_the_smoothed_form_first_then_fc2_in_fp32(small_model, 
                           progress=progress)
     assert built.info.build_options["int8"]["form"] == "mlp-out-fp32" and built.fidelity.passed
     assert any("int8 as smoothed failed the fidelity check" in n and "building it as mlp-out-fp32" in n for n in notes)
+    assert "FAILED its fidelity check" not in capsys.readouterr().err  # the first form's verdict is not the second's
     assert [p.name for p in tmp_path.iterdir()] and all(".tmp" not in p.name for p in tmp_path.iterdir())
     monkeypatch.setattr(builder, "check_engine", real_check)
     first = builder.build(small_model, "onnx", precision="int8", output=tmp_path / "loose", calib_dir=photos[0].parent,
