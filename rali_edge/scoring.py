@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
@@ -160,10 +162,12 @@ class Scorer:
         """RGB uint8 HxWx3 frames (e.g. from a camera) -> scores, in one encoder call."""
         return self.score_pixels(self.preprocess.arrays_to_tensor(frames)).tolist()
 
-    def score_files(self, paths: Iterable[str], batch_size: int = 16, workers: int = 2) -> Iterator[FileResult]:
+    def score_files(self, paths: Iterable[str], batch_size: int = 16, workers: int | None = None) -> Iterator[FileResult]:
         """Score files, yielding one FileResult per path in input order; a file that cannot be read
-        yields its error and the others go on. Decoding runs in threads ahead of the encoder."""
-        paths = list(paths)
+        yields its error and the others go on. `workers` threads (default: default_workers())
+        decode ahead of the encoder, at most a batch and two images per thread ahead, so memory
+        stays flat however slow the encoder is; `paths` may be a lazy iterable."""
+        workers = max(1, workers or default_workers())
 
         def load(path):
             try:
@@ -171,10 +175,15 @@ class Scorer:
             except ImageError as e:  # the result names the path already: the error says only why
                 return path, None, str(e).removeprefix(f"{path}: ")
 
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        todo = iter(paths)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            decoding = deque(pool.submit(load, p) for p in islice(todo, batch_size + 2 * workers))
             batch: list[tuple[str, torch.Tensor]] = []
             pending: list[FileResult] = []  # results held back so that output stays in input order
-            for path, pixels, error in pool.map(load, paths):
+            while decoding:
+                path, pixels, error = decoding.popleft().result()
+                for p in islice(todo, 1):
+                    decoding.append(pool.submit(load, p))
                 if error is not None:
                     pending.append(FileResult(path, error=error))
                 else:
@@ -187,7 +196,10 @@ class Scorer:
 
     def _flush(self, batch, pending) -> Iterator[FileResult]:
         if batch:
-            scores = self.score_pixels(torch.cat([p for _, p in batch])).tolist()
+            pixels = torch.cat([p for _, p in batch])
+            if self.device.type == "cuda":  # pinned: the copy to the GPU runs without a staging copy
+                pixels = pixels.pin_memory()
+            scores = self.score_pixels(pixels).tolist()
             it = iter(scores)
             for r in pending:
                 if r.error is None:
@@ -197,6 +209,13 @@ class Scorer:
     def _score_batched(self, pixels: torch.Tensor, batch_size: int) -> list[float]:
         rows = batch_size * self.preprocess.view_count  # whole images per chunk
         return [s for chunk in pixels.split(rows) for s in self.score_pixels(chunk).tolist()]
+
+
+def default_workers() -> int:
+    """Decoding threads of score_files: one per core this process may use, up to 32 (JPEG decoding
+    and PIL's resizes release the GIL, so threads decode in parallel)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(32, cores))
 
 
 def head_impl(head: str, device: torch.device):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
 import time
 from pathlib import Path
@@ -12,35 +10,6 @@ import click
 
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
 from rali_edge.cli.common import OUTPUT_FILE, model_options
-
-class ResultWriter:
-    """Writes results as they come for csv (so an interrupted run keeps every scored line),
-    at the end for table and json (a json list is only valid once closed)."""
-
-    def __init__(self, fmt: str, out):
-        self.fmt, self.out, self.results = fmt, out, []
-        if fmt == "csv":
-            self.csv = csv.writer(out, lineterminator="\n")
-            self.csv.writerow(["path", "score", "error"])
-
-    def add(self, result):
-        self.results.append(result)
-        if self.fmt == "csv":
-            score = "" if result.score is None else f"{result.score:.6f}"
-            self.csv.writerow([result.path, score, result.error or ""])
-            self.out.flush()
-
-    def close(self):
-        if self.fmt == "json":
-            json.dump([r.to_dict() for r in self.results], self.out, indent=1)
-            self.out.write("\n")
-        elif self.fmt == "table":
-            self.out.write(f"{'score':>7}  path\n")
-            for r in self.results:
-                shown = f"{r.score:7.3f}" if r.error is None else "  error"
-                self.out.write(f"{shown}  {r.path}" + (f"  ({r.error})" if r.error else "") + "\n")
-        self.out.flush()
-
 
 @click.command(
     "score",
@@ -54,12 +23,18 @@ Examples:
 @click.argument("paths", nargs=-1, required=True)
 @model_options
 @click.option("--batch-size", "-b", default=16, show_default=True, type=click.IntRange(min=1), help="Images per encoder call.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True,
-              help="json: a list of {path, score} or {path, error}, in input order; csv: path,score,error.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "jsonl"]),
+              help="csv: path,score,error; jsonl: one {path, score} or {path, error} per line (both written as "
+                   "scored: a killed run keeps every finished batch); json: one list, in input order. "
+                   "Default: from -o's suffix (.csv, .jsonl, .json), else table.")
 @click.option("--output", "-o", type=OUTPUT_FILE, help="Write results here instead of stdout (checked before scoring starts).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run: skip the images already in -o (csv or jsonl) and append the rest.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Decoding threads (default: one per core, up to 32); they decode at most a batch ahead.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
 @click.option("--quiet", "-q", is_flag=True, help="No note on stderr about the built-in demonstration model.")
-def score_command(paths, batch_size, fmt, output, progress, quiet, **model_kwargs):
+def score_command(paths, batch_size, fmt, output, resume, workers, progress, quiet, **model_kwargs):
     """Score the quality of images (1 = very poor, 5 = excellent).
 
     PATHS are image files, folders (searched recursively for the image suffixes every command
@@ -67,26 +42,29 @@ def score_command(paths, batch_size, fmt, output, progress, quiet, **model_kwarg
     is scored once. A file that cannot be read is reported with its error and the others are
     still scored; an empty folder or a glob that matches nothing is reported on stderr. Exit
     code 0 when every input was scored, 1 when some failed, 130 when interrupted (results so far
-    are written).
+    are written; with -o FILE.csv or .jsonl, --resume then scores only the rest).
     """
     from rali_edge.cli.common import DEMO_NOTE, load_scorer
     from rali_edge.images import find_images
+    from rali_edge.results import ResultFile, format_for
     from rali_edge.scoring import is_default_model
 
     found = find_images(paths)
     for message in found.unmatched:
         click.echo(f"error: {message}", err=True)
-    files = found.paths
+    writer = ResultFile(output, format_for(output, fmt), resume=resume)  # usage errors before the model loads
+    files = [p for p in found.paths if p not in writer.done]
+    if resume:
+        click.echo(f"resuming {output}: {len(found.paths) - len(files)} images already there, {len(files)} to score",
+                   err=True)
     scorer = load_scorer(**model_kwargs)
     if not quiet and is_default_model(model_kwargs["model"]):
         click.echo(DEMO_NOTE, err=True)
-    out = open(output, "w", newline="") if output else sys.stdout
-    writer = ResultWriter(fmt, out)
     show = sys.stderr.isatty() if progress is None else progress
     start, failed, code = time.perf_counter(), 0, EXIT_OK
     try:
         with click.progressbar(length=len(files), label="scoring", file=sys.stderr, hidden=not show) as bar:
-            for result in scorer.score_files(files, batch_size=batch_size):
+            for result in scorer.score_files(files, batch_size=batch_size, workers=workers):
                 writer.add(result)
                 failed += result.error is not None
                 bar.update(1)
@@ -95,8 +73,6 @@ def score_command(paths, batch_size, fmt, output, progress, quiet, **model_kwarg
         click.echo(f"interrupted: writing the {len(writer.results)} results so far", err=True)
     finally:
         writer.close()
-        if output:
-            out.close()
     elapsed = time.perf_counter() - start
     done = len(writer.results) - failed
     click.echo(f"{done} scored, {failed} failed, {elapsed:.2f} s ({done / max(elapsed, 1e-9):.1f} images/s)", err=True)

@@ -1,0 +1,117 @@
+"""Score results as files: the formats of `rali-edge score`, written as they come, and resuming.
+
+csv (path,score,error) and jsonl (one {path, score} or {path, error} object per line) are written
+row by row and flushed per batch, so a run killed at any moment keeps every finished batch; json
+(one list) and table are written at the end, since neither is valid before it is complete.
+`resume=True` reads the paths an earlier run of the same output already has (csv and jsonl),
+drops a last line that was cut off mid-write, and appends: see `ResultFile.done`.
+
+    with ResultFile("scores.jsonl", "jsonl", resume=True) as out:
+        todo = [p for p in paths if p not in out.done]
+        for result in scorer.score_files(todo):
+            out.add(result)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+from rali_edge.errors import UsageError
+
+FORMATS = ("table", "json", "csv", "jsonl")
+STREAMED = ("csv", "jsonl")  # written as scored; the ones --resume can continue
+CSV_HEADER = ["path", "score", "error"]
+
+
+def format_for(path: str | Path | None, fmt: str | None) -> str:
+    """The format asked for, else the one the output's suffix names (.csv, .jsonl, .json), else table."""
+    if fmt:
+        return fmt
+    suffix = Path(path).suffix.lower() if path else ""
+    return {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}.get(suffix, "table")
+
+
+class ResultFile:
+    """Where FileResults go: `path` (None: stdout) in `fmt`; see the module doc."""
+
+    def __init__(self, path: str | Path | None, fmt: str, resume: bool = False):
+        if fmt not in FORMATS:
+            raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        if resume and (path is None or fmt not in STREAMED):
+            raise UsageError(f"--resume continues an output file written as it is scored: give -o FILE with "
+                             f"--format {' or '.join(STREAMED)}")
+        self.fmt, self.path, self.resume, self.results = fmt, path, resume, []
+        self.done: set[str] = _finished_paths(Path(path), fmt) if resume else set()
+        self.out = None  # opened at the first result: a run that fails before one leaves the file as it was
+
+    def _open(self) -> None:
+        appending = self.resume and Path(self.path).exists() and Path(self.path).stat().st_size > 0
+        self.out = open(self.path, "a" if appending else "w", newline="", encoding="utf-8") if self.path else sys.stdout
+        if self.fmt == "csv":
+            self.csv = csv.writer(self.out, lineterminator="\n")
+            if not appending:
+                self.csv.writerow(CSV_HEADER)
+
+    def add(self, result, flush: bool = True) -> None:
+        if self.out is None:
+            self._open()
+        self.results.append(result)
+        if self.fmt == "csv":
+            self.csv.writerow([result.path, "" if result.score is None else f"{result.score:.6f}", result.error or ""])
+        elif self.fmt == "jsonl":
+            self.out.write(json.dumps(result.to_dict()) + "\n")
+        if flush and self.fmt in STREAMED:
+            self.out.flush()
+
+    def close(self) -> None:
+        if self.out is False:
+            return
+        if self.out is None:
+            self._open()  # no result: still a valid (empty) output
+        if self.fmt == "json":
+            json.dump([r.to_dict() for r in self.results], self.out, indent=1)
+            self.out.write("\n")
+        elif self.fmt == "table":
+            self.out.write(f"{'score':>7}  path\n")
+            for r in self.results:
+                shown = f"{r.score:7.3f}" if r.error is None else "  error"
+                self.out.write(f"{shown}  {r.path}" + (f"  ({r.error})" if r.error else "") + "\n")
+        self.out.flush()
+        if self.path:
+            self.out.close()
+        self.out = False  # closed: not reopened
+
+    def __enter__(self) -> ResultFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _finished_paths(path: Path, fmt: str) -> set[str]:
+    """Paths an earlier run wrote to `path` (error rows included: a bad file stays bad). A last line
+    without its newline was cut off by a kill: it is removed, and its image scored again."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    text = complete.decode("utf-8")
+    if fmt == "jsonl":
+        try:
+            return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UsageError(f"--resume: {path} is not a rali-edge jsonl output (one {{path, ...}} per line)") from None
+    rows = list(csv.reader(io.StringIO(text)))
+    if rows and rows[0] != CSV_HEADER:
+        raise UsageError(f"--resume: {path} is not a rali-edge csv output (its header is not {','.join(CSV_HEADER)})")
+    return {row[0] for row in rows[1:] if row}
+
+
+__all__ = ["FORMATS", "STREAMED", "ResultFile", "format_for"]

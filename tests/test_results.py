@@ -1,0 +1,134 @@
+"""Results as files (rali_edge.results) and the file pipeline feeding them: outputs written as
+they are scored, --resume after a kill, decoding bounded ahead of the encoder."""
+
+import csv
+import json
+import threading
+
+import pytest
+from click.testing import CliRunner
+
+import rali_edge
+from rali_edge.cli import main
+from rali_edge.errors import UsageError
+from rali_edge.results import ResultFile, format_for
+from rali_edge.scoring import FileResult
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_streamed_formats_are_on_disk_after_each_result(tmp_path):
+    for fmt in ("csv", "jsonl"):
+        path = tmp_path / f"out.{fmt}"
+        out = ResultFile(path, fmt)
+        out.add(FileResult("a.jpg", score=3.25))
+        text = path.read_text()  # before close: a kill now would keep this row
+        assert "a.jpg" in text and "3.25" in text
+        out.add(FileResult("b.jpg", error="cannot decode"))
+        out.close()
+    rows = list(csv.reader(open(tmp_path / "out.csv")))
+    assert rows == [["path", "score", "error"], ["a.jpg", "3.250000", ""], ["b.jpg", "", "cannot decode"]]
+    lines = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+    assert lines == [{"path": "a.jpg", "score": 3.25}, {"path": "b.jpg", "error": "cannot decode"}]
+
+
+def test_resume_drops_a_cut_off_line_and_appends(tmp_path):
+    path = tmp_path / "out.csv"
+    path.write_text("path,score,error\na.jpg,3.000000,\nb.jpg,,bad file\nc.jpg,2.9")  # killed mid-line
+    out = ResultFile(path, "csv", resume=True)
+    assert out.done == {"a.jpg", "b.jpg"}  # an error row counts: a bad file stays bad
+    out.add(FileResult("c.jpg", score=2.5))
+    out.close()
+    assert path.read_text() == "path,score,error\na.jpg,3.000000,\nb.jpg,,bad file\nc.jpg,2.500000,\n"
+
+    path = tmp_path / "out.jsonl"
+    path.write_text('{"path": "a.jpg", "score": 3.0}\n{"path": "b.j')
+    out = ResultFile(path, "jsonl", resume=True)
+    assert out.done == {"a.jpg"}
+    out.close()  # nothing new: the file keeps its complete lines only
+    assert path.read_text() == '{"path": "a.jpg", "score": 3.0}\n'
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path):
+    with pytest.raises(UsageError):
+        ResultFile(None, "jsonl", resume=True)  # stdout
+    with pytest.raises(UsageError):
+        ResultFile(tmp_path / "x.json", "json", resume=True)  # a list is rewritten whole
+    foreign = tmp_path / "foreign.csv"
+    foreign.write_text("name,value\nx,1\n")
+    with pytest.raises(UsageError, match="header"):
+        ResultFile(foreign, "csv", resume=True)
+    assert foreign.read_text() == "name,value\nx,1\n"  # left as it was
+
+
+def test_format_follows_the_output_suffix_unless_given():
+    assert format_for("x.jsonl", None) == "jsonl" and format_for("x.CSV", None) == "csv"
+    assert format_for("x.json", None) == "json" and format_for("x.txt", None) == "table"
+    assert format_for(None, None) == "table" and format_for("x.jsonl", "csv") == "csv"
+
+
+def test_cli_resume_after_a_kill_scores_only_the_rest(small_model, photos, tmp_path):
+    """A run cut off after two rows, mid-line: --resume scores the remaining images only, and the
+    output ends with exactly one row per image, with the scores of an uninterrupted run."""
+    full = tmp_path / "full.jsonl"
+    assert run("score", "--model", small_model, "-o", full, *photos).exit_code == 0
+    expected = {r["path"]: r["score"] for r in map(json.loads, full.read_text().splitlines())}
+    assert len(expected) == len(photos)
+
+    cut = tmp_path / "cut.jsonl"
+    lines = full.read_text().splitlines(keepends=True)
+    cut.write_text("".join(lines[:2]) + lines[2][:10])
+    result = run("score", "--model", small_model, "-o", cut, "--resume", *photos)
+    assert result.exit_code == 0, result.output
+    assert f"{len(photos) - 2} to score" in result.stderr
+    assert f"{len(photos) - 2} scored" in result.stderr
+    rows = [json.loads(line) for line in cut.read_text().splitlines()]
+    assert sorted(r["path"] for r in rows) == sorted(expected)  # one row each, none twice
+    for r in rows:
+        assert r["score"] == pytest.approx(expected[r["path"]], abs=1e-5)
+
+
+def test_a_failed_model_load_leaves_the_output_as_it_was(tmp_path, photos):
+    out = tmp_path / "scores.csv"
+    out.write_text("path,score,error\nkept.jpg,3.000000,\n")
+    result = run("score", "--model", tmp_path / "no-such-model", "-o", out, photos[0])
+    assert result.exit_code != 0
+    assert out.read_text() == "path,score,error\nkept.jpg,3.000000,\n"
+
+
+def test_decoding_runs_at_most_a_batch_and_two_images_per_thread_ahead(small_model, photos, monkeypatch):
+    """However slow the encoder, score_files holds a bounded number of decoded images: memory
+    stays flat over a long list (which may be a lazy iterable)."""
+    import rali_edge.scoring as scoring
+
+    decoded, peak_ahead, lock = [0], [0], threading.Lock()
+    real_open = scoring.open_image
+
+    def counting_open(path):
+        with lock:
+            decoded[0] += 1
+        return real_open(path)
+
+    monkeypatch.setattr(scoring, "open_image", counting_open)
+    scorer = rali_edge.load(small_model)
+    real_score = scorer.score_pixels
+    consumed = [0]
+
+    def slow_score(pixels, **kw):
+        import time
+
+        time.sleep(0.05)  # a slow encoder: decoding would run far ahead if unbounded
+        with lock:
+            peak_ahead[0] = max(peak_ahead[0], decoded[0] - consumed[0])
+        consumed[0] += pixels.shape[0] // scorer.preprocess.view_count
+        return real_score(pixels, **kw)
+
+    scorer.score_pixels = slow_score
+    paths = (str(photos[i % len(photos)]) for i in range(60))  # lazy
+    results = list(scorer.score_files(paths, batch_size=4, workers=2))
+    assert len(results) == 60 and all(r.error is None for r in results)
+    assert [r.path for r in results] == [str(photos[i % len(photos)]) for i in range(60)]
+    # The batch being scored, plus the window decoding ahead: the next batch and two per thread.
+    assert peak_ahead[0] <= 4 + (4 + 2 * 2)
