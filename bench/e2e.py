@@ -125,8 +125,12 @@ def published_scorer(folder: Path, device: str = "cpu"):
 
     from rali_edge.head import PrototypeHead
 
+    import transformers
+
     clip = CLIPModel.from_pretrained(folder / "best").eval().to(device)
-    processor = CLIPImageProcessor.from_pretrained(folder / "best")
+    # PIL's processor everywhere: with torchvision installed transformers 5 would resize with it
+    # instead, and the score differences would include the resampler's.
+    processor = getattr(transformers, "CLIPImageProcessorPil", CLIPImageProcessor).from_pretrained(folder / "best")
     head = PrototypeHead(**torch.load(folder / "head.pt", weights_only=True))
 
     @torch.inference_mode()
@@ -185,6 +189,16 @@ def encoder_flops(layers: int = 24, d: int = 1024, mlp: int = 4096, tokens: int 
     out, fc1), those it keeps fp32 (fc2), and attention's two activation matmuls."""
     return {"quantized": layers * 2 * tokens * (4 * d * d + d * mlp), "fc2": layers * 2 * tokens * mlp * d,
             "attention": layers * 2 * 2 * tokens * tokens * d}
+
+
+def rali_encoder_gflop(layers: int = 24, d: int = 1024, mlp: int = 4096, tokens: int = 577) -> float:
+    """What rali-edge's encoder multiplies per image: every layer but the last in full, and of the
+    last only the keys and values of all tokens (the class token's row needs them) and the class
+    token's own row (encoder_flops counts all 24 layers, as the published path runs them)."""
+    full = sum(encoder_flops(layers - 1, d, mlp, tokens).values())
+    keys_values = 2 * tokens * 2 * d * d
+    class_row = 2 * (2 * d * d + 2 * d * mlp) + 2 * 2 * tokens * d  # q and out, the MLP, attention
+    return (full + keys_values + class_row) / 1e9
 
 
 def gemm_rates(m: int = 577, k: int = 1024, n: int = 4096, repeats: int = 20) -> dict[str, float]:

@@ -2,13 +2,15 @@
 file-to-score on real-size JPEGs, at ViT-L/14-336 size (random weights cost what trained ones do).
 
     python bench/gpu.py model   WORK             # the ViT-L model (rali-edge and published layouts)
-    python bench/gpu.py encoder WORK OUT.md      # eager fp16/bf16 (+ CUDA graph), torch.compile
+    python bench/gpu.py encoder WORK OUT.md      # eager fp16/bf16, plain and as a CUDA graph
+    python bench/gpu.py compile WORK OUT.md      # torch.compile of the encoder
     python bench/gpu.py aoti    WORK OUT.md      # an AOTInductor engine built as a user builds it
     python bench/gpu.py e2e     WORK OUT.md      # files -> scores: published vs rali-edge, and decoding alone
 
 Every time is the median of CUDA-event timings after warm-up, on inputs already on the GPU (encoder,
 aoti) or from JPEG files (e2e). The floor is this GPU's bf16 matmul rate, measured in the same run on
-8192^3 random matrices, over the encoder's 381 GFLOP per image; images/s over it is "% of floor".
+8192^3 random matrices, over the encoder's matmul GFLOP per image (e2e.rali_encoder_gflop); images/s
+over it is "% of floor".
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402  (the CPU benchmark's model, images and published pipeline)
 
-ENCODER_GFLOP = sum(e2e.encoder_flops().values()) / 1e9  # 381 at ViT-L/14-336
+ENCODER_GFLOP = e2e.rali_encoder_gflop()  # about 368 at ViT-L/14-336 (the last layer: the class token's row)
 BATCHES = (1, 8, 32, 128, 256)
 GOALS = "bf16 >= 1400 images/s at batch 128 (68% of the floor); batch 1 <= 2 ms"
 
@@ -111,7 +113,7 @@ def encoder_rows(scorer, label: str, tflops: float, batches=BATCHES, graph: bool
                 fn(), fn()
             torch.cuda.current_stream().wait_stream(stream)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+            with torch.cuda.graph(g, stream=stream):  # the stream the head's workspace was made on
                 fn()
             fn = g.replay  # noqa: E731
         ms = cuda_ms(fn, device=device)
@@ -122,29 +124,46 @@ def encoder_rows(scorer, label: str, tflops: float, batches=BATCHES, graph: bool
 
 
 def encoder(work: Path, out: Path) -> None:
+    """Eager fp16 and bf16, plain and replayed as a CUDA graph. The table is rewritten after each
+    path, so a part stopped at its time limit keeps what it measured."""
     import rali_edge
 
     model, tflops = make_model(work), bf16_tflops()
+    notes = [f"- bf16 matmul rate measured here: {tflops:.0f} TFLOP/s; floor {tflops * 1000 / ENCODER_GFLOP:.0f} "
+             f"images/s ({ENCODER_GFLOP:.0f} GFLOP per image)", f"- goals: {GOALS}"]
     rows = []
     for dtype in ("fp16", "bf16"):
         scorer = rali_edge.load(model, device="cuda", dtype=dtype, backend="torch", head="auto")
-        rows += encoder_rows(scorer, f"eager {dtype}, head {scorer.head.impl_name}", tflops)
+        eager = encoder_rows(scorer, f"eager {dtype}", tflops)
+        for r in eager:  # after the calls: --head auto may have fallen back to the eager head
+            r["path"] += f", head {scorer.head.impl_name}"
+        rows += eager
+        write(out, "Encoder throughput (ViT-L/14-336, encoder + head)", notes, rows)
         rows += encoder_rows(scorer, f"eager {dtype} + CUDA graph", tflops, batches=(1, 8, 128), graph=True)
-        if dtype == "bf16":
-            module = scorer.encoder.encoder  # TorchEncoder calls its class_token(pixels)
-            for mode, batches in (("reduce-overhead", (1,)), ("default", (128,))):
-                t0 = time.perf_counter()
-                module.class_token = torch.compile(type(module).class_token.__get__(module), mode=mode, dynamic=False)
-                compiled = encoder_rows(scorer, f"torch.compile bf16 ({mode})", tflops, batches=batches)
-                for r in compiled:
-                    r["path"] += f", compiled in {time.perf_counter() - t0:.0f} s"
-                rows += compiled
-                del module.class_token  # back to the eager method
+        write(out, "Encoder throughput (ViT-L/14-336, encoder + head)", notes, rows)
         del scorer
         torch.cuda.empty_cache()
-    write(out, "Encoder throughput (ViT-L/14-336, encoder + head)", [
-        f"- bf16 matmul rate measured here: {tflops:.0f} TFLOP/s; floor {tflops * 1000 / ENCODER_GFLOP:.0f} images/s",
-        f"- goals: {GOALS}"], rows)
+
+
+def compiled(work: Path, out: Path) -> None:
+    """torch.compile of the encoder in bf16: reduce-overhead (CUDA graphs) at batch 1, the default
+    mode at batch 128; compile times included in the label."""
+    import rali_edge
+
+    model, tflops = make_model(work), bf16_tflops()
+    scorer = rali_edge.load(model, device="cuda", dtype="bf16", backend="torch", head="auto")
+    module = scorer.encoder.encoder  # TorchEncoder calls its class_token(pixels)
+    rows = []
+    for mode, batches in (("reduce-overhead", (1,)), ("default", (128,))):
+        t0 = time.perf_counter()
+        module.class_token = torch.compile(type(module).class_token.__get__(module), mode=mode, dynamic=False)
+        timed = encoder_rows(scorer, f"torch.compile bf16 ({mode})", tflops, batches=batches)
+        for r in timed:
+            r["path"] += f", compiled and timed in {time.perf_counter() - t0:.0f} s"
+        rows += timed
+        del module.class_token  # back to the eager method
+        write(out, "torch.compile of the encoder (ViT-L/14-336, bf16)", [
+            f"- bf16 matmul rate measured here: {tflops:.0f} TFLOP/s", f"- goals: {GOALS}"], rows)
 
 
 def aoti(work: Path, out: Path) -> None:
@@ -174,11 +193,13 @@ def files_to_scores(work: Path, out: Path, n: int = 16, repeats: int = 3, device
 
     import rali_edge
     from rali_edge.images import open_image
+    from rali_edge.scoring import default_workers
 
     make_model(work, layers)
     photos = work / "photos"
     photos.mkdir(exist_ok=True)
     paths = e2e.make_images(photos, n)
+    n = len(paths)  # the bundled samples are 15: fewer when n is more
     published = e2e.published_scorer(work, device=device)
     default = rali_edge.load(work / "model", device=device)
     fp16 = rali_edge.load(work / "model", device=device, dtype="fp16", backend="torch")
@@ -192,8 +213,8 @@ def files_to_scores(work: Path, out: Path, n: int = 16, repeats: int = 3, device
         f"rali-edge default ({default.backend} {default.dtype_name}), batch 8":
             lambda ps: [r.score for r in default.score_files(ps, batch_size=8)],
         "rali-edge torch fp16, batch 32": lambda ps: [r.score for r in fp16.score_files(ps, batch_size=32)],
-        "decode + preprocess alone, 2 threads (as score_files)": lambda ps: decode_only(2),
-        "decode + preprocess alone, 16 threads": lambda ps: decode_only(16),
+        f"decode + preprocess alone, {default_workers()} threads (as score_files)": lambda ps: decode_only(default_workers()),
+        "decode + preprocess alone, 2 threads": lambda ps: decode_only(2),
     }
     scores = {name: fn(paths) for name, fn in variants.items()}  # warm-up, and the scores compared
     times = {name: [] for name in variants}
@@ -218,7 +239,7 @@ def files_to_scores(work: Path, out: Path, n: int = 16, repeats: int = 3, device
     return rows
 
 
-PARTS = {"encoder": encoder, "aoti": aoti, "e2e": files_to_scores}
+PARTS = {"encoder": encoder, "compile": compiled, "aoti": aoti, "e2e": files_to_scores}
 
 if __name__ == "__main__":
     part, work = sys.argv[1], Path(sys.argv[2])

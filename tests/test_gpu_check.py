@@ -74,6 +74,7 @@ def test_every_python_part_the_script_calls_exists():
 
     gpu = load_gpu_bench()
     called = set(re.findall(r"bench/gpu\.py (\w+)", SCRIPT.read_text()))
-    assert called == {"model", "encoder", "e2e", "aoti"}
+    assert called == {"model", "encoder", "compile", "e2e", "aoti"}
     assert called - {"model"} <= set(gpu.PARTS)
-    assert 370 < gpu.ENCODER_GFLOP < 390  # ViT-L/14-336: about 381 GFLOP per image
+    # ViT-L/14-336: 381 GFLOP per image in 24 full layers; rali-edge's last layer is the class row.
+    assert 360 < gpu.ENCODER_GFLOP < 375
