@@ -268,3 +268,29 @@ def find_images(args) -> FoundImages:
             for m in matches:
                 add(m)
     return FoundImages(found, unmatched)
+
+
+def paths_from_list(list_file: str | Path) -> list[str]:
+    """The image paths a list names, in its order: a text file with one path per line (blank lines
+    and lines starting with # skipped), or a CSV file (.csv) with a `path` column, as `score -o
+    x.csv` writes. Paths are taken as written (relative ones from the current folder), not
+    expanded: a corpus list of millions of files is read without a stat of each, and a missing
+    file becomes its own error row. Raises UsageError for an unreadable list or a CSV without
+    a path column."""
+    import csv
+
+    from rali_edge.errors import UsageError
+
+    path = Path(list_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--from-list {path}: cannot read it ({_short(e)})") from None
+    if path.suffix.lower() != ".csv":
+        return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    rows = csv.DictReader(text.splitlines())
+    if "path" not in (rows.fieldnames or []):
+        raise UsageError(f"--from-list {path}: a CSV list needs a 'path' column (its columns: "
+                         f"{', '.join(rows.fieldnames or []) or 'none'})")
+    return [row["path"] for row in rows if row["path"]]
+

@@ -132,3 +132,27 @@ def test_decoding_runs_at_most_a_batch_and_two_images_per_thread_ahead(small_mod
     assert [r.path for r in results] == [str(photos[i % len(photos)]) for i in range(60)]
     # The batch being scored, plus the window decoding ahead: the next batch and two per thread.
     assert peak_ahead[0] <= 4 + (4 + 2 * 2)
+
+
+def test_from_list_reads_text_and_csv_lists_as_written(small_model, photos, tmp_path):
+    """A list's paths are scored in its order, as written: a missing one is its own error row (one
+    row per input), a path also named on the command line once; a CSV needs a path column."""
+    text = tmp_path / "todo.txt"
+    missing = str(tmp_path / "gone.jpg")
+    text.write_text(f"# corpus\n{photos[1]}\n\n{missing}\n{photos[0]}\n")
+    result = run("score", "--model", small_model, "--from-list", text, "--format", "jsonl", photos[0])
+    assert result.exit_code == 1  # the missing file failed, the rest were scored
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["path"] for r in rows] == [str(photos[0]), str(photos[1]), missing]
+    assert "error" in rows[2] and all("score" in r for r in rows[:2])
+
+    listed = tmp_path / "previous.csv"  # an earlier run's csv output is a list too
+    assert run("score", "--model", small_model, "-o", listed, *photos[:2]).exit_code == 0
+    again = run("score", "--model", small_model, "--from-list", listed, "--format", "csv")
+    assert [r["path"] for r in csv.DictReader(again.stdout.splitlines())] == [str(p) for p in photos[:2]]
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,x\na.jpg,1\n")
+    result = run("score", "--model", small_model, "--from-list", bad)
+    assert result.exit_code == 2 and "path" in result.output and "Traceback" not in result.output
+    assert run("score", "--model", small_model).exit_code == 2  # neither PATHS nor a list

@@ -20,7 +20,7 @@ Examples:
   rali-edge score 'cam/**/*.jpg' --model rali-vitl14-336 --device cuda --dtype fp16 --format json
 """,
 )
-@click.argument("paths", nargs=-1, required=True)
+@click.argument("paths", nargs=-1)
 @model_options
 @click.option("--batch-size", "-b", default=16, show_default=True, type=click.IntRange(min=1), help="Images per encoder call.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "jsonl"]),
@@ -30,32 +30,39 @@ Examples:
 @click.option("--output", "-o", type=OUTPUT_FILE, help="Write results here instead of stdout (checked before scoring starts).")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run: skip the images already in -o (csv or jsonl) and append the rest.")
+@click.option("--from-list", "lists", multiple=True, type=click.Path(dir_okay=False),
+              help="Also score the paths a list names: one per line, or a CSV with a path column (repeatable).")
 @click.option("--workers", type=click.IntRange(min=1),
               help="Decoding threads (default: one per core, up to 32); they decode at most a batch ahead.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
 @click.option("--quiet", "-q", is_flag=True, help="No note on stderr about the built-in demonstration model.")
-def score_command(paths, batch_size, fmt, output, resume, workers, progress, quiet, **model_kwargs):
+def score_command(paths, batch_size, fmt, output, resume, lists, workers, progress, quiet, **model_kwargs):
     """Score the quality of images (1 = very poor, 5 = excellent).
 
     PATHS are image files, folders (searched recursively for the image suffixes every command
     uses, in natural order: 2.jpg before 10.jpg) or globs ('**' recursive); a file named twice
-    is scored once. A file that cannot be read is reported with its error and the others are
+    is scored once. --from-list FILE adds the paths a list names, taken as written (one per line,
+    or a CSV with a path column). A file that cannot be read is reported with its error and the others are
     still scored; an empty folder or a glob that matches nothing is reported on stderr. Exit
     code 0 when every input was scored, 1 when some failed, 130 when interrupted (results so far
     are written; with -o FILE.csv or .jsonl, --resume then scores only the rest).
     """
     from rali_edge.cli.common import DEMO_NOTE, load_scorer
-    from rali_edge.images import find_images
+    from rali_edge.images import find_images, paths_from_list
     from rali_edge.results import ResultFile, format_for
     from rali_edge.scoring import is_default_model
 
+    if not paths and not lists:
+        raise click.UsageError("give PATHS (files, folders, globs) or --from-list FILE")
     found = find_images(paths)
     for message in found.unmatched:
         click.echo(f"error: {message}", err=True)
+    listed = [p for f in lists for p in paths_from_list(f)]
     writer = ResultFile(output, format_for(output, fmt), resume=resume)  # usage errors before the model loads
-    files = [p for p in found.paths if p not in writer.done]
+    inputs = list(dict.fromkeys([*found.paths, *listed]))  # a path named twice is scored once
+    files = [p for p in inputs if p not in writer.done]
     if resume:
-        click.echo(f"resuming {output}: {len(found.paths) - len(files)} images already there, {len(files)} to score",
+        click.echo(f"resuming {output}: {len(inputs) - len(files)} images already there, {len(files)} to score",
                    err=True)
     scorer = load_scorer(**model_kwargs)
     if not quiet and is_default_model(model_kwargs["model"]):
