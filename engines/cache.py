@@ -83,7 +83,7 @@ def choose(device: str, dtype: str) -> Choice:
     if onnx_ok:
         return Choice("onnx", "fp32", "ONNX Runtime's fp32 CPU kernels are the fastest measured")
     return Choice("torch", "fp32", "ONNX Runtime is not installed (pip install onnx onnxruntime onnxscript), "
-                                   "so PyTorch runs the encoder, about half as fast", fallback=True)
+                                   "so PyTorch runs the encoder (often slower)", fallback=True)
 
 
 # dtype="auto" (the default): the fastest precision whose scores stay within EXACT of fp32 on the
@@ -141,6 +141,22 @@ def _compare_dtype(model_path: Path, device: str, dtype: str):
         reference, _ = score_files(Scorer(model, manifest, device=device, dtype="fp32", head="torch"), images, 8)
     fast, skipped = score_files(Scorer(model, manifest, device=device, dtype=dtype, head="torch"), images, 8)
     return compare(reference, fast, EXACT, f"fp32 PyTorch on {device}", skipped)
+
+
+def slower_than_eager(engine: Path) -> str | None:
+    """Why an fp32 engine should not run, when its build's fidelity check found it slower than
+    eager PyTorch fp32 on the same images (both timed there, decoding included): the table in
+    `choose` is a guess about a CPU family, this is a measurement on this machine. None when the
+    engine was faster, is another precision, or has no timings (older sidecars)."""
+    from rali_edge.engines.naming import read_sidecar
+
+    info = read_sidecar(engine)
+    fidelity = info.fidelity or {}
+    engine_s, reference_s = fidelity.get("engine_s"), fidelity.get("reference_s")
+    if info.precision != "fp32" or not engine_s or not reference_s or engine_s <= reference_s:
+        return None
+    return (f"its {info.target} fp32 engine scored the fidelity images slower than eager PyTorch fp32 here "
+            f"({engine_s:.1f} s against {reference_s:.1f} s, measured when it was built)")
 
 
 def entry_path(manifest, choice: Choice, device: str, batch: BatchRange | None = None) -> Path:

@@ -13,6 +13,7 @@ its engine together would not leave much room.
 from __future__ import annotations
 
 import gc
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -38,6 +39,8 @@ class FidelityReport:
     worst_image: str
     reference: str  # what the engine was compared with
     skipped: int = 0  # images that could not be read
+    engine_s: float | None = None  # seconds the engine took to score the images, decoding included
+    reference_s: float | None = None  # and the reference (eager PyTorch fp32), on the same images
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,16 +144,22 @@ def check_engine(model_path: str | Path, engine_path: str | Path, backend: str, 
     model, manifest = load_model(model_path)
     encoder = open_engine(backend, engine_path, manifest, device=device, model_ref=str(model_path))
     run_device = encoder.device
+    start = time.perf_counter()
     engine_scores, skipped = score_files(Scorer(model, manifest, device=run_device, encoder=encoder), images, batch_size)
+    engine_s = time.perf_counter() - start
     del encoder, model
     gc.collect()
     if run_device.type == "cuda":
         torch.cuda.empty_cache()
     model, manifest = load_model(model_path, verify=False)
     reference = Scorer(model, manifest, device=run_device, dtype="fp32", head="torch")
+    start = time.perf_counter()
     with exact_fp32():
         reference_scores, _ = score_files(reference, images, batch_size)
-    return compare(reference_scores, engine_scores, max_score_diff, f"fp32 PyTorch on {run_device}", skipped)
+    reference_s = time.perf_counter() - start
+    report = compare(reference_scores, engine_scores, max_score_diff, f"fp32 PyTorch on {run_device}", skipped)
+    report.engine_s, report.reference_s = engine_s, reference_s
+    return report
 
 
 __all__ = [

@@ -364,5 +364,9 @@ def _auto(path: Path, manifest, device: str, dtype: str, cache: bool, progress):
                              f"rali-edge build MODEL --target onnx --precision {dtype}")
         return "torch", dtype, None
     engine = engine_cache.cached_engine(path, manifest, choice, device, progress)
+    slower = engine_cache.slower_than_eager(engine)
+    if slower:
+        print(f"note: auto runs eager PyTorch: {slower}", file=sys.stderr)
+        return "torch", dtype, None
     return choice.backend, choice.precision, engine
 

@@ -34,6 +34,9 @@ def auto(tmp_path, monkeypatch):
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "engines"))
     monkeypatch.delenv("RALI_EDGE_BACKEND", raising=False)
     monkeypatch.setattr(cache, "fast_dtypes", lambda device: [])
+    # Which of engine and eager PyTorch scored the fidelity images faster is timing, not a test's
+    # business here: the engine is kept (the speed verdict has a test of its own).
+    monkeypatch.setattr(cache, "slower_than_eager", lambda engine: None)
     builds = []
     real_build = builder.build
 
@@ -43,6 +46,9 @@ def auto(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builder, "build", counting_build)
     return builds
+
+
+REAL_SLOWER_THAN_EAGER = cache.slower_than_eager
 
 
 def torch_scores(model, photos):
@@ -66,6 +72,23 @@ def _edit_sidecar(engine: Path, edit) -> None:
     data = json.loads(sidecar_path(engine).read_text())
     edit(data)
     sidecar_path(engine).write_text(json.dumps(data))
+
+
+def test_an_fp32_engine_timed_slower_than_eager_is_not_used(auto, small_model, photos, monkeypatch, capsys):
+    """The build's fidelity check times the engine and eager PyTorch fp32 on the same images; when
+    the engine was the slower, auto runs PyTorch (same scores) and says why; when faster, the engine."""
+    monkeypatch.setattr(cache, "slower_than_eager", REAL_SLOWER_THAN_EAGER)
+    engine = rali_edge.load(small_model, dtype="fp32").engine
+    timed = json.loads(sidecar_path(engine).read_text())["fidelity"]
+    assert timed["engine_s"] > 0 and timed["reference_s"] > 0  # both measured by the check
+    for engine_s, expected in ((5.0, "torch"), (1.0, "onnx")):
+        _edit_sidecar(engine, lambda d: d["fidelity"].update(engine_s=engine_s, reference_s=2.0))
+        capsys.readouterr()
+        scorer = rali_edge.load(small_model, dtype="fp32")
+        assert scorer.backend == expected
+        note = capsys.readouterr().err
+        assert ("slower than eager PyTorch" in note and "5.0 s against 2.0 s" in note) == (expected == "torch")
+    assert scorer.score(photos) == pytest.approx(torch_scores(small_model, photos), abs=FP32_TOL)
 
 
 @pytest.mark.parametrize("spoil", ["other model", "other CPU", "other ONNX Runtime", "failed fidelity", "no sidecar", "garbage sidecar",
