@@ -108,15 +108,18 @@ def exact_fp32():
     set_float32_matmul_precision("high"). Restored afterwards."""
     import torch
 
-    knobs = [torch.backends.cuda.matmul, torch.backends.cudnn.conv]
-    before = [k.fp32_precision for k in knobs]
+    if not hasattr(torch.backends.cudnn.conv, "fp32_precision"):  # torch < 2.9: the allow_tf32 switches
+        knobs, name, exact = [torch.backends.cuda.matmul, torch.backends.cudnn], "allow_tf32", False
+    else:
+        knobs, name, exact = [torch.backends.cuda.matmul, torch.backends.cudnn.conv], "fp32_precision", "ieee"
+    before = [getattr(k, name) for k in knobs]
     try:
         for k in knobs:
-            k.fp32_precision = "ieee"
+            setattr(k, name, exact)
         yield
     finally:
         for k, value in zip(knobs, before):
-            k.fp32_precision = value
+            setattr(k, name, value)
 
 
 def score_files(scorer, paths: list[Path], batch_size: int) -> tuple[dict[str, float], int]:
@@ -144,9 +147,11 @@ def check_engine(model_path: str | Path, engine_path: str | Path, backend: str, 
     model, manifest = load_model(model_path)
     encoder = open_engine(backend, engine_path, manifest, device=device, model_ref=str(model_path))
     run_device = encoder.device
+    scorer = Scorer(model, manifest, device=run_device, encoder=encoder)
     start = time.perf_counter()
-    engine_scores, skipped = score_files(Scorer(model, manifest, device=run_device, encoder=encoder), images, batch_size)
+    engine_scores, skipped = score_files(scorer, images, batch_size)
     engine_s = time.perf_counter() - start
+    del scorer
     del encoder, model
     gc.collect()
     if run_device.type == "cuda":

@@ -283,7 +283,7 @@ def paths_from_list(list_file: str | Path) -> list[str]:
 
     path = Path(list_file)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a list saved by a spreadsheet starts with a BOM
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"--from-list {path}: cannot read it ({_short(e)})") from None
     if path.suffix.lower() != ".csv":

@@ -170,6 +170,9 @@ def load_model(path: str | Path, verify: bool = True, encoder: bool = True) -> t
                 state = {k: f.get_tensor(k) for k in f.keys() if k.startswith("head.")}
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelFormatError(f"{weights}: cannot read safetensors ({e})") from None
+    # The model computes in fp32 (a reduced precision is chosen when it runs): a file of other floats
+    # is widened here, since assign=True below would keep the file's dtype.
+    state = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in state.items()}
     with torch.device("meta"):  # no random initialisation, and no second copy: the read tensors become the model's
         model = RaliModel(manifest.encoder, manifest.pca_dim, manifest.num_prototypes, encoder=encoder)
     _load_strict(model, state, str(weights), assign=True)

@@ -1,7 +1,7 @@
 """Score results as files: the formats of `rali-edge score`, written as they come, and resuming.
 
 csv (path,score,error) and jsonl (one {path, score} or {path, error} object per line) are written
-row by row and flushed per batch, so a run killed at any moment keeps every finished batch; json
+and flushed row by row, so a run killed at any moment keeps every finished row; json
 (one list) and table are written at the end, since neither is valid before it is complete.
 `resume=True` reads the paths an earlier run of the same output already has (csv and jsonl),
 drops a last line that was cut off mid-write, and appends: see `ResultFile.done`.
@@ -32,7 +32,7 @@ def format_for(path: str | Path | None, fmt: str | None) -> str:
     if fmt:
         return fmt
     suffix = Path(path).suffix.lower() if path else ""
-    return {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}.get(suffix, "table")
+    return {".csv": "csv", ".jsonl": "jsonl", ".json": "json"}.get(suffix, "table")
 
 
 class ResultFile:
@@ -44,11 +44,19 @@ class ResultFile:
         if resume and (path is None or fmt not in STREAMED):
             raise UsageError(f"--resume continues an output file written as it is scored: give -o FILE with "
                              f"--format {' or '.join(STREAMED)}")
-        self.fmt, self.path, self.resume, self.results = fmt, path, resume, []
-        self.done: set[str] = _finished_paths(Path(path), fmt) if resume else set()
+        self.fmt, self.path, self.resume = fmt, path, resume
+        self.count = 0  # results added
+        self.results = []  # kept only for the formats written at the end (json, table)
+        self.done: set[str] = set()
+        self._complete = None  # with resume: the byte length of the earlier run's complete lines
+        if resume:
+            self.done, self._complete = _finished_paths(Path(path), fmt)
         self.out = None  # opened at the first result: a run that fails before one leaves the file as it was
 
     def _open(self) -> None:
+        if self._complete is not None and Path(self.path).stat().st_size != self._complete:
+            with open(self.path, "r+b") as f:  # a last line cut off by a kill: its image is scored again
+                f.truncate(self._complete)
         appending = self.resume and Path(self.path).exists() and Path(self.path).stat().st_size > 0
         self.out = open(self.path, "a" if appending else "w", newline="", encoding="utf-8") if self.path else sys.stdout
         if self.fmt == "csv":
@@ -56,15 +64,17 @@ class ResultFile:
             if not appending:
                 self.csv.writerow(CSV_HEADER)
 
-    def add(self, result, flush: bool = True) -> None:
+    def add(self, result) -> None:
         if self.out is None:
             self._open()
-        self.results.append(result)
+        self.count += 1
         if self.fmt == "csv":
             self.csv.writerow([result.path, "" if result.score is None else f"{result.score:.6f}", result.error or ""])
         elif self.fmt == "jsonl":
             self.out.write(json.dumps(result.to_dict()) + "\n")
-        if flush and self.fmt in STREAMED:
+        else:
+            self.results.append(result)
+        if self.fmt in STREAMED:
             self.out.flush()
 
     def close(self) -> None:
@@ -92,26 +102,25 @@ class ResultFile:
         self.close()
 
 
-def _finished_paths(path: Path, fmt: str) -> set[str]:
-    """Paths an earlier run wrote to `path` (error rows included: a bad file stays bad). A last line
-    without its newline was cut off by a kill: it is removed, and its image scored again."""
+def _finished_paths(path: Path, fmt: str) -> tuple[set[str], int | None]:
+    """The paths an earlier run wrote to `path` (error rows included: a bad file stays bad), and the
+    length of its complete lines: a last line without its newline was cut off by a kill, and is
+    dropped (by `_open`, once there is a result to write) and its image scored again. Nothing is
+    changed here: a file that is not a rali-edge output is refused as it is."""
     if not path.exists():
-        return set()
+        return set(), None
     data = path.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
-    text = complete.decode("utf-8")
+    text = complete.decode("utf-8", errors="replace")
     if fmt == "jsonl":
         try:
-            return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
+            return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}, len(complete)
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UsageError(f"--resume: {path} is not a rali-edge jsonl output (one {{path, ...}} per line)") from None
     rows = list(csv.reader(io.StringIO(text)))
     if rows and rows[0] != CSV_HEADER:
         raise UsageError(f"--resume: {path} is not a rali-edge csv output (its header is not {','.join(CSV_HEADER)})")
-    return {row[0] for row in rows[1:] if row}
+    return {row[0] for row in rows[1:] if row}, len(complete)
 
 
 __all__ = ["FORMATS", "STREAMED", "ResultFile", "format_for"]

@@ -337,3 +337,16 @@ def test_cpu_flags_read_x86_and_arm(tmp_path):
     assert cpu_flags(str(tmp_path / "x86")) == {"fpu", "avx2", "avx512_bf16"}
     assert cpu_flags(str(tmp_path / "arm")) == {"fp", "asimd", "bf16"}
     assert cpu_flags(str(tmp_path / "none")) == set()
+
+
+def test_a_corrupt_entry_whose_rebuild_timed_slower_runs_eager(auto, small_model, photos, monkeypatch, capsys):
+    """Opening a corrupt cached engine rebuilds it; when the rebuild's check timed it slower than
+    eager PyTorch, the scorer runs eager PyTorch with the encoder's weights loaded after all."""
+    engine = rali_edge.load(small_model).engine
+    engine.write_bytes(os.urandom(engine.stat().st_size))  # the sidecar still matches: only opening tells
+    verdicts = iter([None, "its onnx fp32 engine scored the images slower"])  # the corrupt entry's, the rebuild's
+    monkeypatch.setattr(cache, "slower_than_eager", lambda e: next(verdicts))
+    scorer = rali_edge.load(small_model)
+    assert (scorer.backend, scorer.engine) == ("torch", None) and auto == ["fp32", "fp32"]
+    assert "auto runs eager PyTorch" in capsys.readouterr().err
+    assert scorer.score(photos) == pytest.approx(torch_scores(small_model, photos), abs=FP32_TOL)

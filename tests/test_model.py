@@ -50,3 +50,22 @@ def test_fp32_softmax_attention_equals_sdpa_in_fp32():
             block.self_attn.softmax_fp32 = True
         explicit = ours.class_token(pixels)
     assert (sdpa - explicit).abs().max() <= 1e-5
+
+
+def test_a_model_file_of_half_floats_loads_as_fp32(small_model, tmp_path):
+    """Weights are read in place (assign=True), which would keep the file's dtype: a file saved in
+    fp16 still gives an fp32 model, the reference every reduced precision is measured against."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from rali_edge.model_file import WEIGHTS, load_model
+
+    half = tmp_path / "half"
+    shutil.copytree(small_model, half)
+    state = load_file(str(half / WEIGHTS))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, str(half / WEIGHTS),
+              metadata={"format": "rali-edge"})
+    model, _ = load_model(half, verify=False)
+    assert {p.dtype for p in model.parameters()} | {b.dtype for b in model.buffers() if b.is_floating_point()} \
+        == {torch.float32}

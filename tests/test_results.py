@@ -57,10 +57,10 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     with pytest.raises(UsageError):
         ResultFile(tmp_path / "x.json", "json", resume=True)  # a list is rewritten whole
     foreign = tmp_path / "foreign.csv"
-    foreign.write_text("name,value\nx,1\n")
+    foreign.write_text("name,value\nx,1")  # no newline at the end: still not touched
     with pytest.raises(UsageError, match="header"):
         ResultFile(foreign, "csv", resume=True)
-    assert foreign.read_text() == "name,value\nx,1\n"  # left as it was
+    assert foreign.read_text() == "name,value\nx,1"  # left as it was
 
 
 def test_format_follows_the_output_suffix_unless_given():

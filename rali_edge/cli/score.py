@@ -10,6 +10,7 @@ import click
 
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
 from rali_edge.cli.common import OUTPUT_FILE, model_options
+from rali_edge.results import FORMATS
 
 @click.command(
     "score",
@@ -23,9 +24,9 @@ Examples:
 @click.argument("paths", nargs=-1)
 @model_options
 @click.option("--batch-size", "-b", default=16, show_default=True, type=click.IntRange(min=1), help="Images per encoder call.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "jsonl"]),
+@click.option("--format", "fmt", type=click.Choice(FORMATS),
               help="csv: path,score,error; jsonl: one {path, score} or {path, error} per line (both written as "
-                   "scored: a killed run keeps every finished batch); json: one list, in input order. "
+                   "scored: a killed run keeps every finished row); json: one list, in input order. "
                    "Default: from -o's suffix (.csv, .jsonl, .json), else table.")
 @click.option("--output", "-o", type=OUTPUT_FILE, help="Write results here instead of stdout (checked before scoring starts).")
 @click.option("--resume", is_flag=True,
@@ -77,11 +78,11 @@ def score_command(paths, batch_size, fmt, output, resume, lists, workers, progre
                 bar.update(1)
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
-        click.echo(f"interrupted: writing the {len(writer.results)} results so far", err=True)
+        click.echo(f"interrupted: writing the {writer.count} results so far", err=True)
     finally:
         writer.close()
     elapsed = time.perf_counter() - start
-    done = len(writer.results) - failed
+    done = writer.count - failed
     click.echo(f"{done} scored, {failed} failed, {elapsed:.2f} s ({done / max(elapsed, 1e-9):.1f} images/s)", err=True)
     if code == EXIT_OK and (failed or found.unmatched):
         code = EXIT_SOME_FAILED
