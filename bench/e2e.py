@@ -289,18 +289,12 @@ def machine() -> dict:
     from importlib.metadata import version
 
     import rali_edge
+    from rali_edge.engines.naming import cpu_flags, cpu_model
     from rali_edge.engines.onnx import has_vnni
 
-    flags = set()
-    cpu = platform.processor() or platform.machine()
-    try:
-        text = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in text if line.startswith("model name"))
-        flags = set(next(line.split(":", 1)[1] for line in text if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        pass
+    flags = cpu_flags()
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "instructions": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}),
         "vnni": has_vnni(), "python": platform.python_version(), "rali-edge": rali_edge.__version__,
         **{pkg: version(pkg) for pkg in ("torch", "onnxruntime", "onnx", "transformers")},

@@ -193,7 +193,7 @@ def build(model: str | Path | None, target: str, *, precision: str | None = None
         except FidelityCheckFailed as e:
             if last:
                 raise
-            progress.note(f"{request.precision} as {form} failed the fidelity check ({str(e).split(' (worst')[0]}); "
+            progress.note(f"{request.precision} as {form} failed the fidelity check ({e.short}); "
                           f"building it as {forms[i + 1]}")
             progress.total += chosen.build_steps(attempt) + 1
             continue
@@ -268,11 +268,10 @@ def _check(model_path: Path, engine: Path, info: EngineInfo, images: list[Path],
             where = "the engine was deleted (--keep-failed keeps it)"
         else:
             where = f"the engine is kept at {engine}, marked as failed in its sidecar"
+        short = f"fidelity check failed: max |score diff| {report.max_abs_diff:.4f} > {max_score_diff}"
         raise FidelityCheckFailed(
-            f"fidelity check failed: max |score diff| {report.max_abs_diff:.4f} > {max_score_diff} "
-            f"(worst image: {report.worst_image}); {where}. Try --precision fp32, or raise --max-score-diff "
-            "if this difference is acceptable for your use."
-        )
+            f"{short} (worst image: {report.worst_image}); {where}. Try --precision fp32, or raise --max-score-diff "
+            "if this difference is acceptable for your use.", short)
     return report
 
 

@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from rali_edge.engines.naming import DEFAULT_BATCH, BatchRange, engine_filename, read_sidecar, sidecar_path
+from rali_edge.engines.naming import DEFAULT_BATCH, BatchRange, cpu_model, engine_filename, read_sidecar, sidecar_path
 from rali_edge.errors import FidelityCheckFailed, MissingDependencyError, PrecisionRefused, RaliEdgeError, UsageError
 
 CACHE_ENV = "RALI_EDGE_CACHE"
@@ -210,15 +210,7 @@ def stamp(backend_name: str, device: str) -> dict:
     else:
         chosen = backend(backend_name)
         runtime = chosen.runtime(chosen.run_device(device)).to_dict()
-    return {"runtime": runtime, "cpu": _cpu_model(), "versions": versions}
-
-
-def _cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:
-    try:
-        lines = Path(cpuinfo).read_text().splitlines()
-    except OSError:
-        return None
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    return {"runtime": runtime, "cpu": cpu_model(), "versions": versions}
 
 
 def usable(path: Path, manifest, backend_name: str, device: str) -> bool:
@@ -271,7 +263,7 @@ def cached_engine(model_path: Path, manifest, choice: Choice, device: str, progr
         except FidelityCheckFailed as e:
             if choice.precision != "int8":
                 raise
-            message = (f"{manifest.name} int8 moves its scores too far on this CPU ({_first_clause(e)}); "
+            message = (f"{manifest.name} int8 moves its scores too far on this CPU ({e.short}); "
                        f"use --dtype fp32, or build one with your own limit and pass it as --engine: "
                        f"rali-edge build {model_path} --target onnx --precision int8 --max-score-diff X")
             refused.write_text(json.dumps({"message": message, "cache": here}))
@@ -292,10 +284,6 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):  # none, or unreadable: build (and check) again
         return None
-
-
-def _first_clause(error: Exception) -> str:
-    return str(error).split(";")[0].split(" (worst")[0]
 
 
 @dataclass

@@ -121,6 +121,17 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
     return {flag for line in lines if line.startswith(("flags", "Features")) for flag in line.split(":", 1)[1].split()}
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """This CPU's name: /proc/cpuinfo's `model name` (x86) or `Hardware` (some Arm boards), else
+    what Python's platform module says."""
+    try:
+        lines = Path(cpuinfo).read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    named = (line.split(":", 1)[1].strip() for line in lines if line.lower().startswith(("model name", "hardware")))
+    return next(named, None) or _platform.processor() or _platform.machine()
+
+
 def compute_capability_tag(major: int, minor: int) -> str:
     return f"sm{major}{minor}"
 

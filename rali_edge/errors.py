@@ -66,7 +66,12 @@ class ScoringError(RaliEdgeError):
 
 
 class FidelityCheckFailed(RaliEdgeError):
-    """An engine's scores differ from fp32 PyTorch by more than --max-score-diff."""
+    """An engine's scores differ from fp32 PyTorch by more than --max-score-diff. `short`: the
+    measured difference against the limit alone, for messages that quote it."""
+
+    def __init__(self, message: str, short: str | None = None):
+        super().__init__(message)
+        self.short = short or message
 
 
 class PrecisionRefused(FidelityCheckFailed):

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rali_edge import __version__
+from rali_edge.engines.naming import cpu_model
 
 SCHEMA = "rali-edge-profile/1"
 # Figures compared between RALI and the baseline: (key, label, unit, higher_is_better).
@@ -46,17 +47,6 @@ def _version(*dists: str) -> str | None:
         except metadata.PackageNotFoundError:
             continue
     return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "hardware")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _read_first_line(path: str) -> str | None:
@@ -98,7 +88,7 @@ def environment(device: str) -> dict:
     env = {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "jetson_model": _read_first_line("/proc/device-tree/model") if os.path.exists("/etc/nv_tegra_release") else None,
