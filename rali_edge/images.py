@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rali_edge.errors import ImageError, RaliEdgeError
+from rali_edge.errors import ImageError, MissingDependencyError, RaliEdgeError
+from rali_edge.storage import expand, is_uri, read_bytes
 
 MAX_PIXELS_ENV = "RALI_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -55,7 +56,7 @@ def max_pixels() -> int:
 
 
 def open_image(source, name: str | None = None) -> Image.Image:
-    """A new, fully loaded RGB uint8 image from a path, bytes, a binary file object, a PIL image,
+    """A new, fully loaded RGB uint8 image from a path, a URI (s3://, gs://, http(s)://...), bytes, a binary file object, a PIL image,
     or a uint8 array (HxW, HxWx1, HxWx3, or HxWx4 whose alpha is composited onto white).
     `name` is what error messages call the input (default: the path, or a description)."""
     if isinstance(source, np.ndarray):
@@ -64,6 +65,8 @@ def open_image(source, name: str | None = None) -> Image.Image:
         return _loaded_rgb(source, name or "<PIL image>")
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode(_nonempty(bytes(source), name or "<bytes>"), name or "<bytes>")
+    if is_uri(source):  # s3://, gs://, http(s)://...: read whole, with retries (rali_edge.storage)
+        return _decode(_nonempty(read_bytes(source), name or source), name or source)
     if isinstance(source, (str, os.PathLike)):
         name = name or str(source)
         _check_file(Path(source), name)
@@ -239,7 +242,8 @@ class FoundImages:
 
 def find_images(args) -> FoundImages:
     """Files as given (whatever their suffix; a missing one is kept, so that it is reported with
-    the other results), folders recursively (IMAGE_SUFFIXES), globs (`**` recursive) expanded.
+    the other results), folders recursively (IMAGE_SUFFIXES), globs (`**` recursive) expanded;
+    URIs likewise (a folder is one ending in "/"), through rali_edge.storage.
     A file reached twice (say, through a folder and a glob) comes once, where it came first."""
     import glob
 
@@ -253,7 +257,12 @@ def find_images(args) -> FoundImages:
 
     for arg in map(str, args):
         p = Path(arg)
-        if p.is_dir():
+        if is_uri(arg):  # a URI folder ("s3://bucket/photos/") or glob is listed; one object is kept as it is
+            matches = expand(arg, IMAGE_SUFFIXES)
+            if not matches:
+                unmatched.append(f"{arg}: no images there (looked for {describe_suffixes()})")
+            found.extend(m for m in matches if m not in seen and not seen.add(m))
+        elif p.is_dir():
             images = images_in(p)
             if not images:
                 unmatched.append(f"{arg}: no images in this folder (looked for {describe_suffixes()})")
@@ -272,8 +281,8 @@ def find_images(args) -> FoundImages:
 
 def paths_from_list(list_file: str | Path) -> list[str]:
     """The image paths a list names, in its order: a text file with one path per line (blank lines
-    and lines starting with # skipped), or a CSV file (.csv) with a `path` column, as `score -o
-    x.csv` writes. Paths are taken as written (relative ones from the current folder), not
+    and lines starting with # skipped), a CSV file (.csv) with a `path` column, as `score -o
+    x.csv` writes, or a Parquet file or folder (.parquet, pyarrow) with a `path` column. Paths are taken as written (relative ones from the current folder), not
     expanded: a corpus list of millions of files is read without a stat of each, and a missing
     file becomes its own error row. Raises UsageError for an unreadable list or a CSV without
     a path column."""
@@ -282,6 +291,8 @@ def paths_from_list(list_file: str | Path) -> list[str]:
     from rali_edge.errors import UsageError
 
     path = Path(list_file)
+    if path.suffix.lower() == ".parquet":
+        return _paths_from_parquet(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a list saved by a spreadsheet starts with a BOM
     except (OSError, UnicodeDecodeError) as e:
@@ -293,4 +304,22 @@ def paths_from_list(list_file: str | Path) -> list[str]:
         raise UsageError(f"--from-list {path}: a CSV list needs a 'path' column (its columns: "
                          f"{', '.join(rows.fieldnames or []) or 'none'})")
     return [row["path"] for row in rows if row["path"]]
+
+
+def _paths_from_parquet(path: Path) -> list[str]:
+    from rali_edge.errors import UsageError
+
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise MissingDependencyError("a Parquet list needs pyarrow: pip install 'rali-edge[corpus]'") from None
+    try:
+        schema = pq.read_schema(path) if path.is_file() else pq.ParquetDataset(path).schema
+        if "path" not in schema.names:
+            raise UsageError(f"--from-list {path}: a Parquet list needs a 'path' column (its columns: "
+                             f"{', '.join(schema.names) or 'none'})")
+        column = pq.read_table(path, columns=["path"]).column("path")
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise UsageError(f"--from-list {path}: cannot read it ({_short(e)})") from None
+    return [p for p in column.to_pylist() if p]
 

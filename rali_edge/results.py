@@ -1,9 +1,10 @@
 """Score results as files: the formats of `rali-edge score`, written as they come, and resuming.
 
 csv (path,score,error) and jsonl (one {path, score} or {path, error} object per line) are written
-and flushed row by row, so a run killed at any moment keeps every finished row; json
+and flushed row by row, so a run killed at any moment keeps every finished row; parquet is a folder
+of part files, one every PART_ROWS rows or PART_SECONDS seconds (a killed run loses at most those); json
 (one list) and table are written at the end, since neither is valid before it is complete.
-`resume=True` reads the paths an earlier run of the same output already has (csv and jsonl),
+`resume=True` reads the paths an earlier run of the same output already has (csv, jsonl, parquet),
 drops a last line that was cut off mid-write, and appends: see `ResultFile.done`.
 
     with ResultFile("scores.jsonl", "jsonl", resume=True) as out:
@@ -17,14 +18,23 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 from rali_edge.errors import UsageError
 
-FORMATS = ("table", "json", "csv", "jsonl")
-STREAMED = ("csv", "jsonl")  # written as scored; the ones --resume can continue
+FORMATS = ("table", "json", "csv", "jsonl", "parquet")
+STREAMED = ("csv", "jsonl", "parquet")  # written as scored; the ones --resume can continue
 CSV_HEADER = ["path", "score", "error"]
+# A parquet output is a folder of part files (as Spark, Dask and Ray write them; pandas, pyarrow,
+# polars and DuckDB read the folder as one table). Each part is complete when it appears: a file
+# killed before its footer would be unreadable, rows and all. A part is written every
+# PART_ROWS rows or PART_SECONDS seconds, whichever comes first.
+PART_ROWS = 4096
+PART_SECONDS = 5.0
+PART_GLOB = "part-*.parquet"
 
 
 def format_for(path: str | Path | None, fmt: str | None) -> str:
@@ -32,7 +42,7 @@ def format_for(path: str | Path | None, fmt: str | None) -> str:
     if fmt:
         return fmt
     suffix = Path(path).suffix.lower() if path else ""
-    return {".csv": "csv", ".jsonl": "jsonl", ".json": "json"}.get(suffix, "table")
+    return {".csv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}.get(suffix, "table")
 
 
 class ResultFile:
@@ -41,6 +51,8 @@ class ResultFile:
     def __init__(self, path: str | Path | None, fmt: str, resume: bool = False):
         if fmt not in FORMATS:
             raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        if fmt == "parquet" and path is None:
+            raise UsageError("--format parquet writes a folder of part files: give -o FOLDER.parquet")
         if resume and (path is None or fmt not in STREAMED):
             raise UsageError(f"--resume continues an output file written as it is scored: give -o FILE with "
                              f"--format {' or '.join(STREAMED)}")
@@ -54,6 +66,9 @@ class ResultFile:
         self.out = None  # opened at the first result: a run that fails before one leaves the file as it was
 
     def _open(self) -> None:
+        if self.fmt == "parquet":
+            self.out = _ParquetParts(Path(self.path))
+            return
         if self._complete is not None and Path(self.path).stat().st_size != self._complete:
             with open(self.path, "r+b") as f:  # a last line cut off by a kill: its image is scored again
                 f.truncate(self._complete)
@@ -72,6 +87,9 @@ class ResultFile:
             self.csv.writerow([result.path, "" if result.score is None else f"{result.score:.6f}", result.error or ""])
         elif self.fmt == "jsonl":
             self.out.write(json.dumps(result.to_dict()) + "\n")
+        elif self.fmt == "parquet":
+            self.out.add(result)
+            return
         else:
             self.results.append(result)
         if self.fmt in STREAMED:
@@ -82,6 +100,10 @@ class ResultFile:
             return
         if self.out is None:
             self._open()  # no result: still a valid (empty) output
+        if self.fmt == "parquet":
+            self.out.close()
+            self.out = False
+            return
         if self.fmt == "json":
             json.dump([r.to_dict() for r in self.results], self.out, indent=1)
             self.out.write("\n")
@@ -109,6 +131,8 @@ def _finished_paths(path: Path, fmt: str) -> tuple[set[str], int | None]:
     changed here: a file that is not a rali-edge output is refused as it is."""
     if not path.exists():
         return set(), None
+    if fmt == "parquet":
+        return _ParquetParts.finished_paths(path), None
     data = path.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
     text = complete.decode("utf-8", errors="replace")
@@ -123,4 +147,73 @@ def _finished_paths(path: Path, fmt: str) -> tuple[set[str], int | None]:
     return {row[0] for row in rows[1:] if row}, len(complete)
 
 
-__all__ = ["FORMATS", "STREAMED", "ResultFile", "format_for"]
+class _ParquetParts:
+    """The parquet output: a folder of part-NNNNNN.parquet files (see PART_ROWS), each written under a
+    temporary name and renamed when complete, so that a reader never sees a half-written part."""
+
+    def __init__(self, folder: Path):
+        pa, self.pq = _pyarrow()
+        self.schema = pa.schema([("path", pa.string()), ("score", pa.float64()), ("error", pa.string())])
+        self.pa, self.folder = pa, folder
+        _check_parts_folder(folder)
+        folder.mkdir(exist_ok=True)
+        for stale in folder.glob(".part-*.tmp"):  # a part a killed run was writing: its rows are scored again
+            stale.unlink()
+        self.next = 1 + max((int(p.stem.split("-")[1]) for p in folder.glob(PART_GLOB)), default=-1)
+        self.rows: list = []
+        self.last = time.monotonic()
+
+    def add(self, result) -> None:
+        self.rows.append(result)
+        if len(self.rows) >= PART_ROWS or time.monotonic() - self.last >= PART_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        table = self.pa.table({"path": [r.path for r in self.rows], "score": [r.score for r in self.rows],
+                               "error": [r.error for r in self.rows]}, schema=self.schema)
+        name = f"part-{self.next:06d}.parquet"
+        tmp = self.folder / f".{name}.tmp"
+        self.pq.write_table(table, tmp)
+        os.replace(tmp, self.folder / name)
+        self.next, self.rows, self.last = self.next + 1, [], time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+
+    @staticmethod
+    def finished_paths(folder: Path) -> set[str]:
+        _check_parts_folder(folder)
+        _, pq = _pyarrow()
+        done: set[str] = set()
+        for part in sorted(folder.glob(PART_GLOB)):
+            try:
+                done.update(pq.read_table(part, columns=["path"]).column("path").to_pylist())
+            except (OSError, ValueError, KeyError) as e:
+                raise UsageError(f"--resume: {part} is not a readable rali-edge part ({e}); move it away") from None
+        return done
+
+
+def _check_parts_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} is a file; a parquet output is a folder of part files: give a new name")
+    if folder.is_dir():
+        foreign = [p.name for p in folder.iterdir() if not (p.match(PART_GLOB) or p.name.endswith(".tmp"))]
+        if foreign:
+            raise UsageError(f"{folder} holds files that are not rali-edge parts ({', '.join(sorted(foreign)[:3])}); "
+                             "give a new folder name")
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        from rali_edge.errors import MissingDependencyError
+
+        raise MissingDependencyError("--format parquet needs pyarrow: pip install 'rali-edge[corpus]'") from None
+    return pa, pq
+
+
+__all__ = ["FORMATS", "PART_ROWS", "STREAMED", "ResultFile", "format_for"]

@@ -170,10 +170,8 @@ class Scorer:
         workers = max(1, workers or default_workers())
 
         def load(path):
-            try:
-                return path, self.preprocess.views_tensor(open_image(path)), None
-            except ImageError as e:  # the result names the path already: the error says only why
-                return path, None, str(e).removeprefix(f"{path}: ")
+            views, error = read_views(self.preprocess, path)
+            return path, None if views is None else torch.from_numpy(views), error
 
         todo = iter(paths)
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -209,6 +207,16 @@ class Scorer:
     def _score_batched(self, pixels: torch.Tensor, batch_size: int) -> list[float]:
         rows = batch_size * self.preprocess.view_count  # whole images per chunk
         return [s for chunk in pixels.split(rows) for s in self.score_pixels(chunk).tolist()]
+
+
+def read_views(preprocess: Preprocessor, path: str) -> tuple[np.ndarray | None, str | None]:
+    """One file or URI -> its views ([view_count, 3, H, W] float32), or None and why it cannot be
+    read (the reason alone: a result names its path already). The local pipeline's threads and
+    Ray's decoding tasks both read files through this."""
+    try:
+        return preprocess.views_array(open_image(path)), None
+    except ImageError as e:
+        return None, str(e).removeprefix(f"{path}: ")
 
 
 def default_workers() -> int:

@@ -156,3 +156,45 @@ def test_from_list_reads_text_and_csv_lists_as_written(small_model, photos, tmp_
     result = run("score", "--model", small_model, "--from-list", bad)
     assert result.exit_code == 2 and "path" in result.output and "Traceback" not in result.output
     assert run("score", "--model", small_model).exit_code == 2  # neither PATHS nor a list
+
+
+def test_parquet_output_is_a_folder_of_complete_parts_that_resume_continues(small_model, photos, tmp_path, monkeypatch):
+    """Parquet is written in parts as it is scored (each complete when it appears: a kill never leaves
+    a file without its footer), read back as one table; --resume skips what the parts hold, drops a
+    part a killed run was writing, and refuses a folder of other files."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import rali_edge.results as results
+
+    monkeypatch.setattr(results, "PART_ROWS", 2)
+    out = tmp_path / "scores.parquet"
+    writer = ResultFile(out, "parquet")
+    for i in range(3):
+        writer.add(FileResult(f"{i}.jpg", score=float(i)))
+    assert [p.name for p in out.iterdir()] == ["part-000000.parquet"]  # two rows are on disk before close
+    writer.add(FileResult("bad.jpg", error="cannot decode"))
+    writer.close()
+    table = pq.read_table(out).to_pylist()
+    assert [r["path"] for r in table] == ["0.jpg", "1.jpg", "2.jpg", "bad.jpg"]
+    assert table[3] == {"path": "bad.jpg", "score": None, "error": "cannot decode"}
+
+    (out / ".part-000002.parquet.tmp").write_bytes(b"PAR1 half a part")  # what a kill mid-write leaves
+    resumed = ResultFile(out, "parquet", resume=True)
+    assert resumed.done == {"0.jpg", "1.jpg", "2.jpg", "bad.jpg"}
+    resumed.add(FileResult("4.jpg", score=4.0))
+    resumed.close()
+    assert sorted(p.name for p in out.iterdir()) == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
+    assert pq.read_table(out).column("path").to_pylist()[-1] == "4.jpg"
+
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not rali-edge parts"):
+        ResultFile(out, "parquet", resume=True)
+    with pytest.raises(UsageError, match="folder of part files"):
+        ResultFile(None, "parquet")
+
+    # Through the CLI, from the -o suffix; a parquet list is an input list too.
+    cli_out = tmp_path / "cli.parquet"
+    assert run("score", "--model", small_model, "-o", cli_out, *photos).exit_code == 0
+    rows = pq.read_table(cli_out).to_pylist()
+    assert [r["path"] for r in rows] == [str(p) for p in photos] and all(r["score"] is not None for r in rows)
+    again = run("score", "--model", small_model, "--from-list", cli_out, "--format", "jsonl")
+    assert [json.loads(line)["path"] for line in again.stdout.splitlines()] == [str(p) for p in photos]

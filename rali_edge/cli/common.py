@@ -48,7 +48,7 @@ class OutputFile(click.ParamType):
             return value
         path = Path(value)
         folder = path.parent
-        if path.is_dir():
+        if path.is_dir() and path.suffix.lower() != ".parquet":  # a parquet output is a folder of parts
             self.fail(f"{value} is a folder; give a file name", param, ctx)
         if not folder.is_dir():
             self.fail(f"cannot write {value}: the folder {folder} does not exist (create it first)", param, ctx)

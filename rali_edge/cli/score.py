@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -26,18 +27,29 @@ Examples:
 @click.option("--batch-size", "-b", default=16, show_default=True, type=click.IntRange(min=1), help="Images per encoder call.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS),
               help="csv: path,score,error; jsonl: one {path, score} or {path, error} per line (both written as "
-                   "scored: a killed run keeps every finished row); json: one list, in input order. "
-                   "Default: from -o's suffix (.csv, .jsonl, .json), else table.")
+                   "scored: a killed run keeps every finished row); parquet: a folder of part files (-o "
+                   "NAME.parquet), one every 4096 rows or 5 s; json: one list, in input order. "
+                   "Default: from -o's suffix (.csv, .jsonl, .json, .parquet), else table.")
 @click.option("--output", "-o", type=OUTPUT_FILE, help="Write results here instead of stdout (checked before scoring starts).")
 @click.option("--resume", is_flag=True,
-              help="Continue an interrupted run: skip the images already in -o (csv or jsonl) and append the rest.")
-@click.option("--from-list", "lists", multiple=True, type=click.Path(dir_okay=False),
-              help="Also score the paths a list names: one per line, or a CSV with a path column (repeatable).")
+              help="Continue an interrupted run: skip the images already in -o (csv, jsonl or parquet) and append the rest.")
+@click.option("--from-list", "lists", multiple=True, type=click.Path(),
+              help="Also score the paths a list names: one per line, a CSV with a path column, or a Parquet file "
+                   "or folder with a path column (repeatable).")
 @click.option("--workers", type=click.IntRange(min=1),
               help="Decoding threads (default: one per core, up to 32); they decode at most a batch ahead.")
+@click.option("--ray", "ray_address", metavar="ADDRESS",
+              help="Score on a Ray cluster (pip install 'rali-edge[ray]'): decoding in CPU tasks, scoring in an actor "
+                   "pool, one row per input even when an actor dies. auto: the cluster RAY_ADDRESS names or that runs "
+                   "here; local: start one for this run; or HOST:PORT / ray://HOST:PORT.")
+@click.option("--ray-actors", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --ray: scoring actors, one model each.")
+@click.option("--ray-gpus", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="With --ray: GPUs per actor (then --device defaults to cuda on the actors).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
 @click.option("--quiet", "-q", is_flag=True, help="No note on stderr about the built-in demonstration model.")
-def score_command(paths, batch_size, fmt, output, resume, lists, workers, progress, quiet, **model_kwargs):
+def score_command(paths, batch_size, fmt, output, resume, lists, workers, ray_address, ray_actors, ray_gpus, progress,
+                  quiet, **model_kwargs):
     """Score the quality of images (1 = very poor, 5 = excellent).
 
     PATHS are image files, folders (searched recursively for the image suffixes every command
@@ -48,7 +60,7 @@ def score_command(paths, batch_size, fmt, output, resume, lists, workers, progre
     code 0 when every input was scored, 1 when some failed, 130 when interrupted (results so far
     are written; with -o FILE.csv or .jsonl, --resume then scores only the rest).
     """
-    from rali_edge.cli.common import DEMO_NOTE, load_scorer
+    from rali_edge.cli.common import DEMO_NOTE
     from rali_edge.images import find_images, paths_from_list
     from rali_edge.results import ResultFile, format_for
     from rali_edge.scoring import is_default_model
@@ -65,14 +77,14 @@ def score_command(paths, batch_size, fmt, output, resume, lists, workers, progre
     if resume:
         click.echo(f"resuming {output}: {len(inputs) - len(files)} images already there, {len(files)} to score",
                    err=True)
-    scorer = load_scorer(**model_kwargs)
     if not quiet and is_default_model(model_kwargs["model"]):
         click.echo(DEMO_NOTE, err=True)
     show = sys.stderr.isatty() if progress is None else progress
     start, failed, code = time.perf_counter(), 0, EXIT_OK
     try:
-        with click.progressbar(length=len(files), label="scoring", file=sys.stderr, hidden=not show) as bar:
-            for result in scorer.score_files(files, batch_size=batch_size, workers=workers):
+        with _results(files, batch_size, workers, ray_address, ray_actors, ray_gpus, model_kwargs) as results, \
+                click.progressbar(length=len(files), label="scoring", file=sys.stderr, hidden=not show) as bar:
+            for result in results:
                 writer.add(result)
                 failed += result.error is not None
                 bar.update(1)
@@ -87,6 +99,25 @@ def score_command(paths, batch_size, fmt, output, resume, lists, workers, progre
     if code == EXIT_OK and (failed or found.unmatched):
         code = EXIT_SOME_FAILED
     sys.exit(code)
+
+
+@contextlib.contextmanager
+def _results(files, batch_size, workers, ray_address, ray_actors, ray_gpus, model_kwargs):
+    """The FileResults of `files` in input order: from this process's pipeline, or from Ray."""
+    from rali_edge.cli.common import load_scorer
+
+    if ray_address is None:
+        yield load_scorer(**model_kwargs).score_files(files, batch_size=batch_size, workers=workers)
+        return
+    from rali_edge.distributed import ray_session, score_paths
+
+    if model_kwargs.get("engine"):
+        raise click.UsageError("--ray builds or reuses engines on each node (backend auto): leave out --engine")
+    device = model_kwargs["device"] if model_kwargs["device"] != "cpu" or not ray_gpus else "cuda"
+    with ray_session(ray_address):
+        yield score_paths(files, model_kwargs["model"], backend=model_kwargs["backend"] or "auto",
+                          dtype=model_kwargs["dtype"], device=device, batch_size=batch_size, actors=ray_actors,
+                          gpus_per_actor=ray_gpus, cache=not model_kwargs["no_cache"])
 
 
 __all__ = ["score_command"]

@@ -1,0 +1,184 @@
+"""Scoring image corpora on Ray Data: files read and decoded in CPU tasks, scored in a pool of
+actors that each hold one model, one row per input.
+
+    import ray, rali_edge.distributed as rd
+    ds = ray.data.read_parquet("s3://bucket/corpus.parquet")          # any dataset with a path column
+    rd.score_dataset(ds, "default", actors=4).write_parquet("s3://bucket/scores")
+
+Every input gives exactly one row (`path`, `score`, `error`): a file that cannot be read is a row
+with its error and no score. Ray retries the tasks of an actor or node that dies (Ray Data
+restarts pool actors and retries their tasks, and a retried task's output replaces the lost
+one's), so a killed actor neither loses nor duplicates rows. Decoding is the same code as the
+local path's (`scoring.read_views`), and so are the scores: each actor runs `rali_edge.load`.
+
+The CLI (`rali-edge score --ray ADDRESS`) reads the rows back in input order through
+`score_paths`, which checks that order row by row, and writes them as the local path does
+(streamed formats, --resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from rali_edge.errors import MissingDependencyError, ScoringError, UsageError
+
+DEFAULT_ACTORS = 1
+DECODE_CPUS = 0.5  # a decoding task: JPEG decoding, or a wait on object storage
+ACTOR_CPUS = 1  # a scoring actor (its encoder's threads; on a GPU, its feeding thread)
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401 (Ray Data is an extra of ray: `ray[data]`)
+    except ImportError:
+        raise MissingDependencyError("--ray needs Ray Data: pip install 'rali-edge[ray]'") from None
+    return ray
+
+
+@contextlib.contextmanager
+def ray_session(address: str):
+    """Connect to the Ray cluster `address` names for the duration of the block: 'auto' (the one
+    RAY_ADDRESS names or that runs on this machine), 'local' (a new one for this run, stopped
+    after it), or an address (HOST:PORT, ray://HOST:PORT). A session already connected is used
+    as it is and left running."""
+    ray = _ray()
+    if ray.is_initialized():
+        yield
+        return
+    if address not in ("auto", "local"):
+        _check_reachable(address)
+    try:
+        ray.init(address=None if address == "local" else address, include_dashboard=False,
+                 log_to_driver=False, logging_level="ERROR", configure_logging=True)
+    except ConnectionError as e:
+        hint = "start one with `ray start --head`, or use --ray local" if address == "auto" else "is it running?"
+        raise UsageError(f"--ray {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0][:160]}); {hint}") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Ray keeps retrying an address that does not answer for minutes; ask the port once first."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not port.isdigit():
+        raise UsageError(f"--ray {address}: give auto, local, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise UsageError(f"--ray {address}: cannot connect to a Ray cluster there ({e.strerror or e}); "
+                         "is it running (`ray status` on its head node)?") from None
+
+
+def score_dataset(ds, model=None, path_column: str = "path", *, backend: str = "auto", dtype: str = "auto",
+                  device: str | None = None, batch_size: int = 16, actors: int = DEFAULT_ACTORS,
+                  gpus_per_actor: float = 0.0, cache: bool = True):
+    """A ray.data.Dataset with a column of image paths or URIs -> a Dataset with the columns path,
+    score (float; null for an error row) and error (null for a scored row), one row per input.
+
+    Decoding runs in CPU tasks (`batch_size` images each), scoring in `actors` actors, each with
+    one model loaded by `rali_edge.load(model, device, dtype, backend)` (with backend auto, each
+    node builds or reuses its engine in its own engine cache) and `gpus_per_actor` GPUs (device
+    then defaults to cuda)."""
+    from rali_edge.model_file import read_manifest
+    from rali_edge.scoring import model_path
+
+    if path_column not in ds.schema().names:
+        raise UsageError(f"the dataset has no column {path_column!r} (its columns: {', '.join(ds.schema().names)})")
+    ray = _ray()
+    preprocess = read_manifest(model_path(model)).preprocess
+    device = device or ("cuda" if gpus_per_actor else "cpu")
+    # Decoding tasks ask for less CPU than an actor, which also keeps Ray from fusing them into the
+    # actors (it fuses operators whose resource requests are equal): decoding then runs on every
+    # free core beside the actors, not serially inside each one.
+    decoded = ds.map_batches(_decode_batch, fn_kwargs={"preprocess": preprocess, "path_column": path_column},
+                             batch_size=batch_size, batch_format="numpy", num_cpus=DECODE_CPUS)
+    return decoded.map_batches(
+        _ScoreActor, fn_constructor_kwargs=dict(model=model, backend=backend, dtype=dtype, device=device, cache=cache),
+        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=ACTOR_CPUS, num_gpus=gpus_per_actor or None)
+
+
+def score_paths(paths: Iterable[str], model=None, **options) -> Iterator:
+    """Paths -> FileResults in input order, scored on the connected Ray cluster (see ray_session);
+    `options` as score_dataset's. Raises ScoringError if a row ever comes back out of order,
+    missing or twice, which Ray's guarantees rule out: the check makes "one row per input" a fact
+    of every run, not an assumption."""
+    ray = _ray()
+    from rali_edge.scoring import FileResult
+
+    paths = list(paths)
+    if not paths:
+        return
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # rows come back in input order
+    ctx.enable_progress_bars = False  # the CLI draws its own
+    ds = score_dataset(ray.data.from_items([{"path": p} for p in paths]), model, **options)
+    expected = iter(paths)
+    for row in ds.iter_rows():
+        want = next(expected, None)
+        if row["path"] != want:
+            raise ScoringError(f"Ray returned a row for {row['path']!r} where {want!r} was due: rows lost or duplicated")
+        yield FileResult(row["path"], score=row["score"], error=row["error"])
+    missing = next(expected, None)
+    if missing is not None:
+        raise ScoringError(f"Ray returned no row for {missing!r} and the rest of the inputs")
+
+
+def _decode_batch(batch: dict, preprocess: dict, path_column: str) -> dict:
+    """A CPU task: paths -> their views (zeros where a file cannot be read) and errors."""
+    from rali_edge.preprocess import Preprocessor, PreprocessConfig
+    from rali_edge.scoring import read_views
+
+    pre = Preprocessor(PreprocessConfig.from_dict(preprocess))
+    c = pre.config
+    paths = [str(p) for p in batch[path_column]]
+    views = np.zeros((len(paths), c.view_count, 3, *c.crop), dtype=np.float32)
+    errors = [""] * len(paths)  # "" for none: Ray's blocks would turn None in an object column into NaN
+    for i, path in enumerate(paths):
+        pixels, error = read_views(pre, path)
+        if pixels is None:
+            errors[i] = error
+        else:
+            views[i] = pixels
+    return {"path": np.asarray(paths, dtype=object), "views": views, "error": np.asarray(errors, dtype=object)}
+
+
+class _ScoreActor:
+    """One model per actor; a batch of decoded views -> path, score, error."""
+
+    def __init__(self, model, backend: str, dtype: str, device: str, cache: bool):
+        from rali_edge.scoring import load
+
+        self.scorer = load(model, device=device, dtype=dtype, backend=backend, cache=cache, progress=_quiet_progress())
+
+    def __call__(self, batch: dict):
+        import pyarrow as pa
+        import torch
+
+        errors = [str(e) or None for e in batch["error"]]
+        ok = np.array([e is None for e in errors], dtype=bool)
+        scores: list = [None] * len(errors)
+        if ok.any():
+            pixels = torch.from_numpy(batch["views"][ok]).flatten(0, 1)
+            for i, s in zip(np.flatnonzero(ok), self.scorer.score_pixels(pixels).tolist()):
+                scores[i] = float(s)
+        # An Arrow table, so that a missing score or error is a null (not NaN) in every writer.
+        return pa.table({"path": pa.array([str(p) for p in batch["path"]], pa.string()),
+                         "score": pa.array(scores, pa.float64()), "error": pa.array(errors, pa.string())})
+
+
+def _quiet_progress():
+    from rali_edge.engines.builder import Progress
+
+    return Progress(quiet=True)
+
+
+__all__ = ["DEFAULT_ACTORS", "ray_session", "score_dataset", "score_paths"]

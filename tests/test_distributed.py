@@ -1,0 +1,144 @@
+"""Scoring on Ray Data (rali_edge.distributed) on a real Ray cluster that these tests start on
+127.0.0.1 and stop: the same scores as the local path, bad files as error rows, exactly one row
+per input when a scoring actor is killed mid-run (its process, by pid), and --resume after an
+interrupted run scoring only the rest. No mocks: Ray schedules, restarts and retries for real."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
+
+import rali_edge  # noqa: E402
+from rali_edge.cli import main  # noqa: E402
+from rali_edge.distributed import score_dataset, score_paths  # noqa: E402
+
+ACTOR_TITLE = "_ScoreActor"  # in the scoring actors' process titles (ray::MapWorker(MapBatches(_ScoreActor)))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A one-node Ray cluster on 127.0.0.1 with 2 CPUs, this process connected to it."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, logging_level="ERROR",
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, photos):
+    """The test photographs, a corrupt JPEG and a missing file."""
+    folder = tmp_path_factory.mktemp("corpus")
+    corrupt = folder / "corrupt.jpg"
+    corrupt.write_bytes(photos[1].read_bytes()[:300])
+    return [*map(str, photos), str(corrupt), str(folder / "missing.jpg")]
+
+
+def local_results(model, paths):
+    return {r.path: r for r in rali_edge.load(model).score_files(paths)}
+
+
+def test_same_scores_as_the_local_path_and_bad_files_as_error_rows(cluster, small_model, corpus):
+    ds = ray.data.from_items([{"file": p} for p in corpus])
+    rows = score_dataset(ds, small_model, path_column="file", batch_size=2, backend="torch").take_all()
+    assert sorted(r["path"] for r in rows) == sorted(corpus)  # one row per input
+    local = local_results(small_model, corpus)
+    for row in rows:
+        want = local[row["path"]]
+        if want.error is None:
+            assert row["error"] is None and row["score"] == pytest.approx(want.score, abs=1e-5)
+        else:  # the local path's own reason, and no score
+            assert row["score"] is None and row["error"] == want.error
+    assert sum(r["error"] is not None for r in rows) == 2
+
+
+def _actor_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if ACTOR_TITLE in title and "MapWorker" in title:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_a_scoring_actor_killed_mid_run_leaves_exactly_one_row_per_input(cluster, small_model, tmp_path, photos):
+    """SIGKILL the scoring actor's process once rows have started coming back: Ray restarts it and
+    retries its tasks; every input still has exactly one row, in order, with the local path's score."""
+    src = Image.open(photos[0]).convert("RGB").resize((96, 96))
+    paths = []
+    for i in range(240):  # enough batches that the kill lands while most are still to score
+        path = tmp_path / f"{i}.png"
+        src.rotate(i % 360).save(path)
+        paths.append(str(path))
+    rows, killed, restarted = [], None, None
+    for result in score_paths(paths, small_model, backend="torch", batch_size=2):
+        rows.append(result)
+        if killed is None and len(rows) == 4:
+            pids = _actor_pids()
+            assert len(pids) == 1, f"expected one scoring actor, found {pids}"
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+        elif killed is not None and restarted is None:
+            restarted = next((p for p in _actor_pids() if p != killed), None)
+    # A new actor scored the rest: the kill landed mid-run, not after the work was done.
+    assert killed is not None and restarted is not None
+    assert [r.path for r in rows] == paths  # score_paths also checks this row by row
+    local = local_results(small_model, paths[::40])
+    for r in rows[::40]:
+        assert r.error is None and r.score == pytest.approx(local[r.path].score, abs=1e-5)
+
+
+def test_cli_resume_on_ray_scores_only_the_rest(cluster, small_model, corpus, tmp_path):
+    """An interrupted --ray run (two rows, then a line cut off mid-write): --resume --ray scores only
+    the rest, and the output has one row per input with the scores of an uninterrupted local run."""
+    out = tmp_path / "scores.jsonl"
+    first = CliRunner().invoke(main, ["score", "--model", str(small_model), "--ray", "auto", "--backend", "torch",
+                                      "-o", str(out), *corpus[:2]])
+    assert first.exit_code == 0, first.output
+    out.write_text(out.read_text() + '{"path": "' + corpus[2][:5])  # killed while writing the third row
+    result = CliRunner().invoke(main, ["score", "--model", str(small_model), "--ray", "auto", "--backend", "torch",
+                                       "-o", str(out), "--resume", *corpus])
+    assert result.exit_code == 1, result.output  # the two bad files failed, as they would locally
+    assert f"{len(corpus) - 2} to score" in result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["path"] for r in rows] == corpus
+    local = local_results(small_model, corpus)
+    for r in rows:
+        if local[r["path"]].error is None:
+            assert r["score"] == pytest.approx(local[r["path"]].score, abs=1e-5)
+        else:
+            assert r["error"] == local[r["path"]].error
+
+
+def test_ray_local_starts_and_stops_its_own_cluster_and_auto_without_one_says_what_to_do(small_model, photos, tmp_path):
+    """The user's path in a fresh process: --ray local scores and leaves no cluster behind; --ray auto
+    with no cluster running is a one-line usage error."""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    cli = [sys.executable, "-m", "rali_edge.cli", "score", "--model", str(small_model), "--backend", "torch", "-q"]
+    started = time.monotonic()
+    ok = subprocess.run([*cli, "--ray", "local", "--format", "csv", *map(str, photos[:2])], env=env,
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert [line.split(",")[0] for line in ok.stdout.splitlines()[1:]] == [str(p) for p in photos[:2]]
+    assert time.monotonic() - started < 300
+    none = subprocess.run([*cli, "--ray", "127.0.0.1:1", str(photos[0])], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert none.returncode == 2, none.stderr
+    assert "cannot connect to a Ray cluster" in none.stderr and "Traceback" not in none.stderr
