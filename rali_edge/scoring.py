@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -89,6 +90,29 @@ class FileResult:
         return {"path": self.path, "score": self.score} if self.error is None else {"path": self.path, "error": self.error}
 
 
+@dataclass
+class PipelineStats:
+    """Where a score_files run spent its time: the encoder's calls (batching and copies included),
+    the waits for decoded images, and the whole run (time spent by the caller between results
+    included)."""
+
+    encoder_s: float = 0.0
+    waiting_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def encoder_busy(self) -> float:
+        return self.encoder_s / self.wall_s if self.wall_s else 0.0
+
+    def bottleneck(self) -> str:
+        """One line: how busy the encoder was, and what bound the run."""
+        busy = f"encoder busy {100 * self.encoder_busy:.0f}% of the run"
+        if self.wall_s and self.waiting_s > 0.1 * self.wall_s:
+            return (f"{busy}; decoding was the bottleneck (the encoder waited for images "
+                    f"{100 * self.waiting_s / self.wall_s:.0f}% of the time: more --workers or cores would help)")
+        return f"{busy}; the encoder was the bottleneck (decoding kept up)"
+
+
 class Scorer:
     def __init__(
         self,
@@ -162,12 +186,16 @@ class Scorer:
         """RGB uint8 HxWx3 frames (e.g. from a camera) -> scores, in one encoder call."""
         return self.score_pixels(self.preprocess.arrays_to_tensor(frames)).tolist()
 
-    def score_files(self, paths: Iterable[str], batch_size: int = 16, workers: int | None = None) -> Iterator[FileResult]:
+    def score_files(self, paths: Iterable[str], batch_size: int = 16, workers: int | None = None,
+                    stats: PipelineStats | None = None) -> Iterator[FileResult]:
         """Score files, yielding one FileResult per path in input order; a file that cannot be read
         yields its error and the others go on. `workers` threads (default: default_workers())
         decode ahead of the encoder, at most a batch and two images per thread ahead, so memory
-        stays flat however slow the encoder is; `paths` may be a lazy iterable."""
+        stays flat however slow the encoder is; `paths` may be a lazy iterable. `stats`, if given,
+        is filled in as the run goes: how busy the encoder was, and which stage bound the run."""
         workers = max(1, workers or default_workers())
+        stats = stats if stats is not None else PipelineStats()
+        started = time.perf_counter()
 
         def load(path):
             views, error = read_views(self.preprocess, path)
@@ -179,7 +207,9 @@ class Scorer:
             batch: list[tuple[str, torch.Tensor]] = []
             pending: list[FileResult] = []  # results held back so that output stays in input order
             while decoding:
+                waited = time.perf_counter()
                 path, pixels, error = decoding.popleft().result()
+                stats.waiting_s += time.perf_counter() - waited
                 for p in islice(todo, 1):
                     decoding.append(pool.submit(load, p))
                 if error is not None:
@@ -188,16 +218,20 @@ class Scorer:
                     pending.append(FileResult(path))
                     batch.append((path, pixels))
                 if len(batch) == batch_size:
-                    yield from self._flush(batch, pending)
+                    yield from self._flush(batch, pending, stats)
                     batch, pending = [], []
-            yield from self._flush(batch, pending)
+                stats.wall_s = time.perf_counter() - started
+            yield from self._flush(batch, pending, stats)
+        stats.wall_s = time.perf_counter() - started
 
-    def _flush(self, batch, pending) -> Iterator[FileResult]:
+    def _flush(self, batch, pending, stats: PipelineStats) -> Iterator[FileResult]:
         if batch:
+            start = time.perf_counter()
             pixels = torch.cat([p for _, p in batch])
             if self.device.type == "cuda":  # pinned: the copy to the GPU runs without a staging copy
                 pixels = pixels.pin_memory()
-            scores = self.score_pixels(pixels).tolist()
+            scores = self.score_pixels(pixels).tolist()  # .tolist() waits for the device: the whole call is timed
+            stats.encoder_s += time.perf_counter() - start
             it = iter(scores)
             for r in pending:
                 if r.error is None:

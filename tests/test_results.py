@@ -198,3 +198,37 @@ def test_parquet_output_is_a_folder_of_complete_parts_that_resume_continues(smal
     assert [r["path"] for r in rows] == [str(p) for p in photos] and all(r["score"] is not None for r in rows)
     again = run("score", "--model", small_model, "--from-list", cli_out, "--format", "jsonl")
     assert [json.loads(line)["path"] for line in again.stdout.splitlines()] == [str(p) for p in photos]
+
+
+def test_pipeline_stats_say_which_stage_bound_the_run(small_model, photos, monkeypatch):
+    """A slow encoder keeps itself busy and is named the bottleneck; slow decoding (a store that
+    takes 30 ms per file, one worker) makes the encoder wait, and that is named instead."""
+    import time
+
+    import rali_edge.scoring as scoring
+    from rali_edge.scoring import PipelineStats
+
+    paths = [str(photos[i % len(photos)]) for i in range(24)]
+    scorer = rali_edge.load(small_model)
+    real_score = scorer.score_pixels
+
+    def slow_score(pixels, **kw):
+        time.sleep(0.1)
+        return real_score(pixels, **kw)
+
+    scorer.score_pixels = slow_score
+    stats = PipelineStats()
+    assert len(list(scorer.score_files(paths, batch_size=4, workers=2, stats=stats))) == 24
+    assert stats.encoder_busy > 0.8 and "the encoder was the bottleneck" in stats.bottleneck()
+
+    scorer.score_pixels = real_score
+    real_read = scoring.read_views
+
+    def slow_read(pre, path):
+        time.sleep(0.03)
+        return real_read(pre, path)
+
+    monkeypatch.setattr(scoring, "read_views", slow_read)
+    stats = PipelineStats()
+    assert len(list(scorer.score_files(paths, batch_size=4, workers=1, stats=stats))) == 24
+    assert stats.waiting_s > 0.5 * stats.wall_s and "decoding was the bottleneck" in stats.bottleneck()

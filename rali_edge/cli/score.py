@@ -63,7 +63,7 @@ def score_command(paths, batch_size, fmt, output, resume, lists, workers, ray_ad
     from rali_edge.cli.common import DEMO_NOTE
     from rali_edge.images import find_images, paths_from_list
     from rali_edge.results import ResultFile, format_for
-    from rali_edge.scoring import is_default_model
+    from rali_edge.scoring import PipelineStats, is_default_model
 
     if not paths and not lists:
         raise click.UsageError("give PATHS (files, folders, globs) or --from-list FILE")
@@ -81,8 +81,9 @@ def score_command(paths, batch_size, fmt, output, resume, lists, workers, ray_ad
         click.echo(DEMO_NOTE, err=True)
     show = sys.stderr.isatty() if progress is None else progress
     start, failed, code = time.perf_counter(), 0, EXIT_OK
+    stats = PipelineStats()
     try:
-        with _results(files, batch_size, workers, ray_address, ray_actors, ray_gpus, model_kwargs) as results, \
+        with _results(files, batch_size, workers, ray_address, ray_actors, ray_gpus, model_kwargs, stats) as results, \
                 click.progressbar(length=len(files), label="scoring", file=sys.stderr, hidden=not show) as bar:
             for result in results:
                 writer.add(result)
@@ -96,18 +97,20 @@ def score_command(paths, batch_size, fmt, output, resume, lists, workers, ray_ad
     elapsed = time.perf_counter() - start
     done = writer.count - failed
     click.echo(f"{done} scored, {failed} failed, {elapsed:.2f} s ({done / max(elapsed, 1e-9):.1f} images/s)", err=True)
+    if stats.wall_s >= 1.0:  # a run long enough for the split to mean something (not with --ray: Ray's own)
+        click.echo(stats.bottleneck(), err=True)
     if code == EXIT_OK and (failed or found.unmatched):
         code = EXIT_SOME_FAILED
     sys.exit(code)
 
 
 @contextlib.contextmanager
-def _results(files, batch_size, workers, ray_address, ray_actors, ray_gpus, model_kwargs):
+def _results(files, batch_size, workers, ray_address, ray_actors, ray_gpus, model_kwargs, stats):
     """The FileResults of `files` in input order: from this process's pipeline, or from Ray."""
     from rali_edge.cli.common import load_scorer
 
     if ray_address is None:
-        yield load_scorer(**model_kwargs).score_files(files, batch_size=batch_size, workers=workers)
+        yield load_scorer(**model_kwargs).score_files(files, batch_size=batch_size, workers=workers, stats=stats)
         return
     from rali_edge.distributed import ray_session, score_paths
 
