@@ -9,7 +9,7 @@ Every input gives exactly one row (`path`, `score`, `error`): a file that cannot
 with its error and no score. Ray retries the tasks of an actor or node that dies (Ray Data
 restarts pool actors and retries their tasks, and a retried task's output replaces the lost
 one's), so a killed actor neither loses nor duplicates rows. Decoding is the same code as the
-local path's (`scoring.read_views`), and so are the scores: each actor runs `rali_edge.load`.
+local path's (`preprocess.read_views`), and so are the scores: each actor runs `rali_edge.load`.
 
 The CLI (`rali-edge score --ray ADDRESS`) reads the rows back in input order through
 `score_paths`, which checks that order row by row, and writes them as the local path does
@@ -79,14 +79,16 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 def score_dataset(ds, model=None, path_column: str = "path", *, backend: str = "auto", dtype: str = "auto",
                   device: str | None = None, batch_size: int = 16, actors: int = DEFAULT_ACTORS,
-                  gpus_per_actor: float = 0.0, cache: bool = True):
+                  gpus_per_actor: float = 0.0, threads_per_actor: int | None = None, cache: bool = True):
     """A ray.data.Dataset with a column of image paths or URIs -> a Dataset with the columns path,
     score (float; null for an error row) and error (null for a scored row), one row per input.
 
+    `model`: a name or a folder every node can read (the built-in model ships in the package).
     Decoding runs in CPU tasks (`batch_size` images each), scoring in `actors` actors, each with
     one model loaded by `rali_edge.load(model, device, dtype, backend)` (with backend auto, each
     node builds or reuses its engine in its own engine cache) and `gpus_per_actor` GPUs (device
-    then defaults to cuda)."""
+    then defaults to cuda). `threads_per_actor`: the encoder's CPU threads (default: a node's
+    cores divided among the actors, as if all ran on one node)."""
     from rali_edge.model_file import read_manifest
     from rali_edge.scoring import model_path
 
@@ -101,7 +103,8 @@ def score_dataset(ds, model=None, path_column: str = "path", *, backend: str = "
     decoded = ds.map_batches(_decode_batch, fn_kwargs={"preprocess": preprocess, "path_column": path_column},
                              batch_size=batch_size, batch_format="numpy", num_cpus=DECODE_CPUS)
     return decoded.map_batches(
-        _ScoreActor, fn_constructor_kwargs=dict(model=model, backend=backend, dtype=dtype, device=device, cache=cache),
+        _ScoreActor, fn_constructor_kwargs=dict(model=model, backend=backend, dtype=dtype, device=device, cache=cache,
+                                                threads=threads_per_actor or max(1, _node_cpus(ray) // actors)),
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=ACTOR_CPUS, num_gpus=gpus_per_actor or None)
 
@@ -118,15 +121,22 @@ def score_paths(paths: Iterable[str], model=None, **options) -> Iterator:
     if not paths:
         return
     ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
     ctx.execution_options.preserve_order = True  # rows come back in input order
     ctx.enable_progress_bars = False  # the CLI draws its own
-    ds = score_dataset(ray.data.from_items([{"path": p} for p in paths]), model, **options)
     expected = iter(paths)
-    for row in ds.iter_rows():
-        want = next(expected, None)
-        if row["path"] != want:
-            raise ScoringError(f"Ray returned a row for {row['path']!r} where {want!r} was due: rows lost or duplicated")
-        yield FileResult(row["path"], score=row["score"], error=row["error"])
+    try:
+        ds = score_dataset(ray.data.from_items([{"path": p} for p in paths]), model, **options)
+        for row in ds.iter_rows():
+            want = next(expected, None)
+            if row["path"] != want:
+                raise ScoringError(f"Ray returned a row for {row['path']!r} where {want!r} was due: rows lost or duplicated")
+            yield FileResult(row["path"], score=row["score"], error=row["error"])
+    except ray.exceptions.RayError as e:  # an actor that cannot load the model, a node lost for good...
+        cause = next((line for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
+        raise ScoringError(f"the Ray run failed: {cause.strip()[:300]}") from None
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
     missing = next(expected, None)
     if missing is not None:
         raise ScoringError(f"Ray returned no row for {missing!r} and the rest of the inputs")
@@ -135,15 +145,15 @@ def score_paths(paths: Iterable[str], model=None, **options) -> Iterator:
 def _decode_batch(batch: dict, preprocess: dict, path_column: str) -> dict:
     """A CPU task: paths -> their views (zeros where a file cannot be read) and errors."""
     from rali_edge.preprocess import Preprocessor, PreprocessConfig
-    from rali_edge.scoring import read_views
+    from rali_edge.preprocess import read_views
 
     pre = Preprocessor(PreprocessConfig.from_dict(preprocess))
     c = pre.config
     paths = [str(p) for p in batch[path_column]]
-    views = np.zeros((len(paths), c.view_count, 3, *c.crop), dtype=np.float32)
+    views = np.zeros((len(paths), c.view_count, *c.crop, 3), dtype=np.uint8)  # normalised by the actor: 4x fewer bytes
     errors = [""] * len(paths)  # "" for none: Ray's blocks would turn None in an object column into NaN
     for i, path in enumerate(paths):
-        pixels, error = read_views(pre, path)
+        pixels, error = read_views(pre, path, normalized=False)
         if pixels is None:
             errors[i] = error
         else:
@@ -154,9 +164,14 @@ def _decode_batch(batch: dict, preprocess: dict, path_column: str) -> dict:
 class _ScoreActor:
     """One model per actor; a batch of decoded views -> path, score, error."""
 
-    def __init__(self, model, backend: str, dtype: str, device: str, cache: bool):
+    def __init__(self, model, backend: str, dtype: str, device: str, cache: bool, threads: int):
+        import torch
+
         from rali_edge.scoring import load
 
+        # Ray gives a 1-CPU worker one thread (OMP_NUM_THREADS=1); the encoder gets the node's share
+        # instead, time-shared with the decoding tasks, as the local pipeline's threads share the cores.
+        torch.set_num_threads(threads)
         self.scorer = load(model, device=device, dtype=dtype, backend=backend, cache=cache, progress=_quiet_progress())
 
     def __call__(self, batch: dict):
@@ -167,12 +182,18 @@ class _ScoreActor:
         ok = np.array([e is None for e in errors], dtype=bool)
         scores: list = [None] * len(errors)
         if ok.any():
-            pixels = torch.from_numpy(batch["views"][ok]).flatten(0, 1)
+            views = batch["views"][ok]
+            pixels = torch.from_numpy(self.scorer.preprocess.normalize(views.reshape(-1, *views.shape[2:])))
             for i, s in zip(np.flatnonzero(ok), self.scorer.score_pixels(pixels).tolist()):
                 scores[i] = float(s)
         # An Arrow table, so that a missing score or error is a null (not NaN) in every writer.
         return pa.table({"path": pa.array([str(p) for p in batch["path"]], pa.string()),
                          "score": pa.array(scores, pa.float64()), "error": pa.array(errors, pa.string())})
+
+
+def _node_cpus(ray) -> int:
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return int(max((n["Resources"].get("CPU", 1) for n in nodes), default=1))
 
 
 def _quiet_progress():

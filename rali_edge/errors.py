@@ -62,7 +62,7 @@ class ModelLoadError(ModelFormatError):
 
 
 class ScoringError(RaliEdgeError):
-    """The scorer failed while a stream ran (out of GPU memory, an engine error...)."""
+    """The scorer failed while a stream or a Ray run ran (out of GPU memory, an engine error, a lost cluster...)."""
 
 
 class FidelityCheckFailed(RaliEdgeError):

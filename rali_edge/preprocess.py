@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from rali_edge.errors import ModelFormatError
+from rali_edge.errors import ImageError, ModelFormatError
 from rali_edge.images import open_image
 
 if TYPE_CHECKING:
@@ -159,12 +159,21 @@ class Preprocessor:
     def views_array(self, img: Image.Image) -> np.ndarray:
         """One image -> its views, [view_count, 3, H, W] float32 numpy (no torch needed): the
         native-resolution grid crops first, then the resized view."""
+        return self.normalize(self.views_uint8(img))
+
+    def views_uint8(self, img: Image.Image) -> np.ndarray:
+        """One image -> its views' pixels before rescale and normalisation, [view_count, H, W, 3]
+        uint8: a quarter of the float views' bytes, for shipping them to another process."""
         if img.mode != "RGB":
             img = open_image(img)
-        views = [self._normalize(np.asarray(c, dtype=np.uint8)) for c in self.native_crops(img)]
+        views = [np.asarray(c, dtype=np.uint8) for c in self.native_crops(img)]
         if self.config.resized_view:
-            views.append(self.pil_to_array(img))
+            views.append(np.asarray(self.resize_and_crop(img), dtype=np.uint8))
         return np.stack(views)
+
+    def normalize(self, views_hwc: np.ndarray) -> np.ndarray:
+        """uint8 views [N, H, W, 3] -> the model's input [N, 3, H, W] float32 (transformers' values)."""
+        return self.lut[np.arange(3)[None, :, None, None], views_hwc.transpose(0, 3, 1, 2)]
 
     def native_crops(self, img):
         """The native_grid x native_grid crops (PIL images, or HxWx3 arrays for an array) at the
@@ -198,9 +207,6 @@ class Preprocessor:
             raise ValueError(f"{len(scores)} rows are not whole images of {v} views each")
         return scores.reshape(len(scores) // v, v, *scores.shape[1:]).mean(1)
 
-    def _normalize(self, pixels_hwc: np.ndarray) -> np.ndarray:
-        return self.lut[np.arange(3)[:, None, None], pixels_hwc.transpose(2, 0, 1)]
-
     def pil_to_tensor(self, img: Image.Image) -> torch.Tensor:
         """One RGB PIL image -> [3, H, W] float32 (any other mode goes through open_image first)."""
         import torch
@@ -211,7 +217,7 @@ class Preprocessor:
         """One RGB PIL image -> [3, H, W] float32 numpy array (no torch needed)."""
         if img.mode != "RGB":
             img = open_image(img)
-        return self._normalize(np.asarray(self.resize_and_crop(img), dtype=np.uint8))
+        return self.normalize(np.asarray(self.resize_and_crop(img), dtype=np.uint8)[None])[0]
 
     def resize_and_crop(self, img: Image.Image) -> Image.Image:
         """The uint8 pixels the model sees, before rescale and normalisation."""
@@ -237,7 +243,7 @@ class Preprocessor:
         for f in frames:
             if not (isinstance(f, np.ndarray) and f.dtype == np.uint8 and f.ndim == 3 and f.shape[2] == 3):
                 f = np.asarray(open_image(f))
-            parts.append(torch.from_numpy(np.stack([self._normalize(np.ascontiguousarray(c)) for c in self.native_crops(f)])))
+            parts.append(torch.from_numpy(self.normalize(np.stack(self.native_crops(f)))))
         out = torch.stack(parts).to(device)  # [B, g*g, 3, H, W]
         if self.config.resized_view:
             out = torch.cat([out, self.resized_arrays_to_tensor(frames, device)[:, None]], dim=1)
@@ -302,6 +308,18 @@ class Preprocessor:
             return True
         nh, nw = shortest_edge_size(first.shape[0], first.shape[1], self.config.resize_shortest_edge)
         return self.config.resample in TORCH_MODES and nh * nw <= RESIZE_PIXEL_BUDGET
+
+
+def read_views(preprocess: Preprocessor, path: str, normalized: bool = True) -> tuple[np.ndarray | None, str | None]:
+    """One file or URI -> its views ([view_count, 3, H, W] float32; normalized=False: the uint8
+    pixels, [view_count, H, W, 3]), or None and why it cannot be read (the reason alone: a result
+    names its path already). The local pipeline's threads and Ray's decoding tasks both read
+    files through this; it needs no torch, so Ray's decoding workers never import it."""
+    try:
+        img = open_image(path)
+        return (preprocess.views_array(img) if normalized else preprocess.views_uint8(img)), None
+    except ImageError as e:
+        return None, str(e).removeprefix(f"{path}: ")
 
 
 def rescale_normalize_lut(c: PreprocessConfig) -> np.ndarray:

@@ -27,7 +27,7 @@ from rali_edge.images import open_image
 from rali_edge.head import rali_head_torch
 from rali_edge.model import RaliModel
 from rali_edge.model_file import Manifest, load_model, read_manifest
-from rali_edge.preprocess import PreprocessConfig, Preprocessor
+from rali_edge.preprocess import PreprocessConfig, Preprocessor, read_views
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ENGINE_DTYPES = ("int8",)  # only as an engine (backend auto or onnx)
@@ -241,16 +241,6 @@ class Scorer:
     def _score_batched(self, pixels: torch.Tensor, batch_size: int) -> list[float]:
         rows = batch_size * self.preprocess.view_count  # whole images per chunk
         return [s for chunk in pixels.split(rows) for s in self.score_pixels(chunk).tolist()]
-
-
-def read_views(preprocess: Preprocessor, path: str) -> tuple[np.ndarray | None, str | None]:
-    """One file or URI -> its views ([view_count, 3, H, W] float32), or None and why it cannot be
-    read (the reason alone: a result names its path already). The local pipeline's threads and
-    Ray's decoding tasks both read files through this."""
-    try:
-        return preprocess.views_array(open_image(path)), None
-    except ImageError as e:
-        return None, str(e).removeprefix(f"{path}: ")
 
 
 def default_workers() -> int:
