@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from rali_edge.cli import main
 from rali_edge.engines.export import HEAD_PREFIX, ONNX_OPSET, export_onnx, onnx_session
+from rali_edge.engines.onnx import has_vnni
 from rali_edge.model_file import load_model
 from rali_edge.preprocess import PreprocessConfig, Preprocessor
 
@@ -144,6 +145,8 @@ def test_int8_quantizes_the_encoder_matmuls_and_keeps_the_rest_fp32(model, expor
                    for n in nodes)
     for n in [n for n in nodes if n.op_type in ("LayerNormalization", "Softmax")]:
         assert types[n.input[0]] == onnx.TensorProto.FLOAT, n.name
+    if not reduce_range and not has_vnni():
+        return  # 8-bit weights saturate ONNX Runtime's u8s8 kernels without VNNI (engines/onnx.py): the builder never makes them there
     got = onnx_session(int8).run(None, {"pixels": inputs["real"].numpy()})[0]
     want = reference(model[0], inputs["real"], "score")
     # The random small model's narrow layers quantize coarsely (~0.05 of score seen); the real
@@ -171,7 +174,7 @@ def test_smoothing_is_exact_in_fp32_and_lets_fc2_be_quantized(model, exported, i
     assert len(scales) == layers and all(n.op_type == "Mul" for n in scales)
 
     int8 = tmp_path / "int8.onnx"
-    quantize_int8(smoothed, int8, reduce_range=False, mlp_out_fp32=False)
+    quantize_int8(smoothed, int8, reduce_range=not has_vnni(), mlp_out_fp32=False)  # as the builder does
     nodes = onnx.load(str(int8)).graph.node
     assert len([n for n in nodes if n.op_type == "MatMulInteger"]) == 6 * layers  # fc2 as well
     assert not any(n.name.startswith(HEAD_PREFIX) and n.op_type == "MatMulInteger" for n in nodes)
