@@ -20,6 +20,8 @@ Examples:
   rali-edge score photo.jpg                       # built-in model, table
   rali-edge score shots/ --format csv -o out.csv  # a folder, recursively
   rali-edge score 'cam/**/*.jpg' --model rali-vitl14-336 --device cuda --dtype fp16 --format json
+  rali-edge score s3://bucket/photos/ -o scores.parquet --resume   # pip install 'rali-edge[corpus]' s3fs
+  rali-edge score --from-list corpus.parquet --ray auto --ray-actors 8 --ray-gpus 1 -o scores.parquet
 """,
 )
 @click.argument("paths", nargs=-1)
@@ -53,12 +55,14 @@ def score_command(paths, batch_size, fmt, output, resume, lists, workers, ray_ad
     """Score the quality of images (1 = very poor, 5 = excellent).
 
     PATHS are image files, folders (searched recursively for the image suffixes every command
-    uses, in natural order: 2.jpg before 10.jpg) or globs ('**' recursive); a file named twice
-    is scored once. --from-list FILE adds the paths a list names, taken as written (one per line,
-    or a CSV with a path column). A file that cannot be read is reported with its error and the others are
-    still scored; an empty folder or a glob that matches nothing is reported on stderr. Exit
-    code 0 when every input was scored, 1 when some failed, 130 when interrupted (results so far
-    are written; with -o FILE.csv or .jsonl, --resume then scores only the rest).
+    uses, in natural order: 2.jpg before 10.jpg) or globs ('**' recursive), or URIs (s3://,
+    gs://, http(s)://, file://; a folder ends in '/'; read with retries); a file named twice
+    is scored once. --from-list FILE adds the paths a list names, taken as written (one per
+    line, or a CSV or Parquet with a path column). A file that cannot be read is reported with
+    its error and the others are still scored; an empty folder or a glob that matches nothing
+    is reported on stderr. Exit code 0 when every input was scored, 1 when some failed, 130
+    when interrupted (results so far are written; with -o FILE.csv, .jsonl or .parquet,
+    --resume then scores only the rest).
     """
     from rali_edge.cli.common import DEMO_NOTE
     from rali_edge.images import find_images, paths_from_list
