@@ -19,6 +19,8 @@ The CLI (`rali-edge score --ray ADDRESS`) reads the rows back in input order thr
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -125,6 +127,9 @@ def score_paths(paths: Iterable[str], model=None, **options) -> Iterator:
     ctx.execution_options.preserve_order = True  # rows come back in input order
     ctx.enable_progress_bars = False  # the CLI draws its own
     expected = iter(paths)
+    data_log = logging.getLogger("ray.data")  # it would log the failure's whole traceback; we say it in one line
+    level = data_log.level
+    data_log.setLevel(logging.CRITICAL)
     try:
         ds = score_dataset(ray.data.from_items([{"path": p} for p in paths]), model, **options)
         for row in ds.iter_rows():
@@ -133,13 +138,28 @@ def score_paths(paths: Iterable[str], model=None, **options) -> Iterator:
                 raise ScoringError(f"Ray returned a row for {row['path']!r} where {want!r} was due: rows lost or duplicated")
             yield FileResult(row["path"], score=row["score"], error=row["error"])
     except ray.exceptions.RayError as e:  # an actor that cannot load the model, a node lost for good...
-        cause = next((line for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
-        raise ScoringError(f"the Ray run failed: {cause.strip()[:300]}") from None
+        raise _our_error(e) from None
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+        data_log.setLevel(level)
     missing = next(expected, None)
     if missing is not None:
         raise ScoringError(f"Ray returned no row for {missing!r} and the rest of the inputs")
+
+
+def _our_error(e: Exception) -> Exception:
+    """A failed Ray run as one line: our own error raised on a worker (a model that does not load
+    is a ModelFormatError there, exit 3 here) as that error, anything else as a ScoringError."""
+    from rali_edge import errors
+
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in reversed(lines):
+        name, sep, message = line.partition(": ")
+        cls = getattr(errors, name.removeprefix("rali_edge.errors."), None) if name.startswith("rali_edge.errors.") else None
+        if sep and isinstance(cls, type) and issubclass(cls, errors.RaliEdgeError):
+            return cls(f"on a Ray worker: {message[:300]}")
+    cause = next((line for line in reversed(lines) if re.match(r"^[\w.]+(Error|Exception): ", line)), type(e).__name__)
+    return ScoringError(f"the Ray run failed: {cause[:300]}")
 
 
 def _decode_batch(batch: dict, preprocess: dict, path_column: str) -> dict:
