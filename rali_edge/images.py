@@ -250,7 +250,7 @@ def find_images(args) -> FoundImages:
     found, seen, unmatched = [], set(), []
 
     def add(path: str):
-        key = os.path.realpath(path)
+        key = path if is_uri(path) else os.path.realpath(path)
         if key not in seen:
             seen.add(key)
             found.append(path)
@@ -261,7 +261,8 @@ def find_images(args) -> FoundImages:
             matches = expand(arg, IMAGE_SUFFIXES)
             if not matches:
                 unmatched.append(f"{arg}: no images there (looked for {describe_suffixes()})")
-            found.extend(m for m in matches if m not in seen and not seen.add(m))
+            for m in matches:
+                add(m)
         elif p.is_dir():
             images = images_in(p)
             if not images:

@@ -95,11 +95,16 @@ class ResultFile:
         if self.fmt in STREAMED:
             self.out.flush()
 
-    def close(self) -> None:
+    def close(self, create: bool = True) -> None:
+        """Finish the output. With no result yet it is still written, a valid empty output, unless
+        `create` is False (a run that failed before its first result leaves -o as it was)."""
         if self.out is False:
             return
         if self.out is None:
-            self._open()  # no result: still a valid (empty) output
+            if not create:
+                self.out = False
+                return
+            self._open()
         if self.fmt == "parquet":
             self.out.close()
             self.out = False

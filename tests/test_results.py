@@ -232,3 +232,15 @@ def test_pipeline_stats_say_which_stage_bound_the_run(small_model, photos, monke
     stats = PipelineStats()
     assert len(list(scorer.score_files(paths, batch_size=4, workers=1, stats=stats))) == 24
     assert stats.waiting_s > 0.5 * stats.wall_s and "decoding was the bottleneck" in stats.bottleneck()
+
+
+def test_a_model_that_fails_to_load_never_empties_an_existing_output(tmp_path, photos):
+    """A model folder that exists but cannot load fails after the output was checked: -o keeps its rows."""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    out = tmp_path / "scores.csv"
+    out.write_text("path,score,error\nkept.jpg,3.000000,\n")
+    result = run("score", "--model", broken, "-o", out, photos[0])
+    assert result.exit_code == 3, result.output
+    assert out.read_text() == "path,score,error\nkept.jpg,3.000000,\n"

@@ -96,8 +96,10 @@ def score_command(paths, batch_size, fmt, output, resume, lists, workers, ray_ad
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
         click.echo(f"interrupted: writing the {writer.count} results so far", err=True)
-    finally:
-        writer.close()
+    except BaseException:  # a model that does not load (here or on Ray's workers), a lost cluster...
+        writer.close(create=False)  # ...keeps the rows so far and never empties -o before the first
+        raise
+    writer.close()
     elapsed = time.perf_counter() - start
     done = writer.count - failed
     click.echo(f"{done} scored, {failed} failed, {elapsed:.2f} s ({done / max(elapsed, 1e-9):.1f} images/s)", err=True)
