@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -59,14 +60,16 @@ def vitl_model(folder: Path) -> Path:
 
 
 def timed(results, batch_size: int):
-    """(images/s over the whole run, seconds to the first batch): what a user waits for, and the
-    start (a model load; on Ray also its workers and actors) within it."""
+    """(images/s over the whole run, seconds to the first batch, images/s after the first batch):
+    what a user waits for, the start within it (a model load; on Ray also its workers and actors),
+    and the rate once running, which is what a corpus of millions sees."""
     start, first, n = time.perf_counter(), None, 0
     for i, r in enumerate(results, 1):
         n += r.error is None
         if i == batch_size:
             first = time.perf_counter() - start
-    return n / (time.perf_counter() - start), first
+    wall = time.perf_counter() - start
+    return n / wall, first, (n - batch_size) / (wall - first)
 
 
 def timed_local(model, paths, backend, batch_size):
@@ -77,14 +80,41 @@ def timed_local(model, paths, backend, batch_size):
     start = time.perf_counter()
     scorer = rali_edge.load(model, backend=backend)
     loaded = time.perf_counter() - start
-    rate, first = timed(scorer.score_files(paths, batch_size=batch_size, stats=stats), batch_size)
-    return (len(paths) / (len(paths) / rate + loaded), first + loaded), stats
+    rate, first, running = timed(scorer.score_files(paths, batch_size=batch_size, stats=stats), batch_size)
+    return (len(paths) / (len(paths) / rate + loaded), first + loaded, running), stats
 
 
 def timed_ray(model, paths, backend, batch_size):
     from rali_edge.distributed import score_paths
 
     return timed(score_paths(paths, model, backend=backend, batch_size=batch_size), batch_size)
+
+
+def _decode(path: str) -> np.ndarray:
+    from rali_edge.preprocess import read_views
+
+    return read_views(_decode.pre, path, normalized=False)[0]
+
+
+def decode_rates(paths: list[str]) -> dict[str, float]:
+    """images/s of decoding alone with one thread per core (score_files' choice) and with one
+    process per core (the views pickled back to this process, as a process pipeline would)."""
+    import rali_edge
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    _decode.pre = rali_edge.load("default").preprocess
+    rates = {}
+    for name, pool_type in (("threads", ThreadPoolExecutor), ("processes", ProcessPoolExecutor)):
+        with pool_type(max_workers=os.cpu_count()) as pool:  # forked processes inherit _decode.pre
+            list(pool.map(_decode, paths[: 2 * os.cpu_count()]))  # workers started
+            runs = []
+            for _ in range(3):
+                start = time.perf_counter()
+                for _views in pool.map(_decode, paths, chunksize=4):
+                    pass
+                runs.append(len(paths) / (time.perf_counter() - start))
+        rates[name] = statistics.median(runs)
+    return rates
 
 
 def rss_mib() -> float:
@@ -108,10 +138,11 @@ def long_run(model, paths, batch_size):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=1200, help="images per timed run, built-in model")
+    ap.add_argument("--images", type=int, default=3000, help="images per timed run, built-in model")
     ap.add_argument("--vitl", type=int, default=16, help="images per timed run at ViT-L size (0: skip)")
     ap.add_argument("--long", type=int, default=10_000, help="images of the long local run for RSS (0: skip)")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--decode", type=int, default=1, help="time decoding alone, threads against processes (0: skip)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -137,12 +168,14 @@ def main() -> None:
             local.append(rates)
             busy.append(stats)
             on_ray.append(timed_ray(model, paths, backend, batch))
-        lm = [statistics.median(r[i] for r in local) for i in range(2)]
-        rm = [statistics.median(r[i] for r in on_ray) for i in range(2)]
+        lm = [statistics.median(r[i] for r in local) for i in range(3)]
+        rm = [statistics.median(r[i] for r in on_ray) for i in range(3)]
         rows.append((title, len(paths), lm, rm, busy[-1].bottleneck()))
         print(rows[-1], flush=True)
     ray.shutdown()
 
+    decode_paths = one_mp[:200]
+    decoding = decode_rates(decode_paths) if args.decode else {}
     long_rows = long_run("default", make_jpegs(tmp, args.long, 300_000, "long"), 16) if args.long else []
     lines = [
         "# Scoring a corpus on one machine: the local pipeline and Ray Data",
@@ -154,12 +187,15 @@ def main() -> None:
         "`Scorer.score_files` (decoding threads, one per core). Ray: `score_paths` on a local cluster "
         f"(decoding tasks, 1 scoring actor), rows read back in input order. Medians of {args.repeats} run(s), the paths alternating.",
         "",
-        "| model | images | path | images/s (whole run, start included) | first batch after, s | local pipeline |",
-        "|---|---|---|---|---|---|",
+        "| model | images | path | images/s (whole run, start included) | first batch after, s | images/s after the first batch | local pipeline |",
+        "|---|---|---|---|---|---|---|",
         *[line for t, n, lm, rm, b in rows for line in (
-            f"| {t} | {n} | local | {lm[0]:.2f} | {lm[1]:.1f} | {b} |",
-            f"| | | Ray | {rm[0]:.2f} ({rm[0] / lm[0]:.2f}x local) | {rm[1]:.1f} | |")],
+            f"| {t} | {n} | local | {lm[0]:.2f} | {lm[1]:.1f} | {lm[2]:.2f} | {b} |",
+            f"| | | Ray | {rm[0]:.2f} ({rm[0] / lm[0]:.2f}x local) | {rm[1]:.1f} | {rm[2]:.2f} ({rm[2] / lm[2]:.2f}x) | |")],
     ]
+    if decoding:
+        lines += ["", f"Decoding alone ({len(decode_paths)} of the 1 MP JPEGs to their uint8 views, {os.cpu_count()} workers, "
+                  "median of 3): " + ", ".join(f"{k} {v:.1f} images/s" for k, v in decoding.items()) + "."]
     if long_rows:
         first, peak = long_rows[0][1], max(r for _, r in long_rows)
         lines += ["", f"Long run, local path, built-in model, {args.long} JPEGs of 0.3 MP: RSS {first:.0f} MiB after "

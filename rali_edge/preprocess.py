@@ -172,8 +172,13 @@ class Preprocessor:
         return np.stack(views)
 
     def normalize(self, views_hwc: np.ndarray) -> np.ndarray:
-        """uint8 views [N, H, W, 3] -> the model's input [N, 3, H, W] float32 (transformers' values)."""
-        return self.lut[np.arange(3)[None, :, None, None], views_hwc.transpose(0, 3, 1, 2)]
+        """uint8 views [N, H, W, 3] -> the model's input [N, 3, H, W] float32 (transformers' values).
+        A table lookup per channel, written in place: twice as fast as one fancy index over all three
+        (at 16 views a photograph this lookup costs more than decoding a 1 MP JPEG)."""
+        out = np.empty((len(views_hwc), 3, *views_hwc.shape[1:3]), dtype=np.float32)
+        for c in range(3):  # mode="wrap": no bounds check (a uint8 is always inside the 256 entries)
+            np.take(self.lut[c], views_hwc[..., c], out=out[:, c], mode="wrap")
+        return out
 
     def native_crops(self, img):
         """The native_grid x native_grid crops (PIL images, or HxWx3 arrays for an array) at the

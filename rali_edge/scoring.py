@@ -227,9 +227,12 @@ class Scorer:
     def _flush(self, batch, pending, stats: PipelineStats) -> Iterator[FileResult]:
         if batch:
             start = time.perf_counter()
-            pixels = torch.cat([p for _, p in batch])
-            if self.device.type == "cuda":  # pinned: the copy to the GPU runs without a staging copy
-                pixels = pixels.pin_memory()
+            views = [p for _, p in batch]
+            pixels = None
+            if self.device.type == "cuda":  # pinned: the copy to the GPU needs no staging copy
+                pixels = torch.empty((sum(len(v) for v in views), *views[0].shape[1:]), dtype=views[0].dtype,
+                                     pin_memory=True)
+            pixels = torch.cat(views, out=pixels)  # gathered once, straight into the pinned buffer on CUDA
             scores = self.score_pixels(pixels).tolist()  # .tolist() waits for the device: the whole call is timed
             stats.encoder_s += time.perf_counter() - start
             it = iter(scores)

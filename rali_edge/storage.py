@@ -42,7 +42,7 @@ def filesystem(uri: str):
     except (ImportError, ValueError) as e:
         protocol = uri.split("://", 1)[0].lower()
         package = _PROTOCOL_PACKAGES.get(protocol)
-        hint = f"pip install {package} (or 'rali-edge[corpus]')" if package else "is the protocol spelled right?"
+        hint = f"pip install {package} (or 'rali-edge[corpus]', which has it)" if package else "is the protocol spelled right?"
         raise MissingDependencyError(f"{uri}: cannot read {protocol}:// URIs ({e}); {hint}") from None
 
 

@@ -111,6 +111,9 @@ def test_lookup_table_equals_transformers_rescale_and_normalize():
                          input_data_format="channels_first")  # fmt: skip
     got = Preprocessor().normalize_uint8(torch.from_numpy(levels)).numpy()
     np.testing.assert_array_equal(got, expected)
+    # numpy's lookup (decoding threads and Ray's CPU actors) takes views [N, H, W, 3]: the same values
+    hwc = levels.transpose(1, 2, 0)[None]  # [1, 1, 256, 3]
+    np.testing.assert_array_equal(Preprocessor().normalize(hwc)[0], expected)
 
 
 @pytest.mark.parametrize("size", [(600, 3), (3, 600)])

@@ -3,6 +3,8 @@ runs on 127.0.0.1, retried when the server fails for a while, an error at once w
 missing; URI folders and globs listed like local ones."""
 
 import functools
+import json
+import socket
 import http.server
 import threading
 
@@ -76,3 +78,75 @@ def test_cli_scores_uris_with_local_paths_and_lists_uri_globs(small_model, photo
     assert len(found.paths) == len(set(found.paths))  # a file a folder and a glob both reach comes once
     assert found.unmatched == [f"file://{tmp_path}/nothing-*.jpg: no images there (looked for "
                                f"{found.unmatched[0].split('(looked for ')[1]}"]
+
+
+@pytest.fixture
+def s3_bucket(photos, monkeypatch):
+    """A bucket on a real S3-protocol server (moto's) on 127.0.0.1, reached through s3fs the way a
+    user reaches MinIO, R2 or AWS itself: the endpoint and credentials in the usual variables."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+    import s3fs
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for name, value in (("AWS_ENDPOINT_URL", f"http://{host}:{port}"), ("AWS_ACCESS_KEY_ID", "test"),
+                        ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="corpus")
+    for p in photos[:3]:
+        client.upload_file(str(p), "corpus", f"shoot/{p.name}")
+    client.put_object(Bucket="corpus", Key="shoot/notes.txt", Body=b"not an image")
+    s3fs.S3FileSystem.clear_instance_cache()  # a filesystem fsspec kept from another endpoint
+    yield "s3://corpus/shoot"
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def gs_bucket(photos, monkeypatch):
+    """A bucket on a real GCS-protocol server (gcp-storage-emulator) on 127.0.0.1, reached
+    through gcsfs as a user reaches the emulator: STORAGE_EMULATOR_HOST, anonymous access."""
+    gcsfs = pytest.importorskip("gcsfs")
+    emulator = pytest.importorskip("gcp_storage_emulator.server")
+
+    port = _free_port()
+    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="corpus")
+    server.start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("NO_GCE_CHECK", "true")  # no probe for a GCE metadata server
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    fs = gcsfs.GCSFileSystem()
+    for p in photos[:3]:
+        fs.put_file(str(p), f"corpus/shoot/{p.name}")
+    fs.pipe_file("corpus/shoot/notes.txt", b"not an image")
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    yield "gs://corpus/shoot"
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    server.stop()
+
+
+@pytest.mark.parametrize("bucket", ["s3_bucket", "gs_bucket"])
+def test_objects_in_s3_and_gcs_score_like_local_files_and_a_missing_one_is_its_own_error_row(request, bucket, photos,
+                                                                                               small_model):
+    bucket = request.getfixturevalue(bucket)
+    assert open_image(f"{bucket}/{photos[0].name}").tobytes() == open_image(photos[0]).tobytes()
+    found = find_images([f"{bucket}/", f"{bucket}/*{photos[1].suffix}"])
+    assert sorted(set(found.paths)) == found.paths == sorted(f"{bucket}/{p.name}" for p in photos[:3])
+
+    result = CliRunner().invoke(main, ["score", "--model", str(small_model), "--format", "jsonl", f"{bucket}/",
+                                       f"{bucket}/missing.jpg", str(photos[0])])
+    assert result.exit_code == 1, result.output  # the missing object failed, the rest were scored
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["path"] for r in rows] == [*found.paths, f"{bucket}/missing.jpg", str(photos[0])]
+    assert rows[-2]["error"] == "not found"
+    assert rows[0]["score"] == pytest.approx(rows[-1]["score"], abs=1e-6)  # the same photograph, local and in the bucket
