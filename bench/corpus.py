@@ -69,7 +69,8 @@ def timed(results, batch_size: int):
         if i == batch_size:
             first = time.perf_counter() - start
     wall = time.perf_counter() - start
-    return n / wall, first, (n - batch_size) / (wall - first)
+    running = (n - batch_size) / (wall - first) if n >= 8 * batch_size else float("nan")  # too few batches to say
+    return n / wall, first, running
 
 
 def timed_local(model, paths, backend, batch_size):
@@ -115,6 +116,12 @@ def decode_rates(paths: list[str]) -> dict[str, float]:
                 runs.append(len(paths) / (time.perf_counter() - start))
         rates[name] = statistics.median(runs)
     return rates
+
+
+def _rate(rate: float, local: float | None = None) -> str:
+    if rate != rate:  # nan: too few batches
+        return "-"
+    return f"{rate:.2f}" + (f" ({rate / local:.2f}x)" if local else "")
 
 
 def rss_mib() -> float:
@@ -190,8 +197,8 @@ def main() -> None:
         "| model | images | path | images/s (whole run, start included) | first batch after, s | images/s after the first batch | local pipeline |",
         "|---|---|---|---|---|---|---|",
         *[line for t, n, lm, rm, b in rows for line in (
-            f"| {t} | {n} | local | {lm[0]:.2f} | {lm[1]:.1f} | {lm[2]:.2f} | {b} |",
-            f"| | | Ray | {rm[0]:.2f} ({rm[0] / lm[0]:.2f}x local) | {rm[1]:.1f} | {rm[2]:.2f} ({rm[2] / lm[2]:.2f}x) | |")],
+            f"| {t} | {n} | local | {lm[0]:.2f} | {lm[1]:.1f} | {_rate(lm[2])} | {b} |",
+            f"| | | Ray | {rm[0]:.2f} ({rm[0] / lm[0]:.2f}x local) | {rm[1]:.1f} | {_rate(rm[2], lm[2])} | |")],
     ]
     if decoding:
         lines += ["", f"Decoding alone ({len(decode_paths)} of the 1 MP JPEGs to their uint8 views, {os.cpu_count()} workers, "

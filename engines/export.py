@@ -194,6 +194,11 @@ def onnx_session(path: str | Path, threads: int | None = None):
         raise MissingDependencyError("running ONNX files needs onnxruntime: pip install onnxruntime") from None
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # No spin-waiting between calls: the encoder always runs beside decoding threads or Ray's
+    # decoding tasks, and spinning threads take their cores. Measured on 2 cores, 800-1000 1 MP
+    # JPEGs: the local path 29 -> 31-33 images/s with 15% less CPU; a Ray actor 25% less CPU.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     try:
