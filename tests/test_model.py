@@ -69,3 +69,25 @@ def test_a_model_file_of_half_floats_loads_as_fp32(small_model, tmp_path):
     model, _ = load_model(half, verify=False)
     assert {p.dtype for p in model.parameters()} | {b.dtype for b in model.buffers() if b.is_floating_point()} \
         == {torch.float32}
+
+
+def test_cpu_encoder_runs_big_batches_in_calls_of_a_few_thousand_tokens(small_model, monkeypatch):
+    """On a CPU, TorchEncoder splits a batch into calls of at most CPU_TOKENS_PER_CALL tokens
+    (faster: scoring.py) and gives the scores of one whole call. 1e-5: the same fp32 operations
+    per row; only the GEMMs' blocking may differ with the row count."""
+    from rali_edge import scoring
+    from rali_edge.model_file import load_model
+
+    model, manifest = load_model(small_model)
+    scorer = scoring.Scorer(model, manifest, dtype="fp32", head="torch")
+    tokens = manifest.encoder.num_patches + 1
+    pixels = torch.randn(23, 3, manifest.encoder.image_size, manifest.encoder.image_size)
+    whole = scorer.encoder.encoder.class_token(pixels)
+
+    monkeypatch.setattr(scoring, "CPU_TOKENS_PER_CALL", 5 * tokens + 1)  # 5 views a call: 5 + 5 + 5 + 5 + 3
+    encoder = scoring.TorchEncoder(model, torch.device("cpu"), torch.float32)
+    calls = []
+    real = encoder.encoder.class_token
+    monkeypatch.setattr(encoder.encoder, "class_token", lambda x: calls.append(len(x)) or real(x))
+    torch.testing.assert_close(encoder(pixels), whole, rtol=0, atol=1e-5)
+    assert calls == [5, 5, 5, 5, 3]
