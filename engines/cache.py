@@ -19,7 +19,7 @@ How `auto` chooses. The precision (dtype="auto", the default: `auto_dtype`): the
 EXACT (1e-3) of fp32 on the fidelity images, measured once per model and machine and kept as a
 verdict beside the engines; else fp32. The path for a precision (`choose`): on a CPU, fp32 runs
 ONNX Runtime's engine (MLAS's fp32 GEMMs ran 1.7x MKL's on one 2-core Zen 5 and 1.3x on
-another: bench/results/e2e-cpu.md), unless the build's fidelity check timed it slower than eager
+another: bench/results/e2e-cpu.md; 0.85x on a Xeon with AMX, e2e-cpu-xeon-amx.md), unless the build's fidelity check timed it slower than eager
 PyTorch fp32 on the same images (`slower_than_eager`); int8 is ONNX Runtime's too (its fastest form
 that passes the fidelity check: engines/onnx.py); bf16 and fp16 run eager PyTorch (ONNX Runtime
 has no bf16 CPU kernels; oneDNN uses AVX-512 BF16 or AMX where the CPU has them). On an NVIDIA

@@ -210,8 +210,9 @@ def test_int8_refused_by_the_fidelity_check_is_remembered(strict_fidelity, small
 
 def test_int8_that_passes_is_cached_with_the_head_in_fp32(auto, small_model, photos, monkeypatch):
     # The random small model's int8 moves scores ~0.05 (its tiny layers quantize coarsely); the
-    # built-in and ViT-L models stay within 0.02 (bench/results/e2e-cpu.md). Here only the
-    # caching of a passing int8 engine is under test, so the limit is raised to 0.2.
+    # built-in model's stays within 0.02, a ViT-L's with a recipe-made head does not
+    # (bench/results/e2e-cpu-xeon-amx.md). Here only the caching of a passing int8 engine is under
+    # test, so the limit is raised to 0.2.
     counting = builder.build
     monkeypatch.setattr(builder, "build", lambda *a, **k: counting(*a, **{**k, "max_score_diff": 0.2}))
     scorer = rali_edge.load(small_model, dtype="int8")
