@@ -73,7 +73,7 @@ def test_a_model_file_of_half_floats_loads_as_fp32(small_model, tmp_path):
 
 def test_cpu_encoder_runs_big_batches_in_calls_of_a_few_thousand_tokens(small_model, monkeypatch):
     """On a CPU, TorchEncoder splits a batch into calls of at most CPU_TOKENS_PER_CALL tokens
-    (faster: scoring.py) and gives the scores of one whole call. 1e-5: the same fp32 operations
+    (faster: scoring.py) and gives the class tokens of one whole call. 1e-5: the same fp32 operations
     per row; only the GEMMs' blocking may differ with the row count."""
     from rali_edge import scoring
     from rali_edge.model_file import load_model
