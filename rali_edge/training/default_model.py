@@ -13,7 +13,8 @@
    differentiable head of the same form as RALI's (standardise, cosine similarity to prototypes,
    softmax, weighted prototype scores) plus a linear read-out; MSE loss on the label, plus
    cross-entropy on which distortion at which level. Inputs go through the model's own
-   Preprocessor, as at scoring time.
+   Preprocessor, as at scoring time. Options for trying other recipes: `--encoder` changes the
+   encoder's shape, `--teacher MODEL_DIR` adds distillation from a trained model's embeddings.
 3. Head: rali_edge.fit_head on the trained encoder's embeddings of the training crops (standardise,
    PCA, score buckets, k-means, fine-tune for the epoch count that 5-fold validation over the
    training photographs picks): the same code as `rali-edge fit-head --validation-folds 5`.
@@ -34,7 +35,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,11 @@ class Recipe:
     warmup_steps: int = 200
     train_prototypes: int = 32  # of the differentiable head used while training the encoder
     class_weight: float = 1.0  # of the cross-entropy on the distortion class (see NUM_CLASSES)
+    # Distillation: a trained model's folder whose embeddings of the training crops the encoder
+    # also learns to reproduce (MSE of the standardised embeddings, times distill_weight). The
+    # shipped model learns the labels only (None).
+    teacher: str | None = None
+    distill_weight: float = 1.0
     encoder: dict = field(default_factory=lambda: dict(
         hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
         image_size=128, patch_size=16, projection_dim=64, hidden_act="quick_gelu",
@@ -211,6 +217,22 @@ def init_encoder(encoder: Encoder, generator: torch.Generator, pixels: torch.Ten
         embeddings.position_embedding.weight.add_(reference / reference.norm() * typical)
 
 
+def teacher_embeddings(teacher: Path, train_pixels: torch.Tensor, projection_dim: int, log=print):
+    """A trained model's embeddings of the training crops (uint8 [N, 3, H, W]), standardised:
+    (z [N, E], mean [E], std [E]). Computed once, on the crops as stored: a batch's flips and
+    quarter turns do not change what a quality embedding should say, and the teacher was trained
+    with them."""
+    model, manifest = load_model(teacher)
+    if manifest.encoder.projection_dim != projection_dim:
+        raise RaliEdgeError(f"the teacher's embeddings have {manifest.encoder.projection_dim} dimensions and the "
+                            f"recipe's encoder {projection_dim}: distillation needs the same")
+    t = time.perf_counter()
+    emb = embed_all(model.encoder, train_pixels, Preprocessor(PreprocessConfig.from_dict(manifest.preprocess)), "cpu")
+    mean, std = emb.mean(0), emb.std(0).clamp_min(1e-6)
+    log(f"teacher {teacher} ({manifest.weights_sha256[:12]}): embeddings of {len(emb)} crops in {time.perf_counter() - t:.0f} s")
+    return (emb - mean) / std, mean, std
+
+
 def lr_at(step: int, total: int, recipe: Recipe) -> float:
     if step < recipe.warmup_steps:
         return recipe.lr * (step + 1) / recipe.warmup_steps
@@ -325,6 +347,9 @@ def train(recipe: Recipe, out: Path, device: str = "cpu", threads: int = 2, work
     log(f"data: {len(train_pixels)} training, {len(heldout)} held-out samples in {times['data_s']:.0f} s; "
         f"label mean {train_labels.mean():.2f}, std {train_labels.std():.2f}")
 
+    teacher_z = None
+    if recipe.teacher:
+        teacher_z = tuple(t.to(device) for t in teacher_embeddings(Path(recipe.teacher), train_pixels, cfg.projection_dim, log))
     encoder = Encoder(cfg)
     init_encoder(encoder, gen, pre.normalize_uint8(train_pixels[:512]))
     head = TrainingHead(cfg.projection_dim, recipe.train_prototypes, gen)
@@ -355,9 +380,13 @@ def train(recipe: Recipe, out: Path, device: str = "cpu", threads: int = 2, work
             pixels = pre.normalize_uint8(x).to(device)
             head.train()
             target = train_labels[idx].to(device)
-            proto, linear, logits = head(encoder.embed(pixels))
+            emb = encoder.embed(pixels)
+            proto, linear, logits = head(emb)
             loss = (F.mse_loss(proto, target) + F.mse_loss(linear, target)
                     + recipe.class_weight * F.cross_entropy(logits, train_classes[idx].to(device)))
+            if teacher_z is not None:
+                z, mean, std = teacher_z
+                loss = loss + recipe.distill_weight * F.mse_loss((emb - mean) / std, z[idx.to(device)])
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, recipe)
             opt.zero_grad(set_to_none=True)
@@ -591,6 +620,10 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=2, help="processes making the training data")
     parser.add_argument("--data-cache", type=Path, default=None, help="keep the training samples here between runs (for iterating on the recipe)")
     parser.add_argument("--lr", type=float, default=Recipe.lr)
+    parser.add_argument("--teacher", default=Recipe.teacher, metavar="MODEL_DIR",
+                        help="also learn to reproduce this trained model's embeddings (distillation)")
+    parser.add_argument("--encoder", type=json.loads, default={}, metavar="JSON",
+                        help='change the recipe\'s encoder shape, e.g. \'{"patch_size": 32, "hidden_size": 96, "intermediate_size": 384}\'')
     parser.add_argument("--seed", type=int, default=Recipe.seed)
     parser.add_argument("--train-samples", type=int, default=Recipe.train_samples)
     parser.add_argument("--epochs", type=int, default=Recipe.epochs)
@@ -617,7 +650,11 @@ def main(argv=None):
     if args.rewrite_report:
         write_report(json.loads((args.out / "training.json").read_text()), report)
         return 0
-    recipe = Recipe(seed=args.seed, train_samples=args.train_samples, epochs=args.epochs, heldout_crops=args.heldout_crops, lr=args.lr)
+    unknown = sorted(set(args.encoder) - {f.name for f in fields(EncoderConfig)})
+    if unknown:
+        parser.error(f"--encoder: unknown keys {unknown}; known: {sorted(f.name for f in fields(EncoderConfig))}")
+    recipe = Recipe(seed=args.seed, train_samples=args.train_samples, epochs=args.epochs, heldout_crops=args.heldout_crops, lr=args.lr,
+                    teacher=args.teacher, encoder={**Recipe().encoder, **args.encoder})
 
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
