@@ -7,6 +7,7 @@ process, medians; and decode alone, in the same two threads that score_files dec
 views cost per image is the scoring time less the decoding time.
 
     python bench/views_cost.py PHOTO.jpg [...]    # makes a 1 MP and a ~12 MP JPEG of each
+    python bench/views_cost.py --also DIR PHOTO.jpg [...]   # and another model folder beside it
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("photos", nargs="+", type=Path)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--also", type=Path, action="append", default=[], metavar="MODEL_DIR",
+                        help="another model folder (e.g. a retrained candidate), timed beside the built-in model")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model, manifest = load_model(default_model_path())
@@ -65,6 +68,7 @@ def main() -> None:
                "4x4 native views, torch fp32, a batch's views in one call (before)": whole_batches,
                f"4x4 native views, default path ({auto.backend} {auto.dtype_name})": auto,
                f"4x4 native views, --dtype int8 ({int8.backend} {int8.dtype_name})": int8,
+               **{f"{d.name} (--also), its views, torch fp32": Scorer(*load_model(d)) for d in args.also},
                "3x3 native views": views(native_grid=3),
                "2x2 native views": views(native_grid=2)}
     assert PreprocessConfig.from_dict(manifest.preprocess).view_count == 16
