@@ -622,6 +622,8 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=Recipe.lr)
     parser.add_argument("--teacher", default=Recipe.teacher, metavar="MODEL_DIR",
                         help="also learn to reproduce this trained model's embeddings (distillation)")
+    parser.add_argument("--distill-weight", type=float, default=Recipe.distill_weight,
+                        help="weight of that distillation loss beside the label losses")
     parser.add_argument("--encoder", type=json.loads, default={}, metavar="JSON",
                         help='change the recipe\'s encoder shape, e.g. \'{"patch_size": 32, "hidden_size": 96, "intermediate_size": 384}\'')
     parser.add_argument("--seed", type=int, default=Recipe.seed)
@@ -654,7 +656,7 @@ def main(argv=None):
     if unknown:
         parser.error(f"--encoder: unknown keys {unknown}; known: {sorted(f.name for f in fields(EncoderConfig))}")
     recipe = Recipe(seed=args.seed, train_samples=args.train_samples, epochs=args.epochs, heldout_crops=args.heldout_crops, lr=args.lr,
-                    teacher=args.teacher, encoder={**Recipe().encoder, **args.encoder})
+                    teacher=args.teacher, distill_weight=args.distill_weight, encoder={**Recipe().encoder, **args.encoder})
 
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
