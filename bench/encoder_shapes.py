@@ -13,12 +13,17 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from rali_edge.model import EncoderConfig, RaliModel
 from rali_edge.scoring import TorchEncoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e import encoder_flops  # noqa: E402  (the layers' matmul FLOPs, as the ViT-L floor counts them)
 
 PHOTOGRAPHS, VIEWS = 16, 16
 SHAPES = {  # name: (patch, width, layers); MLP 4x the width, 4 heads, 128-pixel views
@@ -54,8 +59,8 @@ def main() -> None:
     rows = []
     for name, (patch, width, layers) in SHAPES.items():
         tokens = (128 // patch) ** 2 + 1
-        # Multiply-adds x 2 per view: patch embedding, and per layer 12 w^2 per token plus attention.
-        gflop = 2 * (tokens - 1) * 3 * patch * patch * width + 2 * layers * (12 * tokens * width**2 + 2 * tokens**2 * width)
+        # Per view: the patch embedding, then every layer in full (weight matmuls and attention).
+        gflop = 2 * (tokens - 1) * 3 * patch * patch * width + sum(encoder_flops(layers, width, 4 * width, tokens).values())
         rows.append({"shape": name, "tokens_per_view": tokens, "gflop_per_photograph": round(VIEWS * gflop / 1e9, 3),
                      "ms_per_photograph": round(statistics.median(times[name]) * 1e3, 2),
                      "params": sum(p.numel() for p in encoders[name].encoder.parameters())})
