@@ -65,7 +65,9 @@ class BuildRequest:
     typing: str = "auto"  # TensorRT
     keep_onnx: bool = False  # TensorRT: keep the intermediate ONNX file
     form: str | None = None  # which of the backend's `forms` of this precision to build
-    calib_images: tuple = ()  # the fidelity check's images (paths), for forms that calibrate
+    # A folder for intermediate files, kept across the forms of one build and removed when it ends
+    # (the builder's); None: the backend makes and removes its own.
+    scratch: Path | None = None
 
 
 class Backend:

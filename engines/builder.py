@@ -11,6 +11,7 @@ them with their durations (stderr by default; `Progress(quiet=True)` prints noth
 from __future__ import annotations
 
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -174,30 +175,33 @@ def build(model: str | Path | None, target: str, *, precision: str | None = None
                       preprocess=manifest.preprocess, onnx_opset=opset)
     written = [engine, sidecar_path(engine)]
     forms = chosen.forms(request) if check else chosen.forms(request)[-1:]
-    for i, form in enumerate(forms):
-        attempt = replace(request, form=form, calib_images=tuple(images))
-        info.fidelity = None  # an earlier form's failed check is not this one's
-        last = i == len(forms) - 1
-        try:
-            # The loaded model is handed over, not kept here, so that a backend can free the weights
-            # once it no longer needs them (TensorRT builds want that memory).
-            chosen.build(load_model(path)[0], engine, attempt, info, progress, written)
-            write_sidecar(engine, info)
-            progress.note(f"engine: {engine} ({engine.stat().st_size / 2**20:.1f} MiB)")
-            report = _check(path, engine, info, images, max_score_diff, keep_failed and last, device,
-                            progress) if check else None
-        except KeyboardInterrupt:
-            for p in written:
-                p.unlink(missing_ok=True)
-            raise
-        except FidelityCheckFailed as e:
-            if last:
+    # The scratch folder outlives each form (a later form may reuse an earlier one's export) and
+    # goes when the build ends, however it ends.
+    with tempfile.TemporaryDirectory(dir=engine.parent, prefix=f".{engine.name}.scratch-") as scratch:
+        for i, form in enumerate(forms):
+            attempt = replace(request, form=form, scratch=Path(scratch))
+            info.fidelity = None  # an earlier form's failed check is not this one's
+            last = i == len(forms) - 1
+            try:
+                # The loaded model is handed over, not kept here, so that a backend can free the weights
+                # once it no longer needs them (TensorRT builds want that memory).
+                chosen.build(load_model(path)[0], engine, attempt, info, progress, written)
+                write_sidecar(engine, info)
+                progress.note(f"engine: {engine} ({engine.stat().st_size / 2**20:.1f} MiB)")
+                report = _check(path, engine, info, images, max_score_diff, keep_failed and last, device,
+                                progress) if check else None
+            except KeyboardInterrupt:
+                for p in written:
+                    p.unlink(missing_ok=True)
                 raise
-            progress.note(f"{request.precision} as {form} failed the fidelity check ({e.short}); "
-                          f"building it as {forms[i + 1]}")
-            progress.total += chosen.build_steps(attempt) + 1
-            continue
-        return Built(engine, info, report)
+            except FidelityCheckFailed as e:
+                if last:
+                    raise
+                progress.note(f"{request.precision} as {form} failed the fidelity check ({e.short}); "
+                              f"building it as {forms[i + 1]}")
+                progress.total += chosen.build_steps(attempt) + 1
+                continue
+            return Built(engine, info, report)
 
 
 @dataclass
