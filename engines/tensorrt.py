@@ -101,16 +101,12 @@ def on_gpu(index: int):
     """Make GPU `index` current on this thread: TensorRT builds, loads and runs on the device that is
     current when its builder, runtime and contexts are created and when it enqueues. With torch when
     it has CUDA, else with pycuda (as gpu_info finds the GPU)."""
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    if torch is not None and torch.cuda.is_available():
+    torch = torch_with_cuda()
+    if torch is not None:
         with torch.cuda.device(index):
             yield
         return
-    import pycuda.driver as cuda
-
+    cuda = pycuda_driver()
     cuda.init()
     context = cuda.Device(index).retain_primary_context()
     context.push()
@@ -119,6 +115,27 @@ def on_gpu(index: int):
     finally:
         context.pop()
         context.detach()
+
+
+def torch_with_cuda():
+    """torch where it is installed and sees a CUDA GPU, else None: then pycuda serves (the
+    torch-free runner on a Jetson). The one place that choice is made (on_gpu, gpu_info)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def pycuda_driver():
+    """pycuda's driver module (not yet initialised), or MissingDependencyError saying what to install."""
+    try:
+        import pycuda.driver as cuda
+    except ImportError:
+        raise MissingDependencyError(
+            "no CUDA GPU visible: install torch with CUDA, or pycuda (pip install pycuda) for the torch-free runner"
+        ) from None
+    return cuda
 
 
 def tensorrt_major(version: str) -> int:
@@ -246,20 +263,11 @@ def memory_advice(needed_gib: float, available_gib: float | None, plan: Precisio
 # ------------------------------------------------------------------------------------ runtime
 def gpu_info(device_index: int = 0) -> tuple[str, str, str | None]:
     """(GPU name, compute capability tag, CUDA version) from torch when it has CUDA, else pycuda."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(device_index)
-            return torch.cuda.get_device_name(device_index), compute_capability_tag(major, minor), torch.version.cuda
-    except ImportError:
-        pass
-    try:
-        import pycuda.driver as cuda
-    except ImportError:
-        raise MissingDependencyError(
-            "no CUDA GPU visible: install torch with CUDA, or pycuda (pip install pycuda) for the torch-free runner"
-        ) from None
+    torch = torch_with_cuda()
+    if torch is not None:
+        major, minor = torch.cuda.get_device_capability(device_index)
+        return torch.cuda.get_device_name(device_index), compute_capability_tag(major, minor), torch.version.cuda
+    cuda = pycuda_driver()
     try:
         cuda.init()
         device = cuda.Device(device_index)

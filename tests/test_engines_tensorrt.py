@@ -426,3 +426,15 @@ def test_strongly_typed_bf16_onnx_for_tensorrt11(small_model, tmp_path):
                            ("LayerNormalization", False, fp32), ("LayerNormalization", True, fp32),
                            ("Softmax", False, fp32), ("Softmax", True, fp32)}
     assert proto.graph.output[0].type.tensor_type.elem_type == fp32
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or importlib.util.find_spec("pycuda") is not None,
+                    reason="this machine has a way to reach a GPU")
+def test_no_gpu_and_no_pycuda_says_what_to_install():
+    from rali_edge.engines import tensorrt as engines_trt
+
+    with pytest.raises(MissingDependencyError, match="install torch with CUDA, or pycuda"):
+        engines_trt.gpu_info(0)
+    with pytest.raises(MissingDependencyError, match="install torch with CUDA, or pycuda"):
+        with engines_trt.on_gpu(0):
+            pass
