@@ -1,8 +1,8 @@
 """What the built-in model's views cost on whole photographs: images/s of `Scorer.score_files`
 (decode included, as `rali-edge score` runs it) with the resized view (the old preprocessing) and
-with the 4 x 4 native-resolution views it uses (in eager PyTorch fp32, its views normalised in
-float32 passes and, as before session 19, by lookup table; on the default path and in int8; and
-3 x 3, its views before, and 2 x 2), interleaved in one
+with the 4 x 4 native-resolution views it uses (in eager PyTorch fp32, in calls of at most
+CPU_TOKENS_PER_CALL tokens and, as before, a batch's views in one call; on the default path and in
+int8; and 3 x 3, its views before, and 2 x 2), interleaved in one
 process, medians; and decode alone, in the same two threads that score_files decodes in. What the
 views cost per image is the scoring time less the decoding time.
 
@@ -61,11 +61,11 @@ def main() -> None:
     # into the engine cache) and int8; the rest eager PyTorch fp32, the views compared.
     auto = rali_edge.load("default")
     int8 = rali_edge.load("default", dtype="int8")
-    by_table = Scorer(model, manifest)
-    by_table.preprocess.arithmetic = None  # as before session 19: normalised by lookup table
+    whole_batches = Scorer(model, manifest)
+    whole_batches.encoder.rows_per_call = None  # as before session 17: a batch's views in one call
     scorers = {"resized view (before issue 18)": views(native_grid=0, resized_view=True),
                "4x4 native views (now, the built-in model), torch fp32": Scorer(model, manifest),
-               "4x4 native views, torch fp32, normalised by lookup table (before)": by_table,
+               "4x4 native views, torch fp32, a batch's views in one call (before)": whole_batches,
                f"4x4 native views, default path ({auto.backend} {auto.dtype_name})": auto,
                f"4x4 native views, --dtype int8 ({int8.backend} {int8.dtype_name})": int8,
                **{f"{d.name} (--also), its views, torch fp32": Scorer(*load_model(d)) for d in args.also},
