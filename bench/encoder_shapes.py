@@ -32,6 +32,10 @@ SHAPES = {  # name: (patch, width, layers); MLP 4x the width, 4 heads, 128-pixel
     "patch 32, width 96, 4 layers": (32, 96, 4),
     "patch 32, width 64, 4 layers": (32, 64, 4),
     "patch 32, width 128, 2 layers": (32, 128, 2),
+    "patch 16, width 64, 4 layers": (16, 64, 4),
+    "patch 16, width 64, 2 layers": (16, 64, 2),
+    "patch 16, width 96, 2 layers": (16, 96, 2),
+    "patch 16, width 128, 2 layers": (16, 128, 2),
 }
 
 
