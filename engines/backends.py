@@ -65,8 +65,8 @@ class BuildRequest:
     typing: str = "auto"  # TensorRT
     keep_onnx: bool = False  # TensorRT: keep the intermediate ONNX file
     form: str | None = None  # which of the backend's `forms` of this precision to build
-    # A folder for intermediate files, kept across the forms of one build and removed when it ends
-    # (the builder's); None: the backend makes and removes its own.
+    # The builder's folder for intermediate files, kept across the forms of one build and removed
+    # when the build ends, however it ends (the int8 forms share one fp32 export there).
     scratch: Path | None = None
 
 

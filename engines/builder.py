@@ -147,6 +147,9 @@ def build(model: str | Path | None, target: str, *, precision: str | None = None
     from rali_edge.scoring import model_path
 
     chosen = backend(target)
+    internal = sorted({"form", "scratch"} & set(options))  # the builder's own: it sets them per form
+    if internal:
+        raise UsageError(f"build() does not take {', '.join(internal)}")
     if head not in HEADS:
         raise UsageError(f"--head {head!r}: choose one of {', '.join(HEADS)}")
     batch = batch if isinstance(batch, BatchRange) else BatchRange.parse(batch)

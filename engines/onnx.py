@@ -15,7 +15,7 @@ tried fastest first, the fidelity check keeping the first that passes (`forms`):
 - "smoothed": fc2 in int8 too, after SmoothQuant's smoothing (Xiao et al. 2023, alpha 0.5): each
   input channel j of fc2 is divided by s_j = max|x_j|^0.5 / max|w_j|^0.5 and fc2's weight row j
   multiplied by it (exact in fp32), so that the activations' outlier channels share their range
-  with the weights. max|x_j| comes from a calibration set of our own (`calibration_pixels`: a
+  with the weights. max|x_j| comes from a calibration set of our own (`calibration_set`: a
   training photograph, clean and distorted), never from the fidelity check's images, which then
   judge the form on images its scales were not fitted to. On the built-in model this form moves
   the bundled samples' scores by up to 0.019 (limit 0.02; calibrated on those samples themselves,
@@ -31,7 +31,7 @@ without VNNI can saturate with 8.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -92,25 +92,27 @@ class OnnxBackend(Backend):
             with progress.step(f"exporting ONNX (opset {info.onnx_opset}, {request.precision}, batch {batch.min}-{batch.max})"):
                 export_onnx(model, path, request.precision, request.outputs, batch.min, batch.max)
             return
-        with scratch_folder(request.scratch, path) as scratch:
-            fp32 = scratch / "encoder.fp32.onnx"
-            reused = fp32.exists()  # exported by an earlier form of this build
-            with progress.step(f"exporting ONNX (opset {info.onnx_opset}, fp32, batch {batch.min}-{batch.max})"
-                               + (": reusing the earlier form's export" if reused else "")):
-                if not reused:
-                    export_onnx(model, fp32, "fp32", request.outputs, batch.min, batch.max)
-            del model  # the quantizer holds the graph twice; the torch weights are not needed any more
-            vnni = has_vnni()
-            form = request.form or INT8_FORMS[-1]
-            with progress.step(f"quantizing to int8, {form} ({'VNNI' if vnni else 'no VNNI on this CPU: 7-bit weights'})"):
-                calibration = calibration_pixels(info.preprocess) if form == "smoothed" else []
-                if calibration:
-                    smooth_mlp_outputs(fp32, scratch / "encoder.smoothed.onnx", calibration)
-                kept = quantize_int8(scratch / "encoder.smoothed.onnx" if calibration else fp32, path,
-                                     reduce_range=not vnni, mlp_out_fp32=form == "mlp-out-fp32")
+        fp32 = request.scratch / "encoder.fp32.onnx"
+        reused = fp32.exists()  # exported by an earlier form of this build
+        with progress.step(f"exporting ONNX (opset {info.onnx_opset}, fp32, batch {batch.min}-{batch.max})"
+                           + (": reusing the earlier form's export" if reused else "")):
+            if not reused:
+                export_onnx(model, fp32, "fp32", request.outputs, batch.min, batch.max)
+        del model  # the quantizer holds the graph twice; the torch weights are not needed any more
+        vnni = has_vnni()
+        form = request.form or INT8_FORMS[-1]
+        smoothed = form == "smoothed"
+        with progress.step(f"quantizing to int8, {form} ({'VNNI' if vnni else 'no VNNI on this CPU: 7-bit weights'})"):
+            source = request.scratch / "encoder.smoothed.onnx" if smoothed else fp32
+            if smoothed:
+                calibration = calibration_set(info.preprocess)
+                smooth_mlp_outputs(fp32, source, calibration.pixels, batch)
+            kept = quantize_int8(source, path, reduce_range=not vnni, mlp_out_fp32=not smoothed)
+            if smoothed:
+                source.unlink()  # a ViT-L copy is 1.2 GB: the next form needs only the fp32 export
         info.build_options["int8"] = {"form": form, "reduce_range": not vnni, "fp32_nodes_excluded": kept,
-                                      **({"smooth_alpha": SMOOTH_ALPHA, "calibration_images": len(calibration)}
-                                         if calibration else {})}
+                                      **({"smooth_alpha": SMOOTH_ALPHA, "calibration": calibration.description}
+                                         if smoothed else {})}
 
     def open(self, path: Path, info: EngineInfo, device: str) -> OnnxRuntimeEncoder:
         return OnnxRuntimeEncoder(path, info)
@@ -130,28 +132,24 @@ def _is_mlp_out(node) -> bool:
     return any(scope.endswith(".mlp.fc2") for scope in node_scopes(node))
 
 
-@contextmanager
-def scratch_folder(given: Path | None, engine: Path):
-    """The build's scratch folder (the builder's, kept across forms), or one of this call's own
-    beside the engine, removed afterwards."""
-    import tempfile
-
-    if given is not None:
-        yield Path(given)
-        return
-    with tempfile.TemporaryDirectory(dir=engine.parent, prefix=f".{engine.name}.scratch-") as own:
-        yield Path(own)
+CALIBRATION_LEVEL = 3  # of each distortion: the middle level
 
 
-CALIBRATION_LEVEL = 3  # of each distortion, the middle of 1..5
+@dataclass
+class CalibrationSet:
+    pixels: np.ndarray  # every image's views, [rows, 3, H, W]
+    description: str  # what the sidecar records
 
 
-def calibration_pixels(preprocess: dict) -> list[np.ndarray]:
+def calibration_set(preprocess: dict) -> CalibrationSet:
     """The smoothed form's calibration set: the packaged raccoon photograph (a public-domain
-    training photograph, rali_edge/training/photos) clean and with each of the 11 distortions at
-    level 3, so that noise, compression and tones all reach the activations; one array per image,
-    its views as the batch. None of them is a bundled sample (the default fidelity images)."""
+    training photograph, rali_edge/training/photos) clean and with each distortion of DISTORTIONS
+    at CALIBRATION_LEVEL, so that noise, compression and tones all reach the activations. None of
+    them is a bundled sample (the default fidelity images). Where Pillow has no JPEG 2000 codec,
+    that distortion is made with WebP (distortions.py), and the description says so."""
     from importlib.resources import files
+
+    from PIL import features
 
     from rali_edge.distortions import DISTORTIONS, distort
     from rali_edge.images import open_image
@@ -159,14 +157,17 @@ def calibration_pixels(preprocess: dict) -> list[np.ndarray]:
 
     photo = np.asarray(open_image(str(files("rali_edge.training") / "photos" / "raccoon.jpg")))
     images = [photo] + [distort(photo, kind, CALIBRATION_LEVEL) for kind in DISTORTIONS]
-    prep = Preprocessor(PreprocessConfig.from_dict(preprocess))
-    return [prep([image]).numpy() for image in images]
+    pixels = Preprocessor(PreprocessConfig.from_dict(preprocess))(images).numpy()
+    jpeg2000 = "" if features.check("jpg_2000") else "; jpeg2000 made with WebP (no OpenJPEG in this Pillow)"
+    return CalibrationSet(pixels, f"raccoon.jpg clean and {len(DISTORTIONS)} distortions at level "
+                                  f"{CALIBRATION_LEVEL} ({len(images)} images, {len(pixels)} views{jpeg2000})")
 
 
-def smooth_mlp_outputs(fp32: Path, out: Path, pixels: list[np.ndarray], alpha: float = SMOOTH_ALPHA) -> int:
+def smooth_mlp_outputs(fp32: Path, out: Path, pixels: np.ndarray, batch, alpha: float = SMOOTH_ALPHA) -> int:
     """Write to `out` the fp32 ONNX file `fp32` with every fc2 MatMul taking x / s and weight rows
     w_j * s_j (the same function in exact arithmetic; module doc), s from the largest |x_j| seen
-    on `pixels` (one array per image, its views as the batch). Returns how many layers."""
+    on `pixels` ([rows, 3, H, W], run in chunks the export's batch profile `batch` accepts).
+    Returns how many layers."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -174,7 +175,7 @@ def smooth_mlp_outputs(fp32: Path, out: Path, pixels: list[np.ndarray], alpha: f
     graph = proto.graph
     weights = {t.name: t for t in graph.initializer}
     layers = [n for n in graph.node if n.op_type == "MatMul" and _is_mlp_out(n) and n.input[1] in weights]
-    x_max = _channel_max(proto, [n.input[0] for n in layers], pixels)
+    x_max = _channel_max(proto, [n.input[0] for n in layers], pixels, batch)
     for i, (node, amax) in enumerate(zip(layers, x_max)):
         w = numpy_helper.to_array(weights[node.input[1]])  # [in, out]: the export's transposed weight
         scale = (np.maximum(amax, 1e-6) ** alpha / np.maximum(np.abs(w).max(axis=1), 1e-6) ** (1 - alpha))
@@ -190,9 +191,11 @@ def smooth_mlp_outputs(fp32: Path, out: Path, pixels: list[np.ndarray], alpha: f
     return len(layers)
 
 
-def _channel_max(proto, names: list[str], pixels: list[np.ndarray]) -> list[np.ndarray]:
+def _channel_max(proto, names: list[str], pixels: np.ndarray, batch) -> list[np.ndarray]:
     """Largest |value| per channel (last axis) of the tensors `names` over `pixels`, by ONNX
-    Runtime on a copy of the graph that outputs them."""
+    Runtime on a copy of the graph that outputs them, in the chunks `batch` (the export's batch
+    profile) accepts: a fixed-batch export takes no other batch size. A short chunk's padding
+    repeats its last row, which cannot change a maximum."""
     import tempfile
 
     import onnx
@@ -207,10 +210,14 @@ def _channel_max(proto, names: list[str], pixels: list[np.ndarray]) -> list[np.n
         del probe
         session = onnx_session(f"{tmp}/probe.onnx")
     found = [None] * len(names)
-    for x in pixels:
-        for i, value in enumerate(session.run(None, {"pixels": x})):
+
+    def observe(chunk: np.ndarray) -> np.ndarray:
+        for i, value in enumerate(session.run(None, {"pixels": np.ascontiguousarray(chunk)})):
             m = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
             found[i] = m if found[i] is None else np.maximum(found[i], m)
+        return chunk  # run_chunks wants rows back; only `found` matters
+
+    batch.run_chunks(pixels, observe, np.concatenate)
     return found
 
 
@@ -238,5 +245,5 @@ def quantize_int8(fp32: Path, out: Path, reduce_range: bool, mlp_out_fp32: bool 
 
 BACKEND = OnnxBackend()
 
-__all__ = ["BACKEND", "INT8_FORMS", "OnnxRuntimeEncoder", "calibration_pixels", "has_vnni", "quantize_int8",
+__all__ = ["BACKEND", "INT8_FORMS", "OnnxRuntimeEncoder", "calibration_set", "has_vnni", "quantize_int8",
            "smooth_mlp_outputs"]

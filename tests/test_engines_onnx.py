@@ -4,6 +4,7 @@
 Reference everywhere: the model's own fp32 PyTorch path (RaliModel.forward / Encoder.class_token),
 not ExportEncoder, so that the export wrapper is checked as well."""
 
+import io
 import json
 import os
 
@@ -14,9 +15,10 @@ import torch
 from click.testing import CliRunner
 
 from rali_edge.cli import main
-from rali_edge.engines.export import HEAD_PREFIX, ONNX_OPSET, export_onnx, onnx_session
 from rali_edge.distortions import DISTORTIONS
-from rali_edge.engines import onnx as onnx_backend
+from rali_edge.engines import onnx as engines_onnx
+from rali_edge.engines.export import HEAD_PREFIX, ONNX_OPSET, export_onnx, onnx_session
+from rali_edge.engines.naming import BatchRange
 from rali_edge.engines.onnx import has_vnni
 from rali_edge.model_file import load_model
 from rali_edge.preprocess import PreprocessConfig, Preprocessor
@@ -166,9 +168,8 @@ def test_smoothing_is_exact_in_fp32_and_lets_fc2_be_quantized(model, exported, i
     fp32 = tmp_path / "fp32.onnx"
     shutil.copy(exported["fp32", "score"], fp32)
     before = fp32.read_bytes()
-    calibration = [inputs["real"][:2].numpy(), inputs["real"][2:].numpy()]
     layers = model[0].encoder.config.num_hidden_layers
-    assert smooth_mlp_outputs(fp32, smoothed, calibration) == layers
+    assert smooth_mlp_outputs(fp32, smoothed, inputs["real"].numpy(), BatchRange(1, 2, 2)) == layers
     assert fp32.read_bytes() == before  # the fp32 export stays as it was, for the next form
     pixels = {"pixels": inputs["random"].numpy()}
     plain = onnx_session(exported["fp32", "score"]).run(None, pixels)[0]
@@ -200,27 +201,29 @@ def test_int8_build_tries_the_smoothed_form_first_then_fc2_in_fp32(small_model, 
 
     monkeypatch.setattr(builder, "check_engine", check_engine)
     exports = []
-    real_export = onnx_backend.export_onnx
-    monkeypatch.setattr(onnx_backend, "export_onnx", lambda *a, **k: exports.append(a[1]) or real_export(*a, **k))
-    notes, lines = [], []
-    progress = builder.Progress(live=False)
-    progress.note, progress._line = notes.append, lines.append
+    real_export = engines_onnx.export_onnx
+    monkeypatch.setattr(engines_onnx, "export_onnx", lambda *a, **k: exports.append(a[1]) or real_export(*a, **k))
+    log = io.StringIO()
     built = builder.build(small_model, "onnx", precision="int8", output=tmp_path, calib_dir=photos[0].parent,
-                          progress=progress)
+                          progress=builder.Progress(out=log, live=False))
     assert built.info.build_options["int8"]["form"] == "mlp-out-fp32" and built.fidelity.passed
-    assert any("int8 as smoothed failed the fidelity check" in n and "building it as mlp-out-fp32" in n for n in notes)
+    assert "int8 as smoothed failed the fidelity check" in log.getvalue() and "building it as mlp-out-fp32" in log.getvalue()
     # One fp32 export for both forms: the second reuses the first's from the build's scratch folder.
-    assert len(exports) == 1 and any("reusing the earlier form's export" in line for line in lines)
+    assert len(exports) == 1 and "reusing the earlier form's export" in log.getvalue()
     assert "FAILED its fidelity check" not in capsys.readouterr().err  # the first form's verdict is not the second's
-    assert [p.name for p in tmp_path.iterdir()] and all(".tmp" not in p.name for p in tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] and not any(".scratch-" in p.name for p in tmp_path.iterdir())
     monkeypatch.setattr(builder, "check_engine", real_check)
     first = builder.build(small_model, "onnx", precision="int8", output=tmp_path / "loose", calib_dir=photos[0].parent,
                           max_score_diff=1.0)
     # Calibrated on its own set (a training photograph, clean and with each distortion), not on the
     # images the fidelity check judges it by.
-    assert first.info.build_options["int8"] == {**first.info.build_options["int8"], "form": "smoothed",
-                                                "calibration_images": 1 + len(DISTORTIONS)}
+    assert first.info.build_options["int8"]["form"] == "smoothed"
+    assert f"clean and {len(DISTORTIONS)} distortions" in first.info.build_options["int8"]["calibration"]
     assert not any(".scratch-" in p.name for p in (tmp_path / "loose").iterdir())
+    # A fixed batch profile (4:4:4) takes no other batch size: calibration runs in its chunks too.
+    fixed = builder.build(small_model, "onnx", precision="int8", batch="4:4:4", output=tmp_path / "fixed",
+                          calib_dir=photos[0].parent, max_score_diff=1.0)
+    assert fixed.info.build_options["int8"]["form"] == "smoothed"
     unchecked = builder.build(small_model, "onnx", precision="int8", output=tmp_path / "unchecked", check=False)
     assert unchecked.info.build_options["int8"]["form"] == "mlp-out-fp32"  # no check: the form closest to fp32
 
