@@ -175,7 +175,7 @@ def smooth_mlp_outputs(fp32: Path, out: Path, pixels: np.ndarray, batch, alpha: 
     graph = proto.graph
     weights = {t.name: t for t in graph.initializer}
     layers = [n for n in graph.node if n.op_type == "MatMul" and _is_mlp_out(n) and n.input[1] in weights]
-    x_max = _channel_max(proto, [n.input[0] for n in layers], pixels, batch)
+    x_max = _channel_max(proto, [n.input[0] for n in layers], pixels, batch, out.parent)
     for i, (node, amax) in enumerate(zip(layers, x_max)):
         w = numpy_helper.to_array(weights[node.input[1]])  # [in, out]: the export's transposed weight
         scale = (np.maximum(amax, 1e-6) ** alpha / np.maximum(np.abs(w).max(axis=1), 1e-6) ** (1 - alpha))
@@ -191,11 +191,13 @@ def smooth_mlp_outputs(fp32: Path, out: Path, pixels: np.ndarray, batch, alpha: 
     return len(layers)
 
 
-def _channel_max(proto, names: list[str], pixels: np.ndarray, batch) -> list[np.ndarray]:
+def _channel_max(proto, names: list[str], pixels: np.ndarray, batch, folder: Path) -> list[np.ndarray]:
     """Largest |value| per channel (last axis) of the tensors `names` over `pixels`, by ONNX
     Runtime on a copy of the graph that outputs them, in the chunks `batch` (the export's batch
     profile) accepts: a fixed-batch export takes no other batch size. A short chunk's padding
-    repeats its last row, which cannot change a maximum."""
+    repeats its last row, which cannot change a maximum. The copy is written in `folder` (the
+    build's scratch, beside the engine): a ViT-L copy is 1.2 GB, and /tmp is RAM-backed (tmpfs) on
+    some systems."""
     import tempfile
 
     import onnx
@@ -205,7 +207,7 @@ def _channel_max(proto, names: list[str], pixels: np.ndarray, batch) -> list[np.
     probe.CopyFrom(proto)
     del probe.graph.output[:]
     probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
         onnx.save(probe, f"{tmp}/probe.onnx")
         del probe
         session = onnx_session(f"{tmp}/probe.onnx")
