@@ -89,6 +89,8 @@ def test_build_refuses_what_the_backend_does_not_take_before_any_work(small_mode
         build(small_model, "onnx", precision="bf16", output=tmp_path, progress=Progress(quiet=True))
     with pytest.raises(UsageError, match="--head"):
         build(small_model, "onnx", head="fast", output=tmp_path, progress=Progress(quiet=True))
+    with pytest.raises(UsageError, match="scratch"):  # the builder's own per-build field, not an option
+        build(small_model, "onnx", scratch=tmp_path, output=tmp_path, progress=Progress(quiet=True))
     assert list(tmp_path.iterdir()) == []
 
 
