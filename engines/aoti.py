@@ -138,12 +138,12 @@ class AOTIBackend(Backend):
     def rebuild_options(self, info: EngineInfo) -> str:
         return f" --device {info.runtime.device_type}"
 
-    def build(self, model, path: Path, request: BuildRequest, info: EngineInfo, progress, written: list[Path]) -> None:
+    def build(self, load_model, path: Path, request: BuildRequest, info: EngineInfo, progress, written: list[Path]) -> None:
         info.build_options["device"] = request.device
         batch = request.batch
         with progress.step(f"compiling with AOTInductor for {request.device} ({request.precision}, batch "
                            f"{batch.min}-{batch.max}); this takes a few minutes"):
-            compile_aoti(model, path, request.precision, request.outputs, batch, request.device)
+            compile_aoti(load_model(), path, request.precision, request.outputs, batch, request.device)
 
     def open(self, path: Path, info: EngineInfo, device: str) -> AOTIEncoder:
         return AOTIEncoder(path, info.outputs, info.batch, device)

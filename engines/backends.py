@@ -125,8 +125,9 @@ class Backend:
         """Extra `rali-edge build` options that make this engine again (beyond precision, batch, head)."""
         return ""
 
-    def build(self, model, path: Path, request: BuildRequest, info, progress, written: list[Path]) -> None:
-        """Write the engine for `model` (a RaliModel) at `path`, in `build_steps(request)` steps of
+    def build(self, load_model, path: Path, request: BuildRequest, info, progress, written: list[Path]) -> None:
+        """Write the engine for the model that `load_model()` returns (a RaliModel, loaded afresh at
+        each call: the backend holds it only while it needs it) at `path`, in `build_steps(request)` steps of
         `progress`; record extra files in `written` (removed when the build is interrupted) and
         what the build decided in `info` (the sidecar, written afterwards)."""
         raise NotImplementedError

@@ -23,7 +23,7 @@ tried fastest first, the fidelity check keeping the first that passes (`forms`):
 - "mlp-out-fp32": fc2 stays fp32.
 
 Both forms quantize the same fp32 export: the first form's is kept in the build's scratch folder
-for the second (a ViT-L export takes minutes).
+for the second (a ViT-L export takes minutes), which then does not load the weights at all.
 
 Without VNNI the weights use 7 bits (`reduce_range`): ONNX Runtime's u8s8 kernels for AVX2/AVX-512
 without VNNI can saturate with 8.
@@ -86,19 +86,18 @@ class OnnxBackend(Backend):
     def name_parts(self, runtime, opset: int | None) -> list[str]:
         return [f"opset{opset}"]
 
-    def build(self, model, path: Path, request: BuildRequest, info: EngineInfo, progress, written: list[Path]) -> None:
+    def build(self, load_model, path: Path, request: BuildRequest, info: EngineInfo, progress, written: list[Path]) -> None:
         batch = request.batch
         if request.precision != "int8":
             with progress.step(f"exporting ONNX (opset {info.onnx_opset}, {request.precision}, batch {batch.min}-{batch.max})"):
-                export_onnx(model, path, request.precision, request.outputs, batch.min, batch.max)
+                export_onnx(load_model(), path, request.precision, request.outputs, batch.min, batch.max)
             return
         fp32 = request.scratch / "encoder.fp32.onnx"
         reused = fp32.exists()  # exported by an earlier form of this build
         with progress.step(f"exporting ONNX (opset {info.onnx_opset}, fp32, batch {batch.min}-{batch.max})"
                            + (": reusing the earlier form's export" if reused else "")):
-            if not reused:
-                export_onnx(model, fp32, "fp32", request.outputs, batch.min, batch.max)
-        del model  # the quantizer holds the graph twice; the torch weights are not needed any more
+            if not reused:  # the weights are loaded only for the export: the quantizer holds the graph twice
+                export_onnx(load_model(), fp32, "fp32", request.outputs, batch.min, batch.max)
         vnni = has_vnni()
         form = request.form or INT8_FORMS[-1]
         smoothed = form == "smoothed"

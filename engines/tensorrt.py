@@ -750,21 +750,21 @@ class TensorRTBackend(Backend):
             warnings.append(f"built with CUDA {built.cuda_version}, running with CUDA {here.cuda_version}")
         return problems, warnings
 
-    def build(self, model, path: Path, request: BuildRequest, info: EngineInfo, progress, written: list[Path]) -> None:
+    def build(self, load_model, path: Path, request: BuildRequest, info: EngineInfo, progress, written: list[Path]) -> None:
         major = tensorrt_major(info.runtime.tensorrt_version)
         plan = plan_precision(major, request.precision, request.typing)
         onnx_path = path.with_name(path.name + ".onnx")
         written.append(onnx_path)
         try:
             with on_gpu(cuda_index(request.device)):  # the GPU that info.runtime (the sidecar) describes
-                result = self._export_and_build(model, path, onnx_path, request, info, plan, progress)
+                result = self._export_and_build(load_model, path, onnx_path, request, info, plan, progress)
                 retry = fallback_plan(major, request.precision, request.typing) if result is None else None
                 if retry is not None:
                     progress.note("TensorRT built no weak-typed engine (no kernels for the fp32 layernorm, softmax "
                                   "and head, or out of memory); building it strongly typed instead (--typing strong)")
                     progress.total += self.build_steps(request)
                     plan = retry
-                    result = self._export_and_build(model, path, onnx_path, request, info, plan, progress)
+                    result = self._export_and_build(load_model, path, onnx_path, request, info, plan, progress)
         finally:
             if not request.keep_onnx:
                 onnx_path.unlink(missing_ok=True)
@@ -778,15 +778,17 @@ class TensorRTBackend(Backend):
         if result.pinned_layers:
             progress.note(f"kept {len(result.pinned_layers)} layers in fp32 (layernorm, softmax, reductions, head)")
 
-    def _export_and_build(self, model, path: Path, onnx_path: Path, request: BuildRequest, info: EngineInfo,
+    def _export_and_build(self, load_model, path: Path, onnx_path: Path, request: BuildRequest, info: EngineInfo,
                           plan: PrecisionPlan, progress) -> BuildResult | None:
-        """The two build steps for one precision plan: export the ONNX file it needs, build the plan."""
+        """The two build steps for one precision plan: export the ONNX file it needs, build the plan.
+        The weights are loaded for the export alone and freed before TensorRT builds (Jetson builds
+        get killed for memory); the rare strongly typed retry loads them again."""
         from rali_edge.engines.export import export_onnx
 
         runtime, batch = info.runtime, request.batch
         with progress.step(f"exporting ONNX for TensorRT {runtime.tensorrt_version} ({plan.typing} typing, "
                            f"{plan.onnx_precision} weights)"):
-            export_onnx(model, onnx_path, plan.onnx_precision, request.outputs, batch.min, batch.max)
+            export_onnx(load_model(), onnx_path, plan.onnx_precision, request.outputs, batch.min, batch.max)
         needed = estimate_build_memory_gib(
             onnx_path.stat().st_size, request.workspace_gib,
             0.5 if plan.onnx_precision == "fp32" and request.precision != "fp32" else 1.0)

@@ -20,6 +20,7 @@ from rali_edge.engines import onnx as engines_onnx
 from rali_edge.engines.export import HEAD_PREFIX, ONNX_OPSET, export_onnx, onnx_session
 from rali_edge.engines.naming import BatchRange
 from rali_edge.engines.onnx import has_vnni
+from rali_edge import model_file
 from rali_edge.model_file import load_model
 from rali_edge.preprocess import PreprocessConfig, Preprocessor
 
@@ -203,6 +204,9 @@ def test_int8_build_tries_the_smoothed_form_first_then_fc2_in_fp32(small_model, 
     exports = []
     real_export = engines_onnx.export_onnx
     monkeypatch.setattr(engines_onnx, "export_onnx", lambda *a, **k: exports.append(a[1]) or real_export(*a, **k))
+    loads = []
+    real_load = model_file.load_model
+    monkeypatch.setattr(model_file, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
     log = io.StringIO()
     built = builder.build(small_model, "onnx", precision="int8", output=tmp_path, calib_dir=photos[0].parent,
                           progress=builder.Progress(out=log, live=False))
@@ -210,6 +214,8 @@ def test_int8_build_tries_the_smoothed_form_first_then_fc2_in_fp32(small_model, 
     assert "int8 as smoothed failed the fidelity check" in log.getvalue() and "building it as mlp-out-fp32" in log.getvalue()
     # One fp32 export for both forms: the second reuses the first's from the build's scratch folder.
     assert len(exports) == 1 and "reusing the earlier form's export" in log.getvalue()
+    # ... and the weights are loaded for that export only (each of the two fidelity checks loads them twice).
+    assert len(loads) == 1 + 2 * 2
     assert "FAILED its fidelity check" not in capsys.readouterr().err  # the first form's verdict is not the second's
     assert [p.name for p in tmp_path.iterdir()] and not any(".scratch-" in p.name for p in tmp_path.iterdir())
     monkeypatch.setattr(builder, "check_engine", real_check)

@@ -153,13 +153,16 @@ def test_tensorrt_build_that_finds_no_engine(monkeypatch, tmp_path, typing):
     request = BuildRequest(precision="fp16", batch=info.batch, outputs="score", device="cuda", typing=typing)
     out = io.StringIO()
     progress = Progress(2, out=out, live=False)
+    loads = []
+    load_model = lambda: loads.append(1)  # noqa: E731 (the backend loads the weights for each export)
     if typing == "weak":
         with pytest.raises(RaliEdgeError, match="could not build the engine .weak typing.*or try --typing strong"):
-            engines_trt.BACKEND.build(None, tmp_path / "m.plan", request, info, progress, [])
+            engines_trt.BACKEND.build(load_model, tmp_path / "m.plan", request, info, progress, [])
         assert plans == ["weak"]
         return
-    engines_trt.BACKEND.build(None, tmp_path / "m.plan", request, info, progress, [])
+    engines_trt.BACKEND.build(load_model, tmp_path / "m.plan", request, info, progress, [])
     assert plans == ["weak", "strong"] and exported == ["fp32", "fp16"]  # strong typing: casts in an fp16 ONNX
+    assert len(loads) == 2  # loaded per export, not held through TensorRT's build
     assert info.typing == "strong" and info.build_options["typing"] == "strong"  # the sidecar's record
     assert "building it strongly typed instead" in out.getvalue() and progress.total == 4
     assert not (tmp_path / "m.plan.onnx").exists()
