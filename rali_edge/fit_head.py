@@ -362,7 +362,9 @@ def fit_head_model(encoder_model, dataset, out: str | Path, recipe: HeadRecipe =
     from rali_edge.model_file import Manifest, build_model, check_output_folder, save_model
 
     check_output_folder(out, force)
-    scorer = rali_edge.load(encoder_model, device=device)
+    # Eager fp32 whatever the user's default backend: embeddings need the PyTorch encoder, and the
+    # new model's encoder weights are taken from it as they were in the file.
+    scorer = rali_edge.load(encoder_model, device=device, backend="torch", dtype="fp32")
     start = time.perf_counter()
     embedded = embed_dataset(scorer, dataset, cache=cache, batch_size=batch_size, progress=progress)
     embed_seconds = time.perf_counter() - start

@@ -211,6 +211,24 @@ def test_fit_head_model_writes_a_model_that_loads_and_scores(small_model, tmp_pa
     assert json.loads((out2 / "manifest.json").read_text())["weights"]["sha256"] == manifest["weights"]["sha256"]
 
 
+def test_fit_head_model_embeds_in_fp32_pytorch_whatever_the_default_backend(small_model, tmp_path, monkeypatch):
+    # A user whose default backend is an engine (auto picks ONNX Runtime on many CPUs) still gets
+    # embeddings (engines give scores only) and the source model's encoder weights unchanged.
+    from safetensors.torch import load_file
+
+    from rali_edge.model_file import WEIGHTS
+
+    monkeypatch.setenv("RALI_EDGE_BACKEND", "onnx")
+    items = image_dataset(tmp_path, n=6)
+    recipe = HeadRecipe(pca_dim=4, prototypes=3, buckets=3, epochs=2, seed=0)
+    out, report, _ = fit_head_model(small_model, items, tmp_path / "fitted", recipe)
+    assert report.samples == 6
+    before, after = load_file(small_model / WEIGHTS), load_file(out / WEIGHTS)
+    for name, weight in before.items():
+        if name.startswith("encoder."):
+            assert torch.equal(after[name], weight), name
+
+
 def test_cache_is_not_reused_when_an_image_changes(small_model, tmp_path):
     items = image_dataset(tmp_path, n=6)
     scorer = rali_edge.load(small_model)
