@@ -144,7 +144,9 @@ def check_engine(model_path: str | Path, engine_path: str | Path, backend: str, 
     from rali_edge.model_file import load_model
     from rali_edge.scoring import Scorer
 
-    model, manifest = load_model(model_path)
+    # The head alone beside the engine (one copy of the encoder's weights in memory at a time); the
+    # weights are still verified against the manifest.
+    model, manifest = load_model(model_path, encoder=False)
     encoder = open_engine(backend, engine_path, manifest, device=device, model_ref=str(model_path))
     run_device = encoder.device
     scorer = Scorer(model, manifest, device=run_device, encoder=encoder)

@@ -234,6 +234,21 @@ def test_int8_build_tries_the_smoothed_form_first_then_fc2_in_fp32(small_model, 
     assert unchecked.info.build_options["int8"]["form"] == "mlp-out-fp32"  # no check: the form closest to fp32
 
 
+def test_fidelity_check_holds_one_copy_of_the_encoder_at_a_time(small_model, photos, tmp_path, monkeypatch):
+    from rali_edge.engines import fidelity
+
+    from rali_edge.engines import builder
+
+    built = builder.build(small_model, "onnx", output=tmp_path, check=False)
+    encoders = []
+    real_load = model_file.load_model
+    monkeypatch.setattr(model_file, "load_model",
+                        lambda *a, **k: encoders.append(k.get("encoder", True)) or real_load(*a, **k))
+    report = fidelity.check_engine(small_model, built.engine, "onnx", photos)
+    assert report.passed and report.images == len(photos)
+    assert encoders == [False, True]  # the head beside the engine, then the fp32 reference alone
+
+
 def test_vnni_is_read_from_the_cpu_flags(tmp_path):
     from rali_edge.engines.onnx import has_vnni
 
