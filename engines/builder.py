@@ -141,8 +141,8 @@ def build(model: str | Path | None, target: str, *, precision: str | None = None
 
     Raises UsageError for options the backend does not take, MissingDependencyError when its
     library is missing (both before any work), FidelityCheckFailed when the engine moves scores by
-    more than `max_score_diff` (the engine is deleted unless keep_failed). An interrupted build
-    leaves no partial files."""
+    more than `max_score_diff` (the engine is deleted unless keep_failed). A build that is
+    interrupted or fails otherwise leaves no files."""
     from rali_edge.model_file import load_model, read_manifest
     from rali_edge.scoring import model_path
 
@@ -194,17 +194,17 @@ def build(model: str | Path | None, target: str, *, precision: str | None = None
                 progress.note(f"engine: {engine} ({engine.stat().st_size / 2**20:.1f} MiB)")
                 report = _check(path, engine, info, images, max_score_diff, keep_failed and last, device,
                                 progress) if check else None
-            except KeyboardInterrupt:
-                for p in written:
-                    p.unlink(missing_ok=True)
-                raise
-            except FidelityCheckFailed as e:
+            except FidelityCheckFailed as e:  # the check kept or deleted the engine (keep_failed)
                 if last:
                     raise
                 progress.note(f"{request.precision} as {form} failed the fidelity check ({e.short}); "
                               f"building it as {forms[i + 1]}")
                 progress.total += chosen.build_steps(attempt) + 1
                 continue
+            except BaseException:  # interrupted, or failed before its check passed: no unchecked engine stays
+                for p in written:
+                    p.unlink(missing_ok=True)
+                raise
             return Built(engine, info, report)
 
 

@@ -257,25 +257,24 @@ def cached_engine(model_path: Path, manifest, choice: Choice, device: str, progr
         progress.note(f"first use of {manifest.name} here: building its {choice.backend} {choice.precision} engine "
                       f"({choice.reason}); seconds for small models, minutes for ViT-L. Cached in {path.parent}")
         staging = Path(tempfile.mkdtemp(prefix=".build-", dir=path.parent))
-        try:
-            built = builder.build(model_path, choice.backend, precision=choice.precision, output=staging / path.name,
-                                  device=device, progress=progress)
-        except FidelityCheckFailed as e:
-            if choice.precision != "int8":
-                raise
-            message = (f"{manifest.name} int8 moves its scores too far on this CPU ({e.short}); "
-                       f"use --dtype fp32, or build one with your own limit and pass it as --engine: "
-                       f"rali-edge build {model_path} --target onnx --precision int8 --max-score-diff X")
-            refused.write_text(json.dumps({"message": message, "cache": here}))
-            raise PrecisionRefused(message) from None
+        try:  # the staging folder goes however this ends: an engine leaves it only once checked
+            try:
+                built = builder.build(model_path, choice.backend, precision=choice.precision,
+                                      output=staging / path.name, device=device, progress=progress)
+            except FidelityCheckFailed as e:
+                if choice.precision != "int8":
+                    raise
+                message = (f"{manifest.name} int8 moves its scores too far on this CPU ({e.short}); "
+                           f"use --dtype fp32, or build one with your own limit and pass it as --engine: "
+                           f"rali-edge build {model_path} --target onnx --precision int8 --max-score-diff X")
+                refused.write_text(json.dumps({"message": message, "cache": here}))
+                raise PrecisionRefused(message) from None
+            sidecar = sidecar_path(built.engine)
+            sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "cache": here}, indent=2))
+            os.replace(built.engine, path)  # the engine first: a sidecar always names a whole engine
+            os.replace(sidecar, sidecar_path(path))
         finally:
-            if not (staging / path.name).is_file():
-                shutil.rmtree(staging, ignore_errors=True)
-        sidecar = sidecar_path(built.engine)
-        sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "cache": here}, indent=2))
-        os.replace(built.engine, path)  # the engine first: a sidecar always names a whole engine
-        os.replace(sidecar, sidecar_path(path))
-        shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

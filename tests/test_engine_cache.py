@@ -351,3 +351,35 @@ def test_a_corrupt_entry_whose_rebuild_timed_slower_runs_eager(auto, small_model
     assert (scorer.backend, scorer.engine) == ("torch", None) and auto == ["fp32", "fp32"]
     assert "auto runs eager PyTorch" in capsys.readouterr().err
     assert scorer.score(photos) == pytest.approx(torch_scores(small_model, photos), abs=FP32_TOL)
+
+
+def test_a_build_that_fails_after_writing_its_engine_leaves_nothing(auto, small_model, photos, tmp_path, monkeypatch):
+    # The fidelity check itself fails (here: no image could be scored), after the engine and its
+    # sidecar were written: neither an unchecked engine nor the cache's staging folder stays.
+    from rali_edge.errors import RaliEdgeError
+
+    def check_engine(*args, **kwargs):
+        raise RaliEdgeError("no image could be scored")
+
+    monkeypatch.setattr(builder, "check_engine", check_engine)
+    with pytest.raises(RaliEdgeError, match="no image could be scored"):
+        builder.build(small_model, "onnx", output=tmp_path / "out", calib_dir=photos[0].parent)
+    assert list((tmp_path / "out").iterdir()) == []
+    with pytest.raises(RaliEdgeError, match="no image could be scored"):
+        rali_edge.load(small_model)
+    left = [p.name for p in (tmp_path / "engines").rglob("*") if not p.name.endswith(".lock")]
+    assert not [name for name in left if name.endswith((".onnx", ".json")) or name.startswith(".build-")], left
+    # Failing after the build (moving the checked engine in: a full disk), the staging folder goes too.
+    monkeypatch.undo()
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "engines"))
+    monkeypatch.delenv("RALI_EDGE_BACKEND", raising=False)
+    monkeypatch.setattr(cache, "slower_than_eager", lambda engine: None)
+
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache.os, "replace", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        cache.cached_engine(small_model, rali_edge.model_file.read_manifest(small_model), cache.choose("cpu", "fp32"),
+                            "cpu")
+    assert not list((tmp_path / "engines").rglob(".build-*"))
