@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rali_edge.engines.backends import BuildRequest, backend
-from rali_edge.engines.fidelity import DEFAULT_MAX_SCORE_DIFF, FidelityReport, check_engine, find_images
+from rali_edge.engines.fidelity import DEFAULT_MAX_SCORE_DIFF, FidelityReport, check_engine, exact_fp32, find_images
 from rali_edge.engines.naming import (
     DEFAULT_BATCH,
     BatchRange,
@@ -243,7 +243,8 @@ def build_auto(model: str | Path | None = None, device: str = "cpu", dtype: str 
         paths.append(chosen)
     images = [open_image(p) for p in find_images(None)[:batch_size]]
     pixels = scorer.preprocess(images)
-    reference = rali_edge.load(model, device=device, dtype="fp32", backend="torch").score_pixels(pixels).float().cpu()
+    with exact_fp32():
+        reference = rali_edge.load(model, device=device, dtype="fp32", backend="torch").score_pixels(pixels).float().cpu()
     found = []
     for name, precision in paths:
         try:
@@ -252,13 +253,18 @@ def build_auto(model: str | Path | None = None, device: str = "cpu", dtype: str 
         except FidelityCheckFailed as e:  # int8 refused on this model: say so in the table's place
             progress.note(f"{name} {precision}: {e}")
             continue
+        ran = (candidate.backend, candidate.dtype_name)  # auto may have kept eager PyTorch over the engine
+        if ran != (name, precision):
+            progress.note(f"{name} {precision}: auto runs {ran[0]} {ran[1]} instead (see its note above)")
+        if any((c.backend, c.precision) == ran for c in found):
+            continue
         times = []
         for _ in range(repeats + 1):  # the first call warms up
             start = time.perf_counter()
             scores = candidate.score_pixels(pixels).float().cpu()
             times.append(time.perf_counter() - start)
-        found.append(Candidate(name, precision, 1000 * sorted(times[1:])[len(times[1:]) // 2] / len(images),
-                               float((scores - reference).abs().max()), (name, precision) == chosen))
+        found.append(Candidate(*ran, 1000 * sorted(times[1:])[len(times[1:]) // 2] / len(images),
+                               float((scores - reference).abs().max()), ran == chosen))
     return scorer.engine, found
 
 

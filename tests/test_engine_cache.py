@@ -383,3 +383,14 @@ def test_a_build_that_fails_after_writing_its_engine_leaves_nothing(auto, small_
         cache.cached_engine(small_model, rali_edge.model_file.read_manifest(small_model), cache.choose("cpu", "fp32"),
                             "cpu")
     assert not list((tmp_path / "engines").rglob(".build-*"))
+
+
+def test_build_target_auto_labels_each_row_with_the_path_that_ran(auto, small_model, monkeypatch):
+    # When the fp32 engine times slower than eager PyTorch, auto runs PyTorch: the table must not
+    # show PyTorch's timing under "onnx fp32".
+    monkeypatch.setattr(cache, "slower_than_eager", lambda engine: "the engine timed slower than eager PyTorch")
+    result = CliRunner().invoke(main, ["build", str(small_model), "--target", "auto", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split()[:2] for line in result.stderr.splitlines() if line.startswith(("torch ", "onnx "))]
+    assert ["torch", "fp32"] in rows and ["onnx", "fp32"] not in rows and len(rows) == len(set(map(tuple, rows)))
+    assert "onnx fp32: auto runs torch fp32 instead" in result.stderr
