@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--video", help="a video file to loop (default: a generated 640x480 clip)")
     ap.add_argument("--model", help="model folder (default: the built-in model)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--engine")
     ap.add_argument("--policy", choices=["all", "latest"], default="all")
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         import rali_edge
 
         scorer = rali_edge.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, engine=args.engine)
-        score_batch, scorer_name = scorer.score_arrays, f"{args.model or 'built-in'} {args.backend} {args.device} {args.dtype}"
+        score_batch, scorer_name = scorer.score_arrays, f"{args.model or 'built-in'} {scorer.backend} {args.device} {scorer.dtype_name}"
         score_batch([np.full((224, 224, 3), 128, np.uint8)])  # warm-up, as the CLI does
 
     specs = [parse_source(str(video)) for _ in range(args.sources)]

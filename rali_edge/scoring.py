@@ -366,10 +366,16 @@ def load(
     from_cache = backend == "auto"
     if from_cache:
         backend, dtype, engine = _auto(path, manifest, device, dtype, cache, progress)
-    elif dtype == "auto":  # an explicit backend: its engine's precision, or fp32
+    elif engine is not None:  # an explicit engine runs in the precision it was built in
         from rali_edge.engines.naming import read_sidecar
 
-        dtype = read_sidecar(engine).precision if engine is not None else "fp32"
+        built = read_sidecar(engine).precision
+        if dtype not in ("auto", built):
+            raise UsageError(f"--dtype {dtype}: the engine {engine} was built in {built}; leave --dtype out, or build "
+                             f"one in {dtype} (rali-edge build MODEL --precision {dtype})")
+        dtype = built
+    elif dtype == "auto":  # eager PyTorch, asked for by name
+        dtype = "fp32"
     # With an engine, only the head's weights are read: the engine holds the encoder's.
     rali_model, manifest = load_model(path, encoder=backend == "torch")
     if dtype in ENGINE_DTYPES and engine is None:

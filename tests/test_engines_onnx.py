@@ -296,6 +296,11 @@ def test_cli_score_takes_the_backend_from_the_engine_and_an_engine_folder(small_
         assert result.exit_code == 0, result.output
         scores = [r["score"] for r in json.loads(result.stdout)]
         assert scores == pytest.approx([r["score"] for r in reference], abs=1e-4)  # fp32 ONNX Runtime vs PyTorch
+    # An engine runs in the precision it was built in: another --dtype is an error, not a label.
+    same = run("score", "--model", small_model, "--dtype", "fp32", "--engine", engine, "-q", photos[0])
+    assert same.exit_code == 0, same.output
+    other = run("score", "--model", small_model, "--dtype", "int8", "--engine", engine, photos[0])
+    assert other.exit_code == 2 and "was built in fp32; leave --dtype out" in other.output
     wrong = run("score", "--model", small_model, "--backend", "aoti", "--engine", engine, photos[0])
     assert wrong.exit_code == 3 and "it is an engine for --backend onnx, not --backend aoti" in wrong.output
     assert "Rebuild" not in wrong.output and "Traceback" not in wrong.output
