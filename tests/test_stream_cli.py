@@ -252,6 +252,9 @@ def test_model_that_cannot_load_is_exit_3(video, tmp_path):
     result = CliRunner().invoke(main, ["stream", str(video), "--model", str(empty)])
     assert result.exit_code == 3, result.output
     assert "error:" in result.output and "manifest.json" in result.output
+    # A usage error while loading stays one (exit 2), as in every other command.
+    usage = CliRunner().invoke(main, ["stream", str(video), "--backend", "torch", "--dtype", "int8"])
+    assert usage.exit_code == 2 and "--dtype int8 runs as an ONNX engine" in usage.output, usage.output
 
 
 def test_file_source_that_cannot_be_read_is_exit_1_and_others_are_scored(video, tmp_path, quality_model):

@@ -12,7 +12,7 @@ import click
 
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
 from rali_edge.cli.common import OUTPUT_FILE_OR_STDOUT, model_options
-from rali_edge.errors import MissingDependencyError, ModelLoadError, RaliEdgeError, ScoringError
+from rali_edge.errors import ModelLoadError, RaliEdgeError, ScoringError
 
 
 EPILOG = """\b
@@ -134,15 +134,14 @@ def stream_command(sources, every, fps, policy, max_batch, out_path, append, fmt
 
 
 def load_scorer_or_explain(model_kwargs):
-    """The scorer, or exit 4 (a missing library/device) / exit 3 (anything else about the model)."""
+    """The scorer; errors that say what they are keep their exit code (2 usage, 3 model, 4 a missing
+    library or device), anything else about loading the model is exit 3."""
     from rali_edge.cli.common import load_scorer
 
     try:
         return load_scorer(**model_kwargs)
-    except MissingDependencyError:
-        raise
     except RaliEdgeError as e:
-        if e.exit_code == 3:
+        if e.exit_code != RaliEdgeError.exit_code:
             raise
         raise ModelLoadError(f"cannot load the model: {e}") from None
     except Exception as e:  # noqa: BLE001  torch/engine loaders raise many types; the user needs the message
