@@ -394,3 +394,10 @@ def test_build_target_auto_labels_each_row_with_the_path_that_ran(auto, small_mo
     rows = [line.split()[:2] for line in result.stderr.splitlines() if line.startswith(("torch ", "onnx "))]
     assert ["torch", "fp32"] in rows and ["onnx", "fp32"] not in rows and len(rows) == len(set(map(tuple, rows)))
     assert "onnx fp32: auto runs torch fp32 instead" in result.stderr
+
+
+def test_build_target_auto_refuses_the_options_it_would_ignore(auto, small_model, tmp_path):
+    result = CliRunner().invoke(main, ["build", str(small_model), "--target", "auto", "-o", str(tmp_path),
+                                       "--batch", "1:1:1", "--no-check"])
+    assert result.exit_code == 2 and "--batch, --output, --check: not with --target auto" in result.output
+    assert auto == [] and list(tmp_path.iterdir()) == []  # nothing built

@@ -70,6 +70,7 @@ def build_command(model, target, precision, batch_text, head, workspace, timing_
     from rali_edge.engines.builder import Progress, build
 
     if target == "auto":
+        _refuse_options_auto_ignores()
         return _build_auto(model, precision or "auto", device or "cpu", Progress(live=progress))
     try:
         built = build(model, target, precision=precision, batch=batch_text, head=head, device=device, output=output,
@@ -81,6 +82,22 @@ def build_command(model, target, precision, batch_text, head, workspace, timing_
         sys.exit(EXIT_INTERRUPTED)
     click.echo(f"use it: rali-edge score --model {model} --engine {built.engine} IMAGES...", err=True)
     click.echo(str(built.engine))
+
+
+# What --target auto takes: the cache decides the rest (file name, batch profile, head, check).
+AUTO_TAKES = {"model", "target", "precision", "device", "progress"}
+
+
+def _refuse_options_auto_ignores() -> None:
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = [param.opts[0] for param in ctx.command.params
+             if param.name not in AUTO_TAKES and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: not with --target auto, which builds the engine cache's own engine "
+                               f"(its name, batch range, head and check); name a target (--target onnx, tensorrt or "
+                               f"aoti) to choose them")
 
 
 def _build_auto(model, dtype: str, device: str, progress) -> None:
