@@ -81,14 +81,14 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def score_dataset(ds, model=None, path_column: str = "path", *, backend: str = "auto", dtype: str = "auto",
-                  device: str | None = None, batch_size: int = DEFAULT_BATCH, actors: int = DEFAULT_ACTORS,
+                  head: str = "auto", device: str | None = None, batch_size: int = DEFAULT_BATCH, actors: int = DEFAULT_ACTORS,
                   gpus_per_actor: float = 0.0, threads_per_actor: int | None = None, cache: bool = True):
     """A ray.data.Dataset with a column of image paths or URIs -> a Dataset with the columns path,
     score (float; null for an error row) and error (null for a scored row), one row per input.
 
     `model`: a name or a folder every node can read (the built-in model ships in the package).
     Decoding runs in CPU tasks (`batch_size` images each), scoring in `actors` actors, each with
-    one model loaded by `rali_edge.load(model, device, dtype, backend)` (with backend auto, each
+    one model loaded by `rali_edge.load(model, device, dtype, backend, head=head)` (with backend auto, each
     node builds or reuses its engine in its own engine cache) and `gpus_per_actor` GPUs (device
     then defaults to cuda). `threads_per_actor`: the encoder's CPU threads (default: a node's
     cores divided among the actors, as if all ran on one node)."""
@@ -106,7 +106,7 @@ def score_dataset(ds, model=None, path_column: str = "path", *, backend: str = "
     decoded = ds.map_batches(_decode_batch, fn_kwargs={"preprocess": preprocess, "path_column": path_column},
                              batch_size=batch_size, batch_format="numpy", num_cpus=DECODE_CPUS)
     return decoded.map_batches(
-        _ScoreActor, fn_constructor_kwargs=dict(model=model, backend=backend, dtype=dtype, device=device, cache=cache,
+        _ScoreActor, fn_constructor_kwargs=dict(model=model, backend=backend, dtype=dtype, head=head, device=device, cache=cache,
                                                 threads=threads_per_actor or max(1, _node_cpus(ray) // actors)),
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=ACTOR_CPUS, num_gpus=gpus_per_actor or None)
@@ -191,7 +191,7 @@ def _decode_batch(batch: dict, preprocess: dict, path_column: str) -> dict:
 class _ScoreActor:
     """One model per actor; a batch of decoded views -> path, score, error."""
 
-    def __init__(self, model, backend: str, dtype: str, device: str, cache: bool, threads: int):
+    def __init__(self, model, backend: str, dtype: str, head: str, device: str, cache: bool, threads: int):
         import torch
 
         from rali_edge.scoring import load
@@ -199,7 +199,8 @@ class _ScoreActor:
         # Ray gives a 1-CPU worker one thread (OMP_NUM_THREADS=1); the encoder gets the node's share
         # instead, time-shared with the decoding tasks, as the local pipeline's threads share the cores.
         torch.set_num_threads(threads)
-        self.scorer = load(model, device=device, dtype=dtype, backend=backend, cache=cache, progress=_quiet_progress())
+        self.scorer = load(model, device=device, dtype=dtype, backend=backend, head=head, cache=cache,
+                           progress=_quiet_progress())
 
     def __call__(self, batch: dict):
         import pyarrow as pa

@@ -126,3 +126,33 @@ def test_python_api_accepts_every_input_kind(small_model, photos):
     assert scorer.score(pixels) == pytest.approx(by_path, abs=1e-6)
     assert isinstance(scorer.score(pixels[:1])[0], float)
     assert torch.is_tensor(pixels) and pixels.shape[0] == len(photos)
+
+
+def test_ray_scoring_gets_every_model_option(small_model, photos, monkeypatch):
+    # The CLI's wiring only (a real cluster runs in test_distributed.py): --head, --backend and
+    # --dtype reach the scoring actors as they reach rali_edge.load locally.
+    import contextlib
+
+    from rali_edge import distributed
+
+    pytest.importorskip("ray")
+    seen = {}
+
+    def score_paths(paths, model, **options):
+        seen.update(options)
+        return iter(())
+
+    monkeypatch.setattr(distributed, "ray_session", lambda address: contextlib.nullcontext())
+    monkeypatch.setattr(distributed, "score_paths", score_paths)
+    CliRunner().invoke(main, ["score", "--model", str(small_model), "--ray", "auto", "--head", "torch",
+                              "--backend", "torch", "--dtype", "bf16", str(photos[0])])
+    assert (seen["head"], seen["backend"], seen["dtype"]) == ("torch", "torch", "bf16")
+
+
+def test_ray_actor_loads_the_head_it_is_given(small_model):
+    pytest.importorskip("ray")
+    from rali_edge.distributed import _ScoreActor
+
+    # triton, not what auto picks on a CPU (conftest.py runs the kernel in Triton's interpreter there)
+    actor = _ScoreActor(small_model, backend="torch", dtype="fp32", head="triton", device="cpu", cache=False, threads=1)
+    assert actor.scorer.head.impl_name == "triton"

@@ -124,8 +124,8 @@ def _results(files, batch_size, workers, ray_address, ray_actors, ray_gpus, mode
         raise click.UsageError("--ray builds or reuses engines on each node (backend auto): leave out --engine")
     device = model_kwargs["device"] if model_kwargs["device"] != "cpu" or not ray_gpus else "cuda"
     with ray_session(ray_address):
-        yield score_paths(files, model_kwargs["model"], backend=model_kwargs["backend"] or "auto",
-                          dtype=model_kwargs["dtype"], device=device, batch_size=batch_size, actors=ray_actors,
+        yield score_paths(files, model_kwargs["model"], backend=model_kwargs["backend"], dtype=model_kwargs["dtype"],
+                          head=model_kwargs["head"], device=device, batch_size=batch_size, actors=ray_actors,
                           gpus_per_actor=ray_gpus, cache=not model_kwargs["no_cache"])
 
 
