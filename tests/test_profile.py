@@ -358,3 +358,14 @@ def test_profiled_pipeline_gives_the_scorers_scores(small_model, photos, fused):
 
     runs = runner.profile_rali(scorer, images, [2], runner.Budget(0, 2, 0.0), NullSampler(), None)
     assert runs[0].extra["head_in_encoder"] is fused and ("head" in runs[0].stages) is (not fused)
+
+
+def test_python_api_records_the_backend_it_resolved(small_model, image_dir):
+    # backend=None is RALI_EDGE_BACKEND's choice (torch in the tests: conftest.py), not auto's:
+    # the report must not say that auto chose the path.
+    from rali_edge.profiling import report as rep
+    from rali_edge.profiling.session import run_profile as profile
+
+    result = profile(small_model, batch_sizes=(1,), iters=1, warmup=0, power="none", images=[image_dir],
+                     idle_seconds=0)
+    assert result["settings"]["backend"] == "torch" and not rep.chosen_by_auto(result)

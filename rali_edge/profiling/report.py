@@ -169,6 +169,11 @@ def comparison(profile: dict) -> dict:
 # ---------------------------------------------------------------- formatting
 
 
+def chosen_by_auto(profile: dict) -> bool:
+    """Whether `--backend auto` chose the path that ran (the settings record the resolved backend)."""
+    return profile["settings"].get("backend") == "auto"
+
+
 def fmt_bytes(n) -> str:
     if n is None:
         return "n/a"
@@ -267,7 +272,7 @@ def summary_text(profile: dict) -> str:
     model = profile["rali"]["model"]
     lines.append(f"RALI ran: {model['backend']} {model['dtype']}"
                  + (f", engine {Path(model['engine']).name}" if model.get("engine") else "")
-                 + (" (chosen by --backend auto)" if profile["settings"].get("backend") in (None, "auto") else ""))
+                 + (" (chosen by --backend auto)" if chosen_by_auto(profile) else ""))
     imgs = profile["images"]
     sizes = sorted({f"{w}x{h}" for w, h in imgs["sizes"]})
     lines.append(f"timed on {imgs['count']} images ({imgs['origin']}): {', '.join(sizes[:4])}"
@@ -310,8 +315,8 @@ def markdown(profile: dict) -> str:
         "# rali-edge profile",
         "",
         f"{profile['created']} on **{device}** ({settings['device']}), RALI backend `{model['backend']}`"
-        + (f" (chosen by auto; engine `{Path(model['engine']).name}`)" if settings['backend'] in (None, "auto")
-           and model.get('engine') else " (chosen by auto)" if settings['backend'] in (None, "auto") else "")
+        + (f" (chosen by auto; engine `{Path(model['engine']).name}`)" if chosen_by_auto(profile) and model.get('engine')
+           else " (chosen by auto)" if chosen_by_auto(profile) else "")
         + f", encoder dtype {model['dtype']}, power source: "
         + (f"{power['source']}" if power["available"] else f"unavailable ({power['unavailable_reason']})") + ".",
         "",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
+from rali_edge.engines.backends import default_backend
 from rali_edge.errors import MissingDependencyError, UsageError
 from rali_edge.profiling import report as rep
 from rali_edge.profiling import runner
@@ -87,6 +88,8 @@ def run_profile(model=None, *, backend: str | None = None, engine=None, device: 
 
         torch.set_num_threads(threads)
     line = progress or _Silent()
+    # Recorded as resolved: None means RALI_EDGE_BACKEND's choice, which may be torch, not auto.
+    backend = backend or default_backend()
     load = {"model": model, "device": device, "dtype": dtype, "backend": backend, "engine": engine, "head": head,
             "cache": cache}
     batch_sizes = sorted(set(batch_sizes))
