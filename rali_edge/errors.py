@@ -45,6 +45,13 @@ class MissingDependencyError(RaliEdgeError):
     exit_code = 4
 
 
+class OutputError(RaliEdgeError):
+    """An output could not be written once the work had started (a full disk, a device that refuses
+    writes): an environment problem. What was written before stays."""
+
+    exit_code = 4
+
+
 class DatasetError(UsageError):
     """A dataset file cannot be read or has no usable labels."""
 

@@ -20,10 +20,12 @@ import io
 import json
 import os
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from rali_edge.errors import UsageError
+from rali_edge.errors import OutputError, UsageError
 
 FORMATS = ("table", "json", "csv", "jsonl", "parquet")
 STREAMED = ("csv", "jsonl", "parquet")  # written as scored; the ones --resume can continue
@@ -35,6 +37,28 @@ CSV_HEADER = ["path", "score", "error"]
 PART_ROWS = 4096
 PART_SECONDS = 5.0
 PART_GLOB = "part-*.parquet"
+
+
+def why_not_writable(path: str | Path) -> str | None:
+    """Why `path` (a file to write, or a folder to write files into when it is one) cannot be
+    written, found by trying: a temporary file in its folder, the file itself opened for appending
+    (which changes nothing). None when it can. Permission bits alone do not tell: /proc, a
+    read-only mount or a full quota answer only when written to."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist (create it first)"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        if path.is_file():
+            with open(path, "ab"):
+                pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def format_for(path: str | Path | None, fmt: str | None) -> str:
@@ -65,6 +89,21 @@ class ResultFile:
             self.done, self._complete = _finished_paths(Path(path), fmt)
         self.out = None  # opened at the first result: a run that fails before one leaves the file as it was
 
+    @contextmanager
+    def _writing(self):
+        """An OSError while writing (a full disk) becomes one OutputError, and the output is left as
+        it is: the rows written before stay, nothing is written after."""
+        try:
+            yield
+        except OSError as e:
+            if self.path and self.out not in (None, False) and hasattr(self.out, "close"):
+                try:
+                    self.out.close()
+                except OSError:
+                    pass
+            self.out = False
+            raise OutputError(f"writing {self.path or 'standard output'}: {e.strerror or e}") from None
+
     def _open(self) -> None:
         if self.fmt == "parquet":
             self.out = _ParquetParts(Path(self.path))
@@ -80,6 +119,12 @@ class ResultFile:
                 self.csv.writerow(CSV_HEADER)
 
     def add(self, result) -> None:
+        with self._writing():
+            self._add(result)
+
+    def _add(self, result) -> None:
+        if self.out is False:
+            raise OutputError(f"{self.path or 'standard output'} is closed")
         if self.out is None:
             self._open()
         self.count += 1
@@ -100,10 +145,14 @@ class ResultFile:
         `create` is False (a run that failed before its first result leaves -o as it was)."""
         if self.out is False:
             return
+        if self.out is None and not create:
+            self.out = False
+            return
+        with self._writing():
+            self._close()
+
+    def _close(self) -> None:
         if self.out is None:
-            if not create:
-                self.out = False
-                return
             self._open()
         if self.fmt == "parquet":
             self.out.close()

@@ -3,9 +3,12 @@ no work done before the error (issue 19's list)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from click.testing import CliRunner
 
-from rali_edge.cli import EXIT_USAGE, main
+from rali_edge.cli import EXIT_ENVIRONMENT, EXIT_USAGE, main
 
 
 def run(*args):
@@ -37,6 +40,30 @@ def test_eval_predictions_in_a_missing_folder_fails_before_scoring(small_model, 
     result = run("eval", small_model, labels, "--predictions", tmp_path / "nonexistent" / "p.csv")
     assert_clean_error(result, EXIT_USAGE, "does not exist (create it first)")
     assert "SRCC" not in result.output
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder no file can be made in")
+def test_score_output_where_no_file_can_be_made_fails_before_scoring(small_model, photos, tmp_path):
+    # Permission bits say /proc is writable for root: only trying to write tells.
+    result = run("score", "--model", small_model, photos[0], "-o", "/proc/rali-edge-test.csv")
+    assert_clean_error(result, EXIT_USAGE, "cannot write /proc/rali-edge-test.csv")
+    assert "scored" not in result.stderr
+    regular = tmp_path / "regular"
+    regular.write_text("")
+    under_a_file = run("score", "--model", small_model, photos[0], "-o", regular / "x.csv")
+    assert_clean_error(under_a_file, EXIT_USAGE, f"{regular} is a file, not a folder")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device whose writes fail: disk full")
+def test_a_full_disk_mid_run_is_one_line_and_exit_4(small_model, photos, tmp_path):
+    for fmt in ("csv", "json"):
+        result = run("score", "-q", "--model", small_model, *photos, "-o", "/dev/full", "--format", fmt)
+        assert_clean_error(result, EXIT_ENVIRONMENT, "error: writing /dev/full: No space left on device")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,mos\n" + "".join(f"{p},{i + 1}\n" for i, p in enumerate(photos)))
+    evaluated = run("eval", small_model, labels, "--predictions", "/dev/full")
+    assert_clean_error(evaluated, EXIT_ENVIRONMENT, "writing /dev/full", "the report above is complete")
+    assert "SRCC" in evaluated.stdout  # the metrics were printed before the predictions failed
 
 
 def test_build_output_that_is_an_existing_other_file(small_model, tmp_path):

@@ -257,6 +257,13 @@ def test_model_that_cannot_load_is_exit_3(video, tmp_path):
     assert usage.exit_code == 2 and "--dtype int8 runs as an ONNX engine" in usage.output, usage.output
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device whose writes fail: disk full")
+def test_an_output_that_fails_mid_run_stops_the_stream_with_one_line_and_exit_4(video):
+    result = CliRunner().invoke(main, ["stream", str(video), "--out", "/dev/full"])
+    assert result.exit_code == 4, result.output
+    assert "error: writing /dev/full: No space left on device" in result.output and "Traceback" not in result.output
+
+
 def test_file_source_that_cannot_be_read_is_exit_1_and_others_are_scored(video, tmp_path, quality_model):
     broken = tmp_path / "broken.avi"
     broken.write_bytes(b"this is not a video")

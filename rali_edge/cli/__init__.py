@@ -28,7 +28,7 @@ EXIT_OK = 0
 EXIT_SOME_FAILED = 1  # some inputs could not be scored; the others were
 EXIT_USAGE = 2  # bad options or arguments (click's own code)
 EXIT_MODEL = 3  # the model or engine could not be loaded (wrong file, other GPU, other TensorRT...)
-EXIT_ENVIRONMENT = 4  # a needed library, device or network is missing (TensorRT, CUDA, OpenCV, fetch offline...)
+EXIT_ENVIRONMENT = 4  # a needed library, device or network is missing (TensorRT, CUDA, OpenCV, fetch offline...), a full disk
 EXIT_INTERRUPTED = 130  # stopped by Ctrl-C; what was scored before was written
 
 
@@ -74,6 +74,6 @@ def main():
     \b
     Exit codes: 0 all done, 1 some inputs failed (the rest were scored),
     2 usage error, 3 model/engine cannot be loaded, 4 missing library, device or network,
-    130 interrupted (results so far were written).
+    or an output that cannot be written (a full disk), 130 interrupted (results so far were written).
     """
 

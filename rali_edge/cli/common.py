@@ -41,19 +41,18 @@ class OutputFile(click.ParamType):
         self.stdout_dash = stdout_dash  # "-" means standard output
 
     def convert(self, value, param, ctx):
-        import os
         from pathlib import Path
+
+        from rali_edge.results import why_not_writable
 
         if self.stdout_dash and value == "-":
             return value
         path = Path(value)
-        folder = path.parent
         if path.is_dir() and path.suffix.lower() != ".parquet":  # a parquet output is a folder of parts
             self.fail(f"{value} is a folder; give a file name", param, ctx)
-        if not folder.is_dir():
-            self.fail(f"cannot write {value}: the folder {folder} does not exist (create it first)", param, ctx)
-        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-            self.fail(f"cannot write {value}: permission denied", param, ctx)
+        reason = why_not_writable(path)
+        if reason:
+            self.fail(f"cannot write {value}: {reason}", param, ctx)
         return str(path)
 
 

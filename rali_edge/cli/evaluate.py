@@ -8,8 +8,9 @@ import sys
 
 import click
 
-from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
+from rali_edge.cli import EXIT_OK, EXIT_SOME_FAILED
 from rali_edge.cli.common import OUTPUT_FILE, backend_options
+from rali_edge.errors import OutputError
 
 
 @click.command(
@@ -52,20 +53,19 @@ def eval_command(model, dataset, root, label, batch_size, fmt, predictions, prog
         with click.progressbar(length=len(items), label="scoring", file=sys.stderr, hidden=not show) as bar:
             return evaluate(scorer, items, batch_size=batch_size, name=str(dataset), progress=bar.update)
 
-    try:
-        report = go()  # a RaliEdgeError reaches the CLI group's handler: `error: ...`, its exit code
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    if predictions:
-        with open(predictions, "w", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["path", "mos", "score"])
-            writer.writerows([p["path"], p["mos"], f"{p['score']:.6f}"] for p in report.predictions)
-    if fmt == "json":
+    report = go()  # errors and Ctrl-C reach the CLI group's handler: one line and its exit code
+    if fmt == "json":  # the report first: a predictions file that cannot be written does not lose it
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
         click.echo(report.table(), nl=False)
+    if predictions:
+        try:
+            with open(predictions, "w", newline="") as f:
+                writer = csv.writer(f, lineterminator="\n")
+                writer.writerow(["path", "mos", "score"])
+                writer.writerows([p["path"], p["mos"], f"{p['score']:.6f}"] for p in report.predictions)
+        except OSError as e:
+            raise OutputError(f"writing {predictions}: {e.strerror or e} (the report above is complete)") from None
     sys.exit(EXIT_SOME_FAILED if report.failures else EXIT_OK)
 
 

@@ -12,7 +12,7 @@ import click
 
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
 from rali_edge.cli.common import OUTPUT_FILE_OR_STDOUT, model_options
-from rali_edge.errors import ModelLoadError, RaliEdgeError, ScoringError
+from rali_edge.errors import ModelLoadError, OutputError, RaliEdgeError, ScoringError
 
 
 EPILOG = """\b
@@ -113,7 +113,7 @@ def stream_command(sources, every, fps, policy, max_batch, out_path, append, fmt
         warm_up(score_batch)
         out = sys.stdout if out_path == "-" else open(out_path, "a" if append else "w", newline="", encoding="utf-8")
         outputs.append(out)
-        sink = SafeSink(WRITERS[fmt](out), stop)
+        sink = SafeSink(WRITERS[fmt](out), stop, "standard output" if out is sys.stdout else out_path)
         try:
             start = time.monotonic()
             result = StreamRuntime(specs, score_batch, sink, options, stop=stop).run()
@@ -121,9 +121,14 @@ def stream_command(sources, every, fps, policy, max_batch, out_path, append, fmt
         finally:
             sink.close()
             if out is not sys.stdout:
-                out.close()
+                try:
+                    out.close()
+                except OSError:  # the failed write's buffer: already reported
+                    pass
     finally:
         restore()
+    if sink.failed:
+        raise sink.failed
     scored = sum(s["scored"] for s in result.streams)
     click.echo(
         f"{scored} frames scored in {result.batches} batches "
@@ -169,10 +174,13 @@ def checked(score_batch):
 
 
 class SafeSink:
-    """A writer that turns a closed pipe (`rali-edge stream ... | head`) into a clean stop."""
+    """A writer that turns a closed pipe (`rali-edge stream ... | head`) into a clean stop, and a
+    failed write (a full disk) into a stop and then one error (`failed`), the lines before kept."""
 
-    def __init__(self, writer, stop: threading.Event):
-        self.writer, self.stop, self.broken = writer, stop, False
+    def __init__(self, writer, stop: threading.Event, name: str):
+        self.writer, self.stop, self.name = writer, stop, name
+        self.broken = False
+        self.failed: OutputError | None = None
 
     def write(self, record: dict) -> None:
         if self.broken:
@@ -185,6 +193,10 @@ class SafeSink:
             # Python would complain again when it flushes stdout at exit.
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
+        except OSError as e:
+            self.broken = True
+            self.failed = OutputError(f"writing {self.name}: {e.strerror or e}; the frames before were written")
+            self.stop.set()
 
     def close(self) -> None:
         if not self.broken:
@@ -192,6 +204,8 @@ class SafeSink:
                 self.writer.close()
             except BrokenPipeError:
                 pass
+            except OSError as e:
+                self.failed = OutputError(f"writing {self.name}: {e.strerror or e}")
 
 
 def install_stop_handlers(stop: threading.Event, outputs: list):
