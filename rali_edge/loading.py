@@ -42,6 +42,7 @@ from rali_edge.errors import (
     ModelFormatError,
     RaliEdgeError,
     UnsafePickleError,
+    UsageError,
 )
 from rali_edge.head import PrototypeHead
 from rali_edge.model import Encoder, EncoderConfig
@@ -469,16 +470,21 @@ def convert_published(src_dir: str | Path, out_dir: str | Path, name: str | None
         save_model,
     )
 
-    out = Path(out_dir)
+    from rali_edge.results import why_not_writable
+
+    out = Path(out_dir)  # checked before the checkpoint is read: a ViT-L takes a while
     if out.exists() and not out.is_dir():
-        raise RaliEdgeError(f"{out}: exists and is not a folder")
+        raise UsageError(f"-o {out} is a file; give a new or empty folder for the model")
     if out.is_dir():
         others = sorted(p.name for p in out.iterdir() if p.name not in (MANIFEST, WEIGHTS))
         if others:
-            raise RaliEdgeError(
-                f"{out}: not empty ({', '.join(others[:3])}); give a new or empty folder, "
+            raise UsageError(
+                f"-o {out}: not empty ({', '.join(others[:3])}); give a new or empty folder, "
                 "or a rali-edge model folder to replace"
             )
+    reason = why_not_writable(out, folder=True)
+    if reason:
+        raise UsageError(f"cannot write the model into {out}: {reason}")
     ckpt = read_published(src_dir)
     model = build_model(ckpt.encoder, ckpt.vision_state, ckpt.head)
     _check_fold(ckpt, model)

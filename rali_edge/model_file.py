@@ -103,11 +103,16 @@ def check_output_folder(out_dir: str | Path, force: bool = False) -> Path:
     """Before any work: `out_dir` may be new, an empty folder, or (with `force`) a model folder
     to overwrite. Anything else (a file, a folder of other things, say next to photographs) is
     refused, so that writing a model never mixes with or replaces a user's files."""
+    from rali_edge.results import why_not_writable
+
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out} is a file; give a new or empty folder for the model")
+    reason = why_not_writable(out, folder=True)
+    if reason:
+        raise UsageError(f"cannot write the model into {out}: {reason}")
     if not out.exists():
         return out
-    if not out.is_dir():
-        raise UsageError(f"-o {out} is a file; give a new or empty folder for the model")
     if not any(out.iterdir()):
         return out
     if not (out / MANIFEST).is_file():

@@ -39,12 +39,17 @@ PART_SECONDS = 5.0
 PART_GLOB = "part-*.parquet"
 
 
-def why_not_writable(path: str | Path) -> str | None:
-    """Why `path` (a file to write, or a folder to write files into when it is one) cannot be
-    written, found by trying: a temporary file in its folder, the file itself opened for appending
-    (which changes nothing). None when it can. Permission bits alone do not tell: /proc, a
-    read-only mount or a full quota answer only when written to."""
+def why_not_writable(path: str | Path, folder: bool = False) -> str | None:
+    """Why `path` cannot be written, found by trying: a temporary file in its folder, the file
+    itself opened for appending (which changes nothing). None when it can. `path` is a file to
+    write (or a folder of parts when it is one), or with `folder` a folder to write files into,
+    made with its parents if missing (so its first existing ancestor is tried). Permission bits
+    alone do not tell: /proc, a read-only mount or a full quota answer only when written to."""
     path = Path(path)
+    if folder:
+        path = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+        if not path.is_dir():
+            return f"{path} is a file, not a folder"
     folder = path if path.is_dir() else path.parent
     if folder.exists() and not folder.is_dir():
         return f"{folder} is a file, not a folder"

@@ -54,6 +54,17 @@ def test_score_output_where_no_file_can_be_made_fails_before_scoring(small_model
     assert_clean_error(under_a_file, EXIT_USAGE, f"{regular} is a file, not a folder")
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder no file can be made in")
+def test_output_folders_no_file_can_be_made_in_fail_before_the_work(small_model, photos, tmp_path):
+    profiled = run("profile", "--model", small_model, "--images", photos[0], "--report", "/proc/rali-edge-report")
+    assert_clean_error(profiled, EXIT_USAGE, "cannot write into /proc/rali-edge-report")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,mos\n" + "".join(f"{p},{i + 1}\n" for i, p in enumerate(photos)))
+    fitted = run("fit-head", small_model, labels, "-o", "/proc/rali-edge-model")
+    assert_clean_error(fitted, EXIT_USAGE, "cannot write the model into /proc/rali-edge-model")
+    assert "embeddings" not in fitted.output  # refused before embedding anything
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device whose writes fail: disk full")
 def test_a_full_disk_mid_run_is_one_line_and_exit_4(small_model, photos, tmp_path):
     for fmt in ("csv", "json"):

@@ -33,6 +33,7 @@ from rali_edge.errors import (
     ModelFormatError,
     RaliEdgeError,
     UnsafePickleError,
+    UsageError,
 )
 from rali_edge.loading import (
     convert_published,
@@ -576,8 +577,13 @@ def test_output_folder_rules(published, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["name"] == "mine"
     convert_published(published, out)  # replacing a model folder is fine
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(RaliEdgeError, match="not empty"):
+    with pytest.raises(UsageError, match="not empty"):
         convert_published(published, out)
+    with pytest.raises(UsageError, match="is a file"):
+        convert_published(published, out / "notes.txt")
+    if Path("/proc/self").is_dir():  # a folder no file can be made in, whatever the permission bits say
+        with pytest.raises(UsageError, match="cannot write the model into /proc/rali-edge-test"):
+            convert_published(published, "/proc/rali-edge-test")
 
 
 def test_cli_convert(published, tmp_path):

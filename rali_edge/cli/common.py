@@ -56,7 +56,23 @@ class OutputFile(click.ParamType):
         return str(path)
 
 
+class OutputFolder(click.ParamType):
+    """A folder this command will write files into (made if missing): checked when the options are
+    parsed, by trying, so that a path no file can be written to fails before the work."""
+
+    name = "DIR"
+
+    def convert(self, value, param, ctx):
+        from rali_edge.results import why_not_writable
+
+        reason = why_not_writable(value, folder=True)
+        if reason:
+            self.fail(f"cannot write into {value}: {reason}", param, ctx)
+        return str(value)
+
+
 OUTPUT_FILE = OutputFile()
+OUTPUT_FOLDER = OutputFolder()
 OUTPUT_FILE_OR_STDOUT = OutputFile(stdout_dash=True)
 DEMO_NOTE = ("note: the built-in model is a small demonstration model, not a general quality model; for real "
              "accuracy get the published RALI weights: rali-edge fetch (--quiet hides this)")

@@ -9,7 +9,8 @@ import time
 import click
 
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK
-from rali_edge.cli.common import model_options
+from rali_edge.cli.common import OUTPUT_FOLDER, model_options
+from rali_edge.errors import OutputError
 
 
 def parse_batch_sizes(ctx, param, value: str) -> list[int]:
@@ -124,8 +125,8 @@ Examples:
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads for PyTorch (torch.set_num_threads). Default: PyTorch's choice.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for the baseline's sampling.")
-@click.option("--report", "report_dir", type=click.Path(file_okay=False),
-              help="Write profile.json, profile.md and PNG plots into this folder.")
+@click.option("--report", "report_dir", type=OUTPUT_FOLDER,
+              help="Write profile.json, profile.md and PNG plots into this folder (checked before measuring).")
 @click.option("--progress/--no-progress", default=None, help="Live progress line on stderr (default: on a terminal).")
 @click.pass_context
 def profile_command(ctx, batch_sizes, warmup, iters, duration, image_paths, power, sysfs_root, idle_seconds,
@@ -157,10 +158,14 @@ def profile_command(ctx, batch_sizes, warmup, iters, duration, image_paths, powe
         click.echo("interrupted: no report written", err=True)
         sys.exit(EXIT_INTERRUPTED)
     line.clear()
+    click.echo(report.summary_text(profile))  # first: a report that cannot be written does not lose it
     if report_dir:
-        files = report.write_report(profile, report_dir)
+        try:
+            files = report.write_report(profile, report_dir)
+        except OSError as e:
+            raise OutputError(f"writing the report into {report_dir}: {e.strerror or e} (the summary above is "
+                              "complete)") from None
         click.echo(f"report: {', '.join(files)} in {report_dir}", err=True)
-    click.echo(report.summary_text(profile))
     sys.exit(EXIT_OK)
 
 
