@@ -48,6 +48,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rali-edge" / "engines").expanduser()
 
 
+def unwritable() -> str | None:
+    """Why the cache folder cannot be written here (a read-only home in a container, a
+    RALI_EDGE_CACHE that names a file), or None."""
+    from rali_edge.results import why_not_writable
+
+    reason = why_not_writable(cache_dir(), folder=True)
+    return f"the engine cache {cache_dir()} cannot be written ({reason})" if reason else None
+
+
 @dataclass(frozen=True)
 class Choice:
     """What `auto` runs: `backend` ("torch" or an engine backend) at `precision` (an engine's

@@ -410,6 +410,11 @@ def _auto(path: Path, manifest, device: str, dtype: str, cache: bool, progress):
     """backend="auto": (backend, dtype, engine) of the choice, its engine from the cache."""
     from rali_edge.engines import cache as engine_cache
 
+    unwritable = cache and engine_cache.unwritable()
+    if unwritable:  # as --no-cache: auto still runs, on what needs no engine
+        print(f"note: {unwritable}; running as --no-cache does (set {engine_cache.CACHE_ENV} to a writable folder)",
+              file=sys.stderr)
+        cache = False
     if dtype == "auto":
         dtype = engine_cache.auto_dtype(path, manifest, device, progress) if cache else "fp32"
     choice = engine_cache.choose(device, dtype)

@@ -401,3 +401,14 @@ def test_build_target_auto_refuses_the_options_it_would_ignore(auto, small_model
                                        "--batch", "1:1:1", "--no-check"])
     assert result.exit_code == 2 and "--batch, --output, --check: not with --target auto" in result.output
     assert auto == [] and list(tmp_path.iterdir()) == []  # nothing built
+
+
+def test_a_cache_folder_that_cannot_be_written_runs_as_no_cache(auto, small_model, photos, tmp_path, monkeypatch,
+                                                                 capsys):
+    # A read-only home in a container, or RALI_EDGE_CACHE naming a file: scoring still works.
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "a-file" / "engines"))
+    scorer = rali_edge.load(small_model)
+    assert (scorer.backend, scorer.engine, auto) == ("torch", None, [])
+    assert "cannot be written" in capsys.readouterr().err
+    assert scorer.score(photos) == pytest.approx(torch_scores(small_model, photos), abs=1e-6)
