@@ -308,6 +308,9 @@ def read_sidecar(engine_path: str | Path) -> EngineInfo:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EngineMismatchError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise EngineMismatchError(f"{path}: malformed sidecar (a JSON object expected, not {type(data).__name__}); "
+                                  "rebuild the engine with `rali-edge build`")
     return EngineInfo.from_dict(data, str(path))
 
 

@@ -46,6 +46,17 @@ class EncoderConfig:
     layer_norm_eps: float = 1e-5
     projection_dim: int = 768
 
+    def __post_init__(self):
+        # A config from a file is checked here, not where torch would fail on it later.
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"encoder {f.name} must be a positive integer, not {value!r}")
+            if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise ValueError(f"encoder {f.name} must be a number, not {value!r}")
+            if kind is str and not isinstance(value, str):
+                raise ValueError(f"encoder {f.name} must be a string, not {value!r}")
+
     @classmethod
     def from_hf(cls, config: dict) -> "EncoderConfig":
         """Build from an HF CLIP `config.json`: a CLIPConfig (with `vision_config`) or a

@@ -66,6 +66,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = MANIFEST) -> "Manifest":
+        if not isinstance(d, dict):
+            raise ModelFormatError(f"{where}: malformed manifest (a JSON object expected, not {type(d).__name__})")
         if d.get("format") != FORMAT:
             raise ModelFormatError(f"{where}: not a rali-edge model manifest (format is {d.get('format')!r})")
         if d.get("format_version", 0) > FORMAT_VERSION:

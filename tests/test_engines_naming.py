@@ -121,6 +121,9 @@ def test_bad_sidecars_are_refused(tmp_path):
     sidecar_path(engine).write_text("{not json")
     with pytest.raises(EngineMismatchError, match="not valid JSON"):
         read_sidecar(engine)
+    sidecar_path(engine).write_text("[]")
+    with pytest.raises(EngineMismatchError, match="a JSON object expected, not list"):
+        read_sidecar(engine)
     sidecar_path(engine).write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(EngineMismatchError, match="not a rali-edge engine sidecar"):
         read_sidecar(engine)

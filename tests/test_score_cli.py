@@ -91,6 +91,23 @@ def test_malformed_model_folder_exit_3_names_the_file(tmp_path, photos):
     assert "manifest.json" in result.stderr and "Traceback" not in result.output
 
 
+def test_manifest_of_the_wrong_shape_exit_3_names_the_problem(small_model, tmp_path, photos):
+    import json
+    import shutil
+
+    bad = tmp_path / "model"
+    shutil.copytree(small_model, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    for content, phrase in [([1, 2, 3], "a JSON object expected, not list"),
+                            ({**manifest, "encoder": {**manifest["encoder"], "hidden_size": "big"}},
+                             "encoder hidden_size must be a positive integer, not 'big'"),
+                            ({**manifest, "encoder": {**manifest["encoder"], "num_hidden_layers": 0}},
+                             "num_hidden_layers must be a positive integer, not 0")]:
+        (bad / "manifest.json").write_text(json.dumps(content))
+        result = run("score", "--model", bad, photos[0])
+        assert result.exit_code == 3 and phrase in result.stderr and "Traceback" not in result.output, result.output
+
+
 def test_head_triton_equals_torch_on_real_images(small_model, photos):
     """The fused kernel (under TRITON_INTERPRET=1 on a CPU, compiled on a GPU) against the eager head,
     on the same encoder outputs: both accumulate in fp32, so 1e-4 on the 1..5 scale is generous."""
