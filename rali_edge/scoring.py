@@ -324,6 +324,16 @@ class TritonOrTorch:
         return self.impl(*args, **kwargs)
 
 
+def check_device(device: str) -> None:
+    """cpu, cuda or cuda:N, the devices rali-edge runs on; anything else is a usage error before any work."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: rali-edge runs on cpu, cuda or cuda:N")
+
+
 def load(
     model: str | Path | None = None,
     device: str = "cpu",
@@ -349,6 +359,7 @@ def load(
     `progress`: an engines.builder.Progress for a first-use build (default: stderr).
     """
     backend = backend or default_backend()
+    check_device(device)
     if dtype != "auto" and dtype not in DTYPES and dtype not in ENGINE_DTYPES:
         raise RaliEdgeError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join([*DTYPES, *ENGINE_DTYPES])}")
     if backend not in BACKENDS:

@@ -157,3 +157,11 @@ def test_examples_name_one_published_model():
     assert all("rali-vitl14-336" in t for t in texts[:2])  # the README and `score --help` show it
     names = {m.rstrip(".") for text in texts for m in re.findall(r"rali-vit[\w.-]*", text)}
     assert {n for n in names if n != "rali-vitl14-336" and not n.startswith("rali-vitl14-336.")} == set()
+
+
+def test_a_device_rali_edge_does_not_run_on_is_a_usage_error_before_any_work(small_model, photos, tmp_path):
+    for device in ("foo", "mps", "cuda:x"):
+        result = run("score", "--model", small_model, "--device", device, photos[0])
+        assert_clean_error(result, EXIT_USAGE, f"--device {device}: rali-edge runs on cpu, cuda or cuda:N")
+    profiled = run("profile", "--model", small_model, "--device", "foo", "--images", photos[0], "--idle-seconds", "5")
+    assert_clean_error(profiled, EXIT_USAGE, "--device foo")

@@ -74,8 +74,11 @@ def run_profile(model=None, *, backend: str | None = None, engine=None, device: 
     `progress`: an object with __call__(text) for a live line and keep(text) for lines to keep
     (default: silent). Usage errors and a missing GPU or transformers are raised before any
     measurement; KeyboardInterrupt passes through (the power sampler is closed first)."""
+    from rali_edge.scoring import check_device
+
     if iters is not None and duration is not None:
         raise UsageError("--iters and --duration exclude each other; give one")
+    check_device(device)
     if baseline is not None:
         baseline.check()
     if str(device).startswith("cuda"):  # before the idle measurement, not after
