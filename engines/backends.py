@@ -18,7 +18,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from rali_edge.errors import EngineMismatchError, RaliEdgeError
+from rali_edge.errors import EngineMismatchError, UsageError
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def default_backend() -> str:
 
     name = os.environ.get(BACKEND_ENV) or "auto"
     if name not in BACKENDS:
-        raise RaliEdgeError(f"{BACKEND_ENV}={name!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+        raise UsageError(f"{BACKEND_ENV}={name!r} is not a backend; choose one of {', '.join(BACKENDS)}")
     return name
 SUFFIX = {e.name: e.suffix for e in TABLE}
 TARGET_HELP = "; ".join(f"{e.name}: {e.summary}" for e in TABLE) + "."
@@ -149,7 +149,7 @@ def backend(name: str) -> Backend:
     for entry in TABLE:
         if entry.name == name:
             return importlib.import_module(entry.module).BACKEND
-    raise RaliEdgeError(f"unknown engine backend {name!r}; choose one of {', '.join(TARGETS)}")
+    raise UsageError(f"unknown engine backend {name!r}; choose one of {', '.join(TARGETS)}")
 
 
 def open_engine(name: str, path: str | Path, manifest, device: str | None = "cpu", model_ref: str | None = None):

@@ -161,6 +161,9 @@ def build(model: str | Path | None, target: str, *, precision: str | None = None
         raise UsageError(f"--target {target} --precision {request.precision}: {target} engines are "
                          f"{', '.join(chosen.precisions)}")
     images = find_images(calib_dir) if check else []
+    if images and not any(_decodes(p) for p in images):  # before minutes of building, not after
+        raise UsageError(f"--calib-dir {calib_dir}: none of its {len(images)} images can be read; the fidelity "
+                         "check needs images it can score")
     path = model_path(model)
     manifest = read_manifest(path)
     progress = progress or Progress()
@@ -266,6 +269,17 @@ def build_auto(model: str | Path | None = None, device: str = "cpu", dtype: str 
         found.append(Candidate(*ran, 1000 * sorted(times[1:])[len(times[1:]) // 2] / len(images),
                                float((scores - reference).abs().max()), ran == chosen))
     return scorer.engine, found
+
+
+def _decodes(path: Path) -> bool:
+    from rali_edge.errors import ImageError
+    from rali_edge.images import open_image
+
+    try:
+        open_image(path)
+    except ImageError:
+        return False
+    return True
 
 
 def _check(model_path: Path, engine: Path, info: EngineInfo, images: list[Path], max_score_diff: float,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rali_edge.errors import RaliEdgeError
+from rali_edge.errors import RaliEdgeError, UsageError
 from rali_edge.evaluation import srcc
 from rali_edge.images import describe_suffixes, images_in
 
@@ -68,10 +68,10 @@ def find_images(calib_dir: str | Path | None = None) -> list[Path]:
     if calib_dir is not None:
         folder = Path(calib_dir)
         if not folder.is_dir():
-            raise RaliEdgeError(f"--calib-dir {folder}: not a folder")
+            raise UsageError(f"--calib-dir {folder}: not a folder")
         images = images_in(folder)
         if not images:
-            raise RaliEdgeError(f"--calib-dir {folder}: no images ({describe_suffixes()})")
+            raise UsageError(f"--calib-dir {folder}: no images ({describe_suffixes()})")
         return images
     images = sample_images()
     if not images:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rali_edge.errors import ImageError, MissingDependencyError, RaliEdgeError
+from rali_edge.errors import ImageError, MissingDependencyError, UsageError
 from rali_edge.storage import expand, is_uri, read_bytes
 
 MAX_PIXELS_ENV = "RALI_MAX_PIXELS"
@@ -51,7 +51,7 @@ def max_pixels() -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        raise RaliEdgeError(f"{MAX_PIXELS_ENV} must be a positive number of pixels, got {raw!r}")
+        raise UsageError(f"{MAX_PIXELS_ENV} must be a positive number of pixels, got {raw!r}")
     return value
 
 

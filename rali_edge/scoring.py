@@ -270,7 +270,7 @@ def head_impl(head: str, device: torch.device):
     """The head's implementation for --head `head` on `device`: rali_head_torch, or the fused
     Triton kernel (auto: on CUDA when Triton is installed)."""
     if head not in HEADS:
-        raise RaliEdgeError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+        raise UsageError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     if head == "torch" or (head == "auto" and device.type != "cuda"):
         return rali_head_torch
     try:
@@ -361,9 +361,9 @@ def load(
     backend = backend or default_backend()
     check_device(device)
     if dtype != "auto" and dtype not in DTYPES and dtype not in ENGINE_DTYPES:
-        raise RaliEdgeError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join([*DTYPES, *ENGINE_DTYPES])}")
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join([*DTYPES, *ENGINE_DTYPES])}")
     if backend not in BACKENDS:
-        raise RaliEdgeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MissingDependencyError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
     if engine is not None:
@@ -395,7 +395,7 @@ def load(
     encoder = None
     if backend != "torch":
         if engine is None:
-            raise RaliEdgeError(f"backend {backend!r} needs an engine file (--engine PATH); build one with `rali-edge build`")
+            raise UsageError(f"backend {backend!r} needs an engine file (--engine PATH); build one with `rali-edge build`")
         from rali_edge.engines.backends import open_engine
 
         try:

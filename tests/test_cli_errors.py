@@ -165,3 +165,24 @@ def test_a_device_rali_edge_does_not_run_on_is_a_usage_error_before_any_work(sma
         assert_clean_error(result, EXIT_USAGE, f"--device {device}: rali-edge runs on cpu, cuda or cuda:N")
     profiled = run("profile", "--model", small_model, "--device", "foo", "--images", photos[0], "--idle-seconds", "5")
     assert_clean_error(profiled, EXIT_USAGE, "--device foo")
+
+
+def test_usage_mistakes_are_exit_2(small_model, photos, tmp_path, monkeypatch):
+    assert_clean_error(run("score", "--model", small_model, "--backend", "onnx", photos[0]), EXIT_USAGE,
+                       "needs an engine file (--engine PATH)")
+    monkeypatch.setenv("RALI_MAX_PIXELS", "abc")
+    assert_clean_error(run("score", "--model", small_model, photos[0]), EXIT_USAGE, "RALI_MAX_PIXELS must be")
+    monkeypatch.delenv("RALI_MAX_PIXELS")
+    monkeypatch.setenv("RALI_EDGE_BACKEND", "foo")
+    assert_clean_error(run("score", "--model", small_model, photos[0]), EXIT_USAGE, "RALI_EDGE_BACKEND='foo' is not")
+    monkeypatch.setenv("RALI_EDGE_BACKEND", "torch")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_error(run("build", small_model, "--target", "onnx", "-o", tmp_path, "--calib-dir", empty), EXIT_USAGE,
+                       "no images")
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "a.jpg").write_bytes(b"not a jpeg")
+    built = run("build", small_model, "--target", "onnx", "-o", tmp_path, "--calib-dir", unreadable)
+    assert_clean_error(built, EXIT_USAGE, "none of its 1 images can be read")
+    assert "exporting" not in built.output and not list(tmp_path.glob("*.onnx"))  # refused before building

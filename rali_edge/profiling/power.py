@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-from rali_edge.errors import RaliEdgeError
+from rali_edge.errors import UsageError
 
 # Rails that already measure the whole board/module input, in order of preference.
 BOARD_TOTAL_RAILS = ("VDD_IN", "POM_5V_IN", "VIN")
@@ -659,7 +659,7 @@ def pick_sampler(kind: str = "auto", *, sysfs_root: str = "/sys", gpu: int | str
     SoC) over tegrastats (a child process that costs some CPU), then NVML, then none."""
     kind = (kind or "auto").lower()
     if kind not in POWER_KINDS:
-        raise RaliEdgeError(f"unknown power source {kind!r}; choose one of {', '.join(POWER_KINDS)}")
+        raise UsageError(f"unknown power source {kind!r}; choose one of {', '.join(POWER_KINDS)}")
     kw = {"clock": clock}
     if interval_s is not None:
         kw["interval_s"] = interval_s
