@@ -251,6 +251,7 @@ class EvalReport:
     metrics: Metrics | None = None
     seconds: float = 0.0
     predictions: list[dict] = field(default_factory=list)  # {"path", "mos", "score"}
+    interrupted: bool = False  # stopped by Ctrl-C: the metrics are over the images scored before
 
     def to_dict(self, with_predictions: bool = False) -> dict:
         d = asdict(self)
@@ -270,7 +271,8 @@ class EvalReport:
         lines = [
             f"dataset      {self.dataset}",
             f"model        {self.model} ({self.backend})",
-            f"images       {self.count} labelled, {self.scored} scored, {len(self.failures)} failed",
+            f"images       {self.count} labelled, {self.scored} scored, {len(self.failures)} failed"
+            + (f", {self.count - self.scored - len(self.failures)} not reached (interrupted)" if self.interrupted else ""),
             f"SRCC         {fmt(m.srcc if m else None)}",
             f"KRCC         {fmt(m.krcc if m else None)}",
             f"PLCC         {fmt(m.plcc if m else None)}   (no fit)",
@@ -291,24 +293,33 @@ def evaluate(
     progress: Callable[[int], None] | None = None,
 ) -> EvalReport:
     """Score every image of `dataset` with `scorer` (a rali_edge Scorer) and correlate with the
-    labels. Images that cannot be read are listed in `failures`; the rest are still measured."""
+    labels. Images that cannot be read are listed in `failures`; the rest are still measured.
+    Ctrl-C raises KeyboardInterrupt as usual, with the report over the images scored before it
+    as the exception's `partial_report` (marked `interrupted`)."""
     mos_by_index = [item.mos for item in dataset]
     start = time.perf_counter()
     predictions, failures = [], []
-    for i, result in enumerate(scorer.score_files([item.path for item in dataset], batch_size=batch_size)):
-        if result.error is not None:
-            failures.append({"path": result.path, "error": result.error})
-        else:
-            predictions.append({"path": result.path, "mos": mos_by_index[i], "score": float(result.score)})
-        if progress:
-            progress(1)
-    seconds = time.perf_counter() - start
-    metrics = correlations([p["score"] for p in predictions], [p["mos"] for p in predictions])
-    return EvalReport(
-        dataset=name, model=scorer.manifest.name, backend=f"{scorer.backend}, {scorer.dtype_name}",
-        count=len(dataset), scored=len(predictions), failures=failures, metrics=metrics,
-        seconds=seconds, predictions=predictions,
-    )
+
+    def report(interrupted: bool = False) -> EvalReport:
+        metrics = correlations([p["score"] for p in predictions], [p["mos"] for p in predictions])
+        return EvalReport(
+            dataset=name, model=scorer.manifest.name, backend=f"{scorer.backend}, {scorer.dtype_name}",
+            count=len(dataset), scored=len(predictions), failures=failures, metrics=metrics,
+            seconds=time.perf_counter() - start, predictions=predictions, interrupted=interrupted,
+        )
+
+    try:
+        for i, result in enumerate(scorer.score_files([item.path for item in dataset], batch_size=batch_size)):
+            if result.error is not None:
+                failures.append({"path": result.path, "error": result.error})
+            else:
+                predictions.append({"path": result.path, "mos": mos_by_index[i], "score": float(result.score)})
+            if progress:
+                progress(1)
+    except KeyboardInterrupt as e:
+        e.partial_report = report(interrupted=True)
+        raise
+    return report()
 
 
 __all__ = [

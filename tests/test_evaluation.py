@@ -184,3 +184,25 @@ def test_cli_eval_json_and_exit_codes(small_model, labelled_folder, tmp_path):
     bad.write_text("file,score\n")
     result = runner.invoke(main, ["eval", str(small_model), str(bad)])
     assert result.exit_code == 2 and "error:" in result.output and "`path` and `mos`" in result.output
+
+
+def test_ctrl_c_keeps_the_metrics_of_the_images_scored_before(small_model, photos, tmp_path, monkeypatch):
+    from rali_edge.scoring import Scorer
+
+    real = Scorer.score_files
+
+    def stopped_after_three(self, paths, **kwargs):
+        for i, result in enumerate(real(self, paths, **kwargs)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield result
+
+    monkeypatch.setattr(Scorer, "score_files", stopped_after_three)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,mos\n" + "".join(f"{p},{i % 5 + 1}\n" for i, p in enumerate(photos * 2)))
+    predictions = tmp_path / "p.csv"
+    result = CliRunner().invoke(main, ["eval", str(small_model), str(labels), "--predictions", str(predictions)])
+    assert result.exit_code == 130, result.output
+    assert f"{2 * len(photos)} labelled, 3 scored, 0 failed, {2 * len(photos) - 3} not reached" in result.stdout
+    assert "SRCC" in result.stdout and "over the 3 images scored before Ctrl-C" in result.stderr
+    assert len(predictions.read_text().splitlines()) == 1 + 3

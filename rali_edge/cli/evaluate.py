@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from rali_edge.cli import EXIT_OK, EXIT_SOME_FAILED
+from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
 from rali_edge.cli.common import OUTPUT_FILE, backend_options
 from rali_edge.errors import OutputError
 
@@ -53,7 +53,12 @@ def eval_command(model, dataset, root, label, batch_size, fmt, predictions, prog
         with click.progressbar(length=len(items), label="scoring", file=sys.stderr, hidden=not show) as bar:
             return evaluate(scorer, items, batch_size=batch_size, name=str(dataset), progress=bar.update)
 
-    report = go()  # errors and Ctrl-C reach the CLI group's handler: one line and its exit code
+    try:
+        report = go()  # errors reach the CLI group's handler: one line and its exit code
+    except KeyboardInterrupt as e:
+        report = getattr(e, "partial_report", None)
+        if report is None or not report.scored:  # stopped before any image was scored
+            raise
     if fmt == "json":  # the report first: a predictions file that cannot be written does not lose it
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
@@ -66,6 +71,10 @@ def eval_command(model, dataset, root, label, batch_size, fmt, predictions, prog
                 writer.writerows([p["path"], p["mos"], f"{p['score']:.6f}"] for p in report.predictions)
         except OSError as e:
             raise OutputError(f"writing {predictions}: {e.strerror or e} (the report above is complete)") from None
+    if report.interrupted:
+        click.echo(f"interrupted: the metrics above are over the {report.scored} images scored before Ctrl-C",
+                   err=True)
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_SOME_FAILED if report.failures else EXIT_OK)
 
 
