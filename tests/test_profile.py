@@ -369,3 +369,30 @@ def test_python_api_records_the_backend_it_resolved(small_model, image_dir):
     result = profile(small_model, batch_sizes=(1,), iters=1, warmup=0, power="none", images=[image_dir],
                      idle_seconds=0)
     assert result["settings"]["backend"] == "torch" and not rep.chosen_by_auto(result)
+
+
+def test_ctrl_c_keeps_the_batch_sizes_that_finished(small_model, image_dir, tmp_path, monkeypatch):
+    real = runner._profile_batch
+
+    def stopped_at_batch_2(scorer, images, b, *args):
+        if b == 2:
+            raise KeyboardInterrupt
+        return real(scorer, images, b, *args)
+
+    monkeypatch.setattr(runner, "_profile_batch", stopped_at_batch_2)
+    out = tmp_path / "report"
+    result = run_profile("--model", str(small_model), "--batch-sizes", "1,2,4", "--iters", "2", "--power", "none",
+                         "--images", image_dir, "--idle-seconds", "0", "--report", str(out))
+    assert result.exit_code == 130, result.output
+    assert "interrupted during the RALI runs" in result.stderr and "the 1 that finished" in result.stderr
+    report = load_report(out)
+    assert [r["batch_size"] for r in report["rali"]["runs"]] == [1] and report["interrupted"]
+    assert "batch" in result.stdout  # the summary was printed
+
+    def stopped_at_once(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "_profile_batch", stopped_at_once)
+    nothing = run_profile("--model", str(small_model), "--batch-sizes", "1", "--iters", "2", "--power", "none",
+                          "--images", image_dir, "--idle-seconds", "0", "--report", str(tmp_path / "none"))
+    assert nothing.exit_code == 130 and "no report" in nothing.stderr and not (tmp_path / "none").exists()

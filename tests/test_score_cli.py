@@ -173,3 +173,34 @@ def test_ray_actor_loads_the_head_it_is_given(small_model):
     # triton, not what auto picks on a CPU (conftest.py runs the kernel in Triton's interpreter there)
     actor = _ScoreActor(small_model, backend="torch", dtype="fp32", head="triton", device="cpu", cache=False, threads=1)
     assert actor.scorer.head.impl_name == "triton"
+
+
+def test_sigterm_stops_score_as_ctrl_c_does_keeping_the_results(small_model, photos, tmp_path, monkeypatch):
+    # docker stop, systemd and batch schedulers send SIGTERM: the JSON list (written at the end)
+    # must still hold what was scored.
+    import os
+    import signal
+
+    from rali_edge.scoring import Scorer
+
+    real = Scorer.score_files
+
+    def terminated_after_two(self, paths, **kwargs):
+        for i, result in enumerate(real(self, paths, **kwargs)):
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield result
+
+    monkeypatch.setattr(Scorer, "score_files", terminated_after_two)
+    ignored = []  # the handler before the command (so that a failing test does not kill pytest)
+    previous = signal.signal(signal.SIGTERM, lambda *args: ignored.append(args))
+    try:
+        out = tmp_path / "scores.json"
+        result = run("score", "-q", "--model", small_model, *photos, "-o", out)
+        assert result.exit_code == 130, result.output
+        assert "interrupted: writing the 2 results so far" in result.stderr and not ignored
+        assert [r["path"] for r in json.loads(out.read_text())] == [str(p) for p in photos[:2]]
+        os.kill(os.getpid(), signal.SIGTERM)  # the command put the handler before it back
+        assert len(ignored) == 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -3,7 +3,10 @@ so `rali-edge --help` answers at once instead of waiting for torch to import."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import signal
+import threading
 
 import click
 
@@ -47,7 +50,8 @@ class LazyGroup(click.Group):
         from rali_edge.errors import RaliEdgeError
 
         try:
-            return super().invoke(ctx)
+            with _terminate_as_interrupt():
+                return super().invoke(ctx)
         except RaliEdgeError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
@@ -61,6 +65,24 @@ class LazyGroup(click.Group):
         rows = [(name, help_) for name, (_, help_) in COMMANDS.items()]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (docker stop, systemd, a batch scheduler's time limit) stops a command as Ctrl-C
+    does, keeping what it had finished; `stream` installs its own handlers for both."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -139,7 +139,6 @@ def profile_command(ctx, batch_sizes, warmup, iters, duration, image_paths, powe
     a power window. With --report DIR the figures go to profile.json, a comparison table to
     profile.md, and plots to PNG files. Python: rali_edge.profiling.session.run_profile.
     """
-    from rali_edge.profiling import report
     from rali_edge.profiling.session import Baseline, run_profile
 
     # Asking for a baseline model means asking for the baseline.
@@ -153,11 +152,23 @@ def profile_command(ctx, batch_sizes, warmup, iters, duration, image_paths, powe
             baseline=Baseline(baseline_model, baseline_random_weights, baseline_config, baseline_tokens,
                               baseline_images, baseline_dtype, seed) if wants_baseline else None,
             threads=threads, command_line=command_line(ctx), argv=list(sys.argv), progress=line)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         line.clear()
-        click.echo("interrupted: no report written", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        profile = getattr(e, "partial_profile", None)
+        if profile is None:
+            click.echo("interrupted before any batch size finished: no report", err=True)
+            sys.exit(EXIT_INTERRUPTED)
     line.clear()
+    _print_and_write(profile, report_dir)
+    if profile.get("interrupted"):
+        click.echo(f"interrupted {profile['interrupted']}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(EXIT_OK)
+
+
+def _print_and_write(profile: dict, report_dir: str | None) -> None:
+    from rali_edge.profiling import report
+
     click.echo(report.summary_text(profile))  # first: a report that cannot be written does not lose it
     if report_dir:
         try:
@@ -166,7 +177,6 @@ def profile_command(ctx, batch_sizes, warmup, iters, duration, image_paths, powe
             raise OutputError(f"writing the report into {report_dir}: {e.strerror or e} (the summary above is "
                               "complete)") from None
         click.echo(f"report: {', '.join(files)} in {report_dir}", err=True)
-    sys.exit(EXIT_OK)
 
 
 __all__ = ["profile_command"]

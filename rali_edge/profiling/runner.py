@@ -260,32 +260,43 @@ def _rali_iteration(scorer, sources: list, timer: StageTimer, fused_head: bool) 
 
 def profile_rali(scorer, images: ImageSet, batch_sizes: list[int], budget: Budget, sampler: PowerSampler,
                  idle: PowerTrace | None, progress: Progress = _quiet) -> list[RunResult]:
+    """One RunResult per batch size. Ctrl-C raises KeyboardInterrupt with the finished ones as its
+    `finished_runs`."""
     device = scorer.encoder.device
     fused = head_in_encoder(scorer)
     runs = []
-    for b in batch_sizes:
-        batch = images.batch(b)
-        timer = StageTimer(device)
-        _reset_peaks(device)
-        for i in range(budget.warmup):
-            progress(f"RALI batch {b}: warm-up {i + 1}/{budget.warmup}")
-            _rali_iteration(scorer, batch, timer, fused)
-        timer.reset()
-        sampler.start()
-        start = time.perf_counter()
-        iters = 0
-        try:
-            while not budget.done(iters, time.perf_counter() - start):
-                _rali_iteration(scorer, batch, timer, fused)
-                iters += 1
-                elapsed = time.perf_counter() - start
-                progress(f"RALI batch {b}: {iters}/{budget.min_iters} iterations, {elapsed:.1f} s, "
-                         f"{1000 * elapsed / iters:.1f} ms/batch")
-        finally:
-            wall = time.perf_counter() - start
-            trace = sampler.stop()
-        runs.append(_finish("RALI", b, timer, wall, trace, idle, {"head_in_encoder": fused}))
+    try:
+        for b in batch_sizes:
+            runs.append(_profile_batch(scorer, images, b, budget, sampler, idle, progress, device, fused))
+    except KeyboardInterrupt as e:
+        e.finished_runs = runs
+        raise
     return runs
+
+
+def _profile_batch(scorer, images: ImageSet, b: int, budget: Budget, sampler: PowerSampler,
+                   idle: PowerTrace | None, progress: Progress, device, fused: bool) -> RunResult:
+    batch = images.batch(b)
+    timer = StageTimer(device)
+    _reset_peaks(device)
+    for i in range(budget.warmup):
+        progress(f"RALI batch {b}: warm-up {i + 1}/{budget.warmup}")
+        _rali_iteration(scorer, batch, timer, fused)
+    timer.reset()
+    sampler.start()
+    start = time.perf_counter()
+    iters = 0
+    try:
+        while not budget.done(iters, time.perf_counter() - start):
+            _rali_iteration(scorer, batch, timer, fused)
+            iters += 1
+            elapsed = time.perf_counter() - start
+            progress(f"RALI batch {b}: {iters}/{budget.min_iters} iterations, {elapsed:.1f} s, "
+                     f"{1000 * elapsed / iters:.1f} ms/batch")
+    finally:
+        wall = time.perf_counter() - start
+        trace = sampler.stop()
+    return _finish("RALI", b, timer, wall, trace, idle, {"head_in_encoder": fused})
 
 
 # ---------------------------------------------------------------- baseline

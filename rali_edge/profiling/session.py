@@ -73,7 +73,9 @@ def run_profile(model=None, *, backend: str | None = None, engine=None, device: 
     (files or folders; None: the bundled photographs at 12 MP), and `baseline` if given.
     `progress`: an object with __call__(text) for a live line and keep(text) for lines to keep
     (default: silent). Usage errors and a missing GPU or transformers are raised before any
-    measurement; KeyboardInterrupt passes through (the power sampler is closed first)."""
+    measurement; KeyboardInterrupt passes through (the power sampler is closed first), with the
+    profile of what finished as its `partial_profile` (None when no batch size finished; the
+    profile's "interrupted" says where it stopped)."""
     from rali_edge.scoring import check_device
 
     if iters is not None and duration is not None:
@@ -125,24 +127,46 @@ def run_profile(model=None, *, backend: str | None = None, engine=None, device: 
         device = str(scorer.encoder.device)
         settings["effective_device"] = device
         profile["rali"] = {"model": _rali_model_info(scorer, load), "timing": _timing_note(scorer, device)}
-        runs = runner.profile_rali(scorer, image_set, batch_sizes, budget, sampler, idle, line)
-        profile["rali"]["runs"] = [r.to_dict() for r in runs]
-        for r in runs:
-            line.keep(f"RALI batch {r.batch_size}: {r.per_image_ms:.3g} ms/image, {r.images_per_s:.4g} images/s")
+        try:
+            runs = runner.profile_rali(scorer, image_set, batch_sizes, budget, sampler, idle, line)
+        except KeyboardInterrupt as e:  # the batch sizes finished before Ctrl-C still make a report
+            _complete(profile, getattr(e, "finished_runs", []), device,
+                      f"during the RALI runs (batch sizes {batch_sizes} asked for)")
+            e.partial_profile = profile if profile["rali"]["runs"] else None
+            raise
         del scorer
         _free_memory(device)
-
+        _complete(profile, runs, device)
+        for r in runs:
+            line.keep(f"RALI batch {r.batch_size}: {r.per_image_ms:.3g} ms/image, {r.images_per_s:.4g} images/s")
         if baseline is not None:
-            profile["baseline"] = _run_baseline(baseline, image_set, device, sampler, idle, line)
-        # A sensor can stop answering mid-run (a driver hiccup): say so, but keep the figures.
-        energies = [r["energy"] for r in profile["rali"]["runs"]]
-        if profile["power"]["available"] and not any(e["available"] for e in energies):
-            profile["power"].update(available=False, unavailable_reason=energies[0]["unavailable_reason"])
-        profile["environment"] = rep.environment(device)
-        profile["comparison"] = rep.comparison(profile)
+            try:
+                profile["baseline"] = _run_baseline(baseline, image_set, device, sampler, idle, line)
+            except KeyboardInterrupt as e:
+                profile["interrupted"] = "during the baseline: RALI's figures are complete, the baseline's missing"
+                profile["notes"].append(f"interrupted {profile['interrupted']}")
+                e.partial_profile = profile
+                raise
+            profile["comparison"] = rep.comparison(profile)
     finally:
         sampler.close()
     return profile
+
+
+def _complete(profile: dict, runs: list, device: str, interrupted: str | None = None) -> None:
+    """The figures that follow from RALI's runs (a report can be written from here on)."""
+    profile["rali"]["runs"] = [r.to_dict() for r in runs]
+    if not runs:
+        return
+    if interrupted:
+        profile["interrupted"] = f"{interrupted}; the report holds the {len(runs)} that finished"
+        profile["notes"].append(f"interrupted {profile['interrupted']}")
+    # A sensor can stop answering mid-run (a driver hiccup): say so, but keep the figures.
+    energies = [r["energy"] for r in profile["rali"]["runs"]]
+    if profile["power"]["available"] and not any(e["available"] for e in energies):
+        profile["power"].update(available=False, unavailable_reason=energies[0]["unavailable_reason"])
+    profile["environment"] = rep.environment(device)
+    profile["comparison"] = rep.comparison(profile)
 
 
 def _images(profile: dict, paths, line) -> runner.ImageSet:
