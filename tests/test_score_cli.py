@@ -204,3 +204,11 @@ def test_sigterm_stops_score_as_ctrl_c_does_keeping_the_results(small_model, pho
         assert len(ignored) == 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_output_suffix_that_names_no_format_gets_the_table_and_a_note(small_model, photos, tmp_path):
+    result = run("score", "-q", "--model", small_model, photos[0], "-o", tmp_path / "r.txt")
+    assert result.exit_code == 0 and "its suffix names no format" in result.stderr
+    assert (tmp_path / "r.txt").read_text().startswith("  score  path")
+    explicit = run("score", "-q", "--model", small_model, photos[0], "-o", tmp_path / "t.txt", "--format", "table")
+    assert explicit.exit_code == 0 and "suffix" not in explicit.stderr

@@ -76,6 +76,9 @@ def score_command(paths, batch_size, fmt, output, resume, lists, workers, ray_ad
         click.echo(f"error: {message}", err=True)
     listed = [p for f in lists for p in paths_from_list(f)]
     writer = ResultFile(output, format_for(output, fmt), resume=resume)  # usage errors before the model loads
+    if output and not fmt and writer.fmt == "table":
+        click.echo(f"note: -o {output}: its suffix names no format, so it gets the table for people; for scripts "
+                   "use .csv, .jsonl, .json or .parquet, or --format", err=True)
     inputs = list(dict.fromkeys([*found.paths, *listed]))  # a path named twice is scored once
     files = [p for p in inputs if p not in writer.done]
     if resume:
