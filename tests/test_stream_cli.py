@@ -314,3 +314,9 @@ def test_signal_stops_cleanly_with_whole_lines(video, tmp_path, quality_model, s
     assert text.endswith("\n")
     records = [json.loads(line) for line in text.splitlines()]  # every line is whole JSON
     assert len(records) >= 6
+
+
+def test_an_empty_folder_source_is_a_usage_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    result = CliRunner().invoke(main, ["stream", str(tmp_path)])
+    assert result.exit_code == 2 and "no images in this folder" in result.output, result.output

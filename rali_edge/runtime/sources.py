@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import numpy as np
 
 from rali_edge.errors import MissingDependencyError, RaliEdgeError, SourceError, SourceOpenError
-from rali_edge.images import IMAGE_SUFFIXES, images_in
+from rali_edge.images import IMAGE_SUFFIXES, describe_suffixes, images_in
 
 INSTALL_HINT = "pip install 'rali-edge[stream]'"
 NETWORK_SCHEMES = {"rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt", "rtp"}
@@ -87,6 +87,8 @@ def parse_source(text: str) -> SourceSpec:
     if re.fullmatch(r"/dev/video\d+", text_path):
         return SourceSpec(text, "v4l2", text_path)
     if path.is_dir():
+        if not images_in(path):  # as `score` says of an empty folder, before a model loads
+            raise SourceError(f"{text}: no images in this folder ({describe_suffixes()})")
         return SourceSpec(text, "folder", str(path))
     if path.is_file():
         kind = "image" if path.suffix.lower() in IMAGE_SUFFIXES else "video"
