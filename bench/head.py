@@ -30,7 +30,6 @@ import torch.nn.functional as F
 D, P, K = 1024, 512, 250  # ViT-L/14 hidden size, published PCA dims, prototypes
 LN_EPS = 1e-5
 LOGIT_SCALE = 1 / 0.07
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def import_from_checkout():
@@ -160,6 +159,7 @@ def sweep_configs(B):
 
 def run(args) -> dict:
     from rali_edge.head import rali_head_torch
+    from rali_edge.model import DTYPES
     from rali_edge.kernels.rali_head import pick_config, precision_for_torch_setting, rali_head_triton
 
     torch.set_float32_matmul_precision(args.fp32_precision)

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from rali_edge.engines.export import (
-    DTYPES,
     ExportEncoder,
     dynamic_batch,
     example_batch,
@@ -32,7 +31,7 @@ from rali_edge.engines.naming import (
     major_minor,
 )
 from rali_edge.errors import EngineMismatchError, MissingDependencyError, RaliEdgeError
-from rali_edge.model import RaliModel
+from rali_edge.model import DTYPES, RaliModel
 
 
 def torch_runtime(device: str | torch.device = "cpu") -> RuntimeInfo:

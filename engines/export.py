@@ -31,13 +31,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rali_edge.engines.naming import ONNX_OPSET
+from rali_edge.engines.naming import HEAD_PREFIX, ONNX_OPSET
 from rali_edge.errors import EngineMismatchError, MissingDependencyError, RaliEdgeError
 from rali_edge.head import rali_head_torch
-from rali_edge.model import Attention, RaliModel
+from rali_edge.model import DTYPES, Attention, RaliModel
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-HEAD_PREFIX = "rali_head/"
 # ONNX ops that stay fp32 in every precision (the TensorRT 10 builder pins their layers too).
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceL2", "ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceMax")
 METADATA_KEY = "rali_edge"
@@ -178,15 +176,7 @@ def _set_metadata(proto, values: dict) -> None:
     entry.value = json.dumps(values)
 
 
-def read_metadata(path: str | Path) -> dict:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    entry = next((p for p in proto.metadata_props if p.key == METADATA_KEY), None)
-    return json.loads(entry.value) if entry else {}
-
-
-def onnx_session(path: str | Path, threads: int | None = None):
+def onnx_session(path: str | Path):
     """An ONNX Runtime CPU session for an exported engine."""
     try:
         import onnxruntime as ort
@@ -199,8 +189,6 @@ def onnx_session(path: str | Path, threads: int | None = None):
     # JPEGs: the local path 29 -> 31-33 images/s with 15% less CPU; a Ray actor 25% less CPU.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail...)
@@ -209,13 +197,9 @@ def onnx_session(path: str | Path, threads: int | None = None):
 
 
 __all__ = [
-    "DTYPES",
     "FP32_OPS",
-    "HEAD_PREFIX",
-    "ONNX_OPSET",
     "ExportEncoder",
     "export_onnx",
     "mark_head_nodes",
     "onnx_session",
-    "read_metadata",
 ]

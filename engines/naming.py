@@ -37,6 +37,7 @@ OUTPUTS = ("score", "class_token")
 DEFAULT_BATCH = "1:8:16"
 INPUT_NAME = "pixels"
 ONNX_OPSET = 18  # the ONNX and TensorRT engines are exported at this opset
+HEAD_PREFIX = "rali_head/"  # the exported head's node names: what the TensorRT builder keeps in fp32
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from rali_edge.engines.backends import Backend, BuildRequest
-from rali_edge.engines.export import HEAD_PREFIX, export_onnx, node_scopes, onnx_session
-from rali_edge.engines.naming import ONNX_OPSET, EngineInfo, cpu_flags
+from rali_edge.engines.export import export_onnx, node_scopes, onnx_session
+from rali_edge.engines.naming import HEAD_PREFIX, ONNX_OPSET, EngineInfo, cpu_flags
 from rali_edge.errors import UsageError
 
 

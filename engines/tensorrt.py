@@ -35,6 +35,7 @@ import numpy as np
 
 from rali_edge.engines.backends import Backend, BuildRequest, same_platform
 from rali_edge.engines.naming import (
+    HEAD_PREFIX,
     INPUT_NAME,
     ONNX_OPSET,
     BatchRange,
@@ -55,7 +56,6 @@ from rali_edge.errors import (
     UsageError,
 )
 
-HEAD_PREFIX = "rali_head/"  # same as export.HEAD_PREFIX (export.py imports torch; this module must not)
 FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "REDUCE")
 GIB = 1 << 30
 

@@ -16,6 +16,9 @@ from torch import nn
 
 from rali_edge.head import RaliHead
 
+# The precisions the encoder runs in (the head always in fp32), by the names every command takes.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 # HF CLIPVisionConfig defaults, for fields a config.json leaves out.
 HF_VISION_DEFAULTS = {
     "hidden_size": 768,
@@ -273,4 +276,4 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
 
 
-__all__ = ["Encoder", "EncoderConfig", "RaliModel", "count_parameters"]
+__all__ = ["DTYPES", "Encoder", "EncoderConfig", "RaliModel", "count_parameters"]

@@ -25,11 +25,10 @@ from rali_edge.engines.backends import BACKENDS, default_backend
 from rali_edge.errors import EngineMismatchError, ImageError, MissingDependencyError, ModelFormatError, RaliEdgeError, UsageError
 from rali_edge.images import open_image
 from rali_edge.head import rali_head_torch
-from rali_edge.model import RaliModel
+from rali_edge.model import DTYPES, RaliModel
 from rali_edge.model_file import Manifest, load_model, read_manifest
 from rali_edge.preprocess import PreprocessConfig, Preprocessor, read_views
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ENGINE_DTYPES = ("int8",)  # only as an engine (backend auto or onnx)
 HEADS = ("auto", "triton", "torch")
 

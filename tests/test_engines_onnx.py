@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from rali_edge.cli import main
 from rali_edge.distortions import DISTORTIONS
 from rali_edge.engines import onnx as engines_onnx
-from rali_edge.engines.export import HEAD_PREFIX, ONNX_OPSET, export_onnx, onnx_session
+from rali_edge.engines.export import export_onnx, onnx_session
+from rali_edge.engines.naming import HEAD_PREFIX, ONNX_OPSET
 from rali_edge.engines.naming import BatchRange
 from rali_edge.engines.onnx import has_vnni
 from rali_edge import model_file

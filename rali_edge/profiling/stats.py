@@ -19,9 +19,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-PERCENTILES = (50, 90, 99)
-
-
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0 <= q <= 100) by linear interpolation, as numpy's default."""
     if len(values) == 0:
