@@ -265,14 +265,12 @@ def _fit(x: np.ndarray, y: np.ndarray, recipe: HeadRecipe, epochs: int, log=None
 
 # --- images -> embeddings, cached -----------------------------------------------------------
 def _sha256(path: str) -> str | None:
-    digest = hashlib.sha256()
+    from rali_edge.model_file import sha256_file
+
     try:
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
+        return sha256_file(path)
     except OSError:
         return None  # missing or unreadable: embed_dataset reports it
-    return digest.hexdigest()
 
 
 def cache_key(model_sha256: str, paths: list[str], file_hashes: list[str | None]) -> str:

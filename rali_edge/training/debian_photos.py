@@ -16,7 +16,6 @@ holding `data.tar.xz`; both are read with the standard library, so no apt or dpk
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rali_edge.errors import NetworkError, RaliEdgeError
+from rali_edge.model_file import sha256_file
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def unpack(deb: Path, cache: Path) -> list[Path]:
     if package is None:
         raise RaliEdgeError(f"{deb.name} is not one of the packages the training photographs come from: "
                             + ", ".join(Path(p.pool_path).name for p in PACKAGES.values()))
-    if _sha256(deb) != package.sha256:
+    if sha256_file(deb) != package.sha256:
         raise RaliEdgeError(f"{deb} does not match the sha256 recorded for {package.name} {package.version}: "
                             "the download is damaged or is another version; delete it and fetch it again")
     wanted = {p.member: p for p in PHOTOS.values() if p.package == package.name}
@@ -175,7 +175,7 @@ def unpack(deb: Path, cache: Path) -> list[Path]:
             part = out.with_suffix(out.suffix + ".part")
             with tar.extractfile(info) as src, open(part, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-            if _sha256(part) != photo.sha256:
+            if sha256_file(part) != photo.sha256:
                 part.unlink()
                 raise RaliEdgeError(f"{photo.member} in {deb.name} does not match its recorded sha256")
             part.replace(out)
@@ -214,14 +214,6 @@ class _Limited:
 def _download(url: str, out: Path) -> None:
     with urllib.request.urlopen(url, timeout=60) as response, open(out, "wb") as dst:
         shutil.copyfileobj(response, dst, length=1 << 20)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> None:
