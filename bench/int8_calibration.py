@@ -15,7 +15,7 @@ import numpy as np
 
 from rali_edge.engines import onnx as engines_onnx
 from rali_edge.engines.export import export_onnx, onnx_session
-from rali_edge.engines.fidelity import find_images
+from rali_edge.engines.fidelity import fidelity_images
 from rali_edge.engines.naming import BatchRange
 from rali_edge.model_file import load_model
 from rali_edge.preprocess import PreprocessConfig, Preprocessor
@@ -40,7 +40,7 @@ def int8_scores(fp32: Path, calibration: np.ndarray, views: list[np.ndarray], wo
 def main() -> None:
     model, manifest = load_model(default_model_path())
     preprocess = Preprocessor(PreprocessConfig.from_dict(manifest.preprocess))
-    samples = [str(p) for p in find_images(None)]
+    samples = [str(p) for p in fidelity_images(None)]
     views = [preprocess([p]).numpy() for p in samples]
     fp32_scores = np.array(Scorer(model, manifest).score(samples))
     sets = {"the bundled samples (the judged images; before session 19)": np.concatenate(views),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rali_edge.engines.backends import BuildRequest, backend
-from rali_edge.engines.fidelity import DEFAULT_MAX_SCORE_DIFF, FidelityReport, check_engine, exact_fp32, find_images
+from rali_edge.engines.fidelity import DEFAULT_MAX_SCORE_DIFF, FidelityReport, check_engine, exact_fp32, fidelity_images
 from rali_edge.engines.naming import (
     DEFAULT_BATCH,
     BatchRange,
@@ -160,7 +160,7 @@ def build(model: str | Path | None, target: str, *, precision: str | None = None
     if request.precision not in chosen.precisions:
         raise UsageError(f"--target {target} --precision {request.precision}: {target} engines are "
                          f"{', '.join(chosen.precisions)}")
-    images = find_images(calib_dir) if check else []
+    images = fidelity_images(calib_dir) if check else []
     if images and not any(_decodes(p) for p in images):  # before minutes of building, not after
         raise UsageError(f"--calib-dir {calib_dir}: none of its {len(images)} images can be read; the fidelity "
                          "check needs images it can score")
@@ -244,7 +244,7 @@ def build_auto(model: str | Path | None = None, device: str = "cpu", dtype: str 
         paths.append(("onnx", "int8"))
     if chosen not in paths:
         paths.append(chosen)
-    images = [open_image(p) for p in find_images(None)[:batch_size]]
+    images = [open_image(p) for p in fidelity_images(None)[:batch_size]]
     pixels = scorer.preprocess(images)
     with exact_fp32():
         reference = rali_edge.load(model, device=device, dtype="fp32", backend="torch").score_pixels(pixels).float().cpu()
@@ -311,7 +311,7 @@ def check(engine: str | Path, model: str | Path | None = None, calib_dir: str | 
     from rali_edge.scoring import model_path
 
     info = read_sidecar(engine)
-    return check_engine(model_path(model), engine, info.target, find_images(calib_dir), max_score_diff,
+    return check_engine(model_path(model), engine, info.target, fidelity_images(calib_dir), max_score_diff,
                         device=device or info.runtime.device_type, batch_size=batch_size)
 
 

@@ -141,11 +141,11 @@ def keeps_scores(model_path: Path, manifest, device: str, dtype: str, progress=N
 
 
 def _compare_dtype(model_path: Path, device: str, dtype: str):
-    from rali_edge.engines.fidelity import compare, exact_fp32, find_images, score_files
+    from rali_edge.engines.fidelity import compare, exact_fp32, fidelity_images, score_files
     from rali_edge.model_file import load_model
     from rali_edge.scoring import Scorer
 
-    images = find_images(None)
+    images = fidelity_images(None)
     model, manifest = load_model(model_path)
     with exact_fp32():
         reference, _ = score_files(Scorer(model, manifest, device=device, dtype="fp32", head="torch"), images, 8)

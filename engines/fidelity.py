@@ -63,7 +63,7 @@ def sample_images() -> list[Path]:
     return images_in(folder) if folder.is_dir() else []
 
 
-def find_images(calib_dir: str | Path | None = None) -> list[Path]:
+def fidelity_images(calib_dir: str | Path | None = None) -> list[Path]:
     """Images of --calib-dir (searched recursively), else the bundled samples."""
     if calib_dir is not None:
         folder = Path(calib_dir)
@@ -175,6 +175,6 @@ __all__ = [
     "check_engine",
     "compare",
     "exact_fp32",
-    "find_images",
+    "fidelity_images",
     "sample_images",
 ]

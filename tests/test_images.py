@@ -263,7 +263,7 @@ def test_find_images_one_table_natural_order_no_duplicates(tmp_path):
 
 
 def test_every_command_finds_the_same_images_in_a_folder(tmp_path):
-    from rali_edge.engines.fidelity import find_images as calibration_images
+    from rali_edge.engines.fidelity import fidelity_images as calibration_images
     from rali_edge.images import find_images, images_in
     from rali_edge.profiling.runner import load_image_set
     from rali_edge.runtime.sources import open_source, parse_source
