@@ -7,6 +7,7 @@
 - export.py    the engine function as a torch module (mixed-precision policy) and its ONNX export
 - naming.py    engine file names, JSON sidecars and the compatibility check (no torch import)
 - fidelity.py  the check that an engine scores like fp32 PyTorch
+- cache.py     backend="auto": the choice per machine and the engine cache it builds into
 - builder.py   build() and check(): what `rali-edge build` and `check-engine` run
 
 Adding a backend: one module with a `BACKEND` (a backends.Backend) and one line in backends.TABLE.

@@ -6,8 +6,9 @@ A backend is one module of this package holding a `BACKEND` object (a subclass o
 and one line in `TABLE`. Everything that differs between engine formats lives there: the file
 suffix and name, the devices and precisions it takes, what it records about the machine, what
 makes an engine unusable on another machine, how it is built and how it is opened. Commands,
-the scorer, the fidelity check and the file naming read this table and never compare backend
-names themselves. "torch" (eager PyTorch, no engine) is the one backend that is not in it.
+the scorer, the fidelity check and the file naming read this table. "torch" (eager PyTorch, no
+engine) is the one backend that is not in it, so the scorer and the engine cache (auto's choice
+between eager PyTorch and an engine) do name it.
 
 No torch or TensorRT import here: the torch-free TensorRT runner reads this table too.
 """

@@ -114,8 +114,9 @@ def quiet_export():
 
 def export_onnx(model: RaliModel, path: str | Path, precision: str = "fp32", outputs: str = "score",
                 batch_min: int = 1, batch_max: int = 16) -> Path:
-    """Write the engine function as an ONNX file (one file, weights inside) with a dynamic batch
-    axis `batch`, input `pixels` and output `score` or `class_token`. Returns the path."""
+    """Write the engine function as an ONNX file (one file, weights inside) with a batch axis
+    `batch` (dynamic unless batch_min == batch_max), input `pixels` and output `score` or
+    `class_token`. Returns the path."""
     try:
         import onnx
         import onnxscript  # noqa: F401

@@ -35,8 +35,8 @@ from rali_edge.images import open_image
 if TYPE_CHECKING:
     import torch
 
-# torch is imported inside the tensor methods only: `PreprocessConfig`, `resize_and_crop` and
-# `pil_to_array` serve the torch-free TensorRT runner (engines/tensorrt.py) as they are.
+# torch is imported inside the tensor methods only: `PreprocessConfig` and the numpy methods
+# (`views_array`, `pool`) serve the torch-free TensorRT runner (engines/tensorrt.py) as they are.
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

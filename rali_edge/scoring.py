@@ -1,7 +1,7 @@
 """Images in, quality scores out: `rali_edge.load(...)` returns a Scorer.
 
 A Scorer = preprocessing + an encoder backend + the folded RALI head. The encoder backend is
-plain PyTorch here, or an engine (AOTInductor, TensorRT) from rali_edge.engines; an engine may
+plain PyTorch here, or an engine (ONNX Runtime, AOTInductor, TensorRT) from rali_edge.engines; an engine may
 also contain the head (`outputs == "score"`), in which case the scorer skips its own.
 """
 
