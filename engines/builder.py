@@ -28,7 +28,7 @@ from rali_edge.engines.naming import (
     sidecar_path,
     write_sidecar,
 )
-from rali_edge.errors import FidelityCheckFailed, UsageError
+from rali_edge.errors import FidelityCheckFailed, RaliEdgeError, UsageError
 
 HEADS = {"engine": "score", "triton": "class_token"}  # --head: what the engine outputs
 
@@ -240,8 +240,11 @@ def build_auto(model: str | Path | None = None, device: str = "cpu", dtype: str 
     engine_fp32 = cache.choose(device, "fp32")
     if engine_fp32.backend != "torch":
         paths.append((engine_fp32.backend, "fp32"))
-    if not str(device).startswith("cuda") and cache._importable("onnxruntime", "onnx", "onnxscript"):
-        paths.append(("onnx", "int8"))
+    try:  # int8 where auto has it (ONNX Runtime on a CPU)
+        int8 = cache.choose(device, "int8")
+        paths.append((int8.backend, int8.precision))
+    except RaliEdgeError:
+        pass
     if chosen not in paths:
         paths.append(chosen)
     images = [open_image(p) for p in fidelity_images(None)[:batch_size]]

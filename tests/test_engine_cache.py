@@ -229,6 +229,9 @@ def test_cache_list_and_clear(auto, small_model):
     assert listed.exit_code == 0
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
     assert [(r["path"], r["backend"], r["precision"], r["passed"]) for r in rows] == [(str(engine), "onnx", "fp32", True)]
+    sidecar_path(engine).write_text("{cut off")
+    unreadable = CliRunner().invoke(main, ["cache", "list"])
+    assert f"unreadable engine (used again only after it is rebuilt or measured again)  {engine}" in unreadable.output
     cleared = CliRunner().invoke(main, ["cache", "clear"])
     assert cleared.exit_code == 0 and "removed" in cleared.output
     assert not engine.exists() and cache.entries() == []

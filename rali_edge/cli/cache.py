@@ -30,6 +30,8 @@ def list_command(as_json):
                "max_abs_diff": fidelity.get("max_abs_diff"), "passed": fidelity.get("passed")}
         if as_json:
             click.echo(json.dumps(row))
+        elif e.info is None:  # a sidecar, note or verdict that cannot be read: rebuilt or measured again
+            click.echo(f"unreadable {e.kind} (used again only after it is rebuilt or measured again)  {e.path}")
         elif e.kind == "refused":
             click.echo(f"refused  {e.path.name}: {info.get('message', '?')[:200]}")
         else:
