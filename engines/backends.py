@@ -76,6 +76,9 @@ class Backend:
 
     name: str = ""
     precisions: tuple[str, ...] = ("fp32", "fp16", "bf16")
+    # The BuildRequest fields of this backend alone, by their `rali-edge build` flags: build()
+    # refuses them for another backend rather than ignore them.
+    options: dict[str, str] = {}
 
     @property
     def suffix(self) -> str:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from rali_edge.engines.backends import BuildRequest, backend
+from rali_edge.engines.backends import TABLE, BuildRequest, backend
 from rali_edge.engines.fidelity import DEFAULT_MAX_SCORE_DIFF, FidelityReport, check_engine, exact_fp32, fidelity_images
 from rali_edge.engines.naming import (
     DEFAULT_BATCH,
@@ -150,6 +150,10 @@ def build(model: str | Path | None, target: str, *, precision: str | None = None
     internal = sorted({"form", "scratch"} & set(options))  # the builder's own: it sets them per form
     if internal:
         raise UsageError(f"build() does not take {', '.join(internal)}")
+    foreign = [name for name in options if name not in chosen.options]
+    if foreign:
+        flags = {field: flag for entry in TABLE for field, flag in backend(entry.name).options.items()}
+        raise UsageError(f"--target {target} does not take {', '.join(flags.get(f, f) for f in foreign)}")
     if head not in HEADS:
         raise UsageError(f"--head {head!r}: choose one of {', '.join(HEADS)}")
     batch = batch if isinstance(batch, BatchRange) else BatchRange.parse(batch)

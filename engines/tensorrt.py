@@ -701,6 +701,8 @@ def cuda_index(device: str) -> int:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    options = {"workspace_gib": "--workspace", "timing_cache": "--timing-cache", "typing": "--typing",
+               "keep_onnx": "--keep-onnx"}
 
     def build_steps(self, request: BuildRequest) -> int:
         return 2  # export ONNX, build the plan

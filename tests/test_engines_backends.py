@@ -153,3 +153,20 @@ def test_gpu_reference_convolution_is_fp32_not_tf32():
     with exact_fp32():
         got = torch.nn.functional.conv2d(x, w, stride=14)
     assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5
+
+
+def test_build_refuses_the_options_of_another_backend(small_model, tmp_path):
+    from click.testing import CliRunner
+
+    from rali_edge.cli import main
+    from rali_edge.engines import builder
+    from rali_edge.errors import UsageError
+
+    with pytest.raises(UsageError, match="--target onnx does not take --typing, --workspace"):
+        builder.build(small_model, "onnx", output=tmp_path, check=False, typing="strong", workspace_gib=1.0)
+    result = CliRunner().invoke(main, ["build", str(small_model), "--target", "onnx", "-o", str(tmp_path),
+                                       "--no-check", "--keep-onnx"])
+    assert result.exit_code == 2 and "--target onnx does not take --keep-onnx" in result.output
+    assert not list(tmp_path.iterdir())
+    plain = CliRunner().invoke(main, ["build", str(small_model), "--target", "onnx", "-o", str(tmp_path), "--no-check"])
+    assert plain.exit_code == 0, plain.output  # the TensorRT options' defaults are not "given"

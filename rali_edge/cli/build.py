@@ -13,11 +13,10 @@ import click
 
 from rali_edge.cli import EXIT_INTERRUPTED
 from rali_edge.cli.common import MODEL
-from rali_edge.engines.backends import TARGET_HELP, TARGETS
+from rali_edge.engines.backends import TARGET_HELP, TARGETS, BuildRequest
 from rali_edge.engines.naming import DEFAULT_BATCH, PRECISIONS
 from rali_edge.errors import FidelityCheckFailed
 
-DEFAULT_WORKSPACE_GIB = 2.0
 
 
 @click.command(
@@ -42,7 +41,7 @@ Then: rali-edge score --model rali-vitl14-336 --backend tensorrt --engine ENGINE
 @click.option("--head", type=click.Choice(["engine", "triton"]), default="engine", show_default=True,
               help="engine: the RALI head runs inside the engine (needed by the torch-free TensorRT runner); "
                    "triton: the engine outputs class tokens and the scorer runs the fused head kernel.")
-@click.option("--workspace", type=click.FloatRange(min=0.0, min_open=True), default=DEFAULT_WORKSPACE_GIB, show_default=True,
+@click.option("--workspace", type=click.FloatRange(min=0.0, min_open=True), default=BuildRequest.workspace_gib, show_default=True,
               help="TensorRT workspace limit in GiB (use 1 on 8 GB Jetsons).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache: read if it exists, written after the build.")
 @click.option("--typing", type=click.Choice(["auto", "weak", "strong"]), default="auto", show_default=True,
@@ -72,11 +71,14 @@ def build_command(model, target, precision, batch_text, head, workspace, timing_
     if target == "auto":
         _refuse_options_auto_ignores()
         return _build_auto(model, precision or "auto", device or "cpu", Progress(live=progress))
+    # A backend's own options go only when given, so that build() can refuse them for another target.
+    own = {"workspace_gib": ("workspace", workspace), "timing_cache": ("timing_cache", timing_cache),
+           "typing": ("typing", typing), "keep_onnx": ("keep_onnx", keep_onnx)}
+    given = {field: value for field, (name, value) in own.items() if _given(name)}
     try:
         built = build(model, target, precision=precision, batch=batch_text, head=head, device=device, output=output,
                       check=check, calib_dir=calib_dir, max_score_diff=max_score_diff, keep_failed=keep_failed,
-                      progress=Progress(live=progress), workspace_gib=workspace, timing_cache=timing_cache,
-                      typing=typing, keep_onnx=keep_onnx)
+                      progress=Progress(live=progress), **given)
     except KeyboardInterrupt:
         click.echo("interrupted: partial files removed", err=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -88,12 +90,15 @@ def build_command(model, target, precision, batch_text, head, workspace, timing_
 AUTO_TAKES = {"model", "target", "precision", "device", "progress"}
 
 
-def _refuse_options_auto_ignores() -> None:
+def _given(name: str) -> bool:
     from click.core import ParameterSource
 
+    return click.get_current_context().get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+
+def _refuse_options_auto_ignores() -> None:
     ctx = click.get_current_context()
-    given = [param.opts[0] for param in ctx.command.params
-             if param.name not in AUTO_TAKES and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE]
+    given = [param.opts[0] for param in ctx.command.params if param.name not in AUTO_TAKES and _given(param.name)]
     if given:
         raise click.UsageError(f"{', '.join(given)}: not with --target auto, which builds the engine cache's own engine "
                                f"(its name, batch range, head and check); name a target (--target onnx, tensorrt or "
