@@ -33,6 +33,9 @@ class LabelledImage:
 
 
 # --- datasets ------------------------------------------------------------------------------
+LABELS = ("auto", "gt_score", "gt_score_norm")  # which MOS of a DeQA-Score metas file (read_dataset)
+
+
 def read_dataset(path: str | Path, root: str | Path | None = None, label: str = "auto") -> list[LabelledImage]:
     """Read a metas .json or a path,mos .csv. Relative image paths are resolved against `root`
     (default: the dataset file's folder). For metas, `label` picks `gt_score`, `gt_score_norm`,
@@ -70,8 +73,8 @@ def _read_metas(path: Path, label: str) -> list[tuple[str, float]]:
         raise DatasetError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
         raise DatasetError(f"{path}: expected a JSON list of objects with `image` and `gt_score`")
-    if label not in ("auto", "gt_score", "gt_score_norm"):
-        raise DatasetError(f"unknown label {label!r}; choose auto, gt_score or gt_score_norm")
+    if label not in LABELS:
+        raise DatasetError(f"unknown label {label!r}; choose one of {', '.join(LABELS)}")
     if label == "auto":
         label = "gt_score_norm" if data and all("gt_score_norm" in d for d in data) else "gt_score"
     rows = []

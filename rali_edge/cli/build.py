@@ -14,6 +14,8 @@ import click
 from rali_edge.cli import EXIT_INTERRUPTED
 from rali_edge.cli.common import MODEL
 from rali_edge.engines.backends import TARGET_HELP, TARGETS, BuildRequest
+from rali_edge.engines.builder import HEADS
+from rali_edge.engines.fidelity import DEFAULT_MAX_SCORE_DIFF
 from rali_edge.engines.naming import DEFAULT_BATCH, PRECISIONS
 from rali_edge.errors import FidelityCheckFailed
 
@@ -38,7 +40,7 @@ Then: rali-edge score --model rali-vitl14-336 --backend tensorrt --engine ENGINE
               help="Default: fp16 for tensorrt, fp32 for onnx; aoti: fp16 on CUDA, fp32 on CPU. Layernorm, softmax and the head stay fp32.")
 @click.option("--batch", "batch_text", default=DEFAULT_BATCH, show_default=True,
               help="Batch sizes MIN:OPT:MAX the engine accepts (TensorRT tunes kernels for OPT). Larger batches are split.")
-@click.option("--head", type=click.Choice(["engine", "triton"]), default="engine", show_default=True,
+@click.option("--head", type=click.Choice(list(HEADS)), default="engine", show_default=True,
               help="engine: the RALI head runs inside the engine (needed by the torch-free TensorRT runner); "
                    "triton: the engine outputs class tokens and the scorer runs the fused head kernel.")
 @click.option("--workspace", type=click.FloatRange(min=0.0, min_open=True), default=BuildRequest.workspace_gib, show_default=True,
@@ -50,7 +52,7 @@ Then: rali-edge score --model rali-vitl14-336 --backend tensorrt --engine ENGINE
 @click.option("--device", help="aoti: cpu or cuda[:N] (default cuda when available); tensorrt: the GPU, cuda[:N].")
 @click.option("--output", "-o", help="Output folder (the engine gets its descriptive name) or file name. Default: current folder.")
 @click.option("--calib-dir", type=click.Path(exists=True, file_okay=False), help="Images for the fidelity check (default: the bundled samples).")
-@click.option("--max-score-diff", type=float, default=0.02, show_default=True,
+@click.option("--max-score-diff", type=float, default=DEFAULT_MAX_SCORE_DIFF, show_default=True,
               help="Fail when an image's score differs from fp32 PyTorch by more than this (1..5 scale).")
 @click.option("--check/--no-check", default=True, show_default=True, help="Run the fidelity check after building.")
 @click.option("--keep-onnx", is_flag=True, help="tensorrt: keep the intermediate ONNX file next to the plan.")
@@ -130,7 +132,7 @@ Example:
 @click.option("--model", "-m", type=MODEL, default="default",
               help="The model folder the engine was built from, or `default`: the built-in model.")
 @click.option("--calib-dir", type=click.Path(exists=True, file_okay=False), help="Images to score (default: the bundled samples).")
-@click.option("--max-score-diff", type=float, default=0.02, show_default=True,
+@click.option("--max-score-diff", type=float, default=DEFAULT_MAX_SCORE_DIFF, show_default=True,
               help="Fail when an image's score differs from fp32 PyTorch by more than this (1..5 scale).")
 @click.option("--device", help="aoti: cpu or cuda[:N] (default: what the engine was built for); tensorrt: cuda[:N].")
 @click.option("--batch-size", "-b", default=8, show_default=True, type=click.IntRange(min=1), help="Images per call.")

@@ -11,6 +11,7 @@ import click
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
 from rali_edge.cli.common import OUTPUT_FILE, backend_options
 from rali_edge.errors import OutputError
+from rali_edge.evaluation import LABELS
 
 
 @click.command(
@@ -25,7 +26,7 @@ Examples:
 @click.argument("model")
 @click.argument("dataset", type=click.Path(dir_okay=False))
 @click.option("--root", type=click.Path(file_okay=False), help="Folder the image paths are relative to. Default: the dataset file's folder.")
-@click.option("--label", type=click.Choice(["auto", "gt_score", "gt_score_norm"]), default="auto", show_default=True,
+@click.option("--label", type=click.Choice(LABELS), default="auto", show_default=True,
               help="Metas JSON: which label to use (auto: gt_score_norm when every entry has it). Rank metrics do not depend on it.")
 @backend_options
 @click.option("--batch-size", "-b", default=16, show_default=True, type=click.IntRange(min=1), help="Images per encoder call.")

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
+from rali_edge.evaluation import LABELS
 
 
 @click.command(
@@ -25,7 +26,7 @@ Examples:
               help="Model folder to write: a new or empty folder, or a model folder with --force.")
 @click.option("--force", is_flag=True, help="Overwrite the model folder OUTPUT if it holds one.")
 @click.option("--root", type=click.Path(file_okay=False), help="Folder the image paths are relative to. Default: the dataset file's folder.")
-@click.option("--label", type=click.Choice(["auto", "gt_score", "gt_score_norm"]), default="auto", show_default=True,
+@click.option("--label", type=click.Choice(LABELS), default="auto", show_default=True,
               help="Metas JSON: which label to fit (auto: gt_score_norm, the 1..5 scale, when every entry has it).")
 @click.option("--pca-dim", default=512, show_default=True, type=click.IntRange(min=1), help="P: PCA dimensions (at most the embedding size).")
 @click.option("--prototypes", default=250, show_default=True, type=click.IntRange(min=1), help="K: prototypes in all.")

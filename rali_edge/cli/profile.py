@@ -11,6 +11,7 @@ import click
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK
 from rali_edge.cli.common import OUTPUT_FOLDER, model_options
 from rali_edge.errors import OutputError
+from rali_edge.profiling.power import POWER_KINDS
 
 
 def parse_batch_sizes(ctx, param, value: str) -> list[int]:
@@ -98,7 +99,7 @@ Examples:
               help="Image files or folders to profile on (repeatable; unreadable files are skipped and listed). "
                    "Default: the bundled clean photographs enlarged to 12 MP (4032 pixels on the long side), so that "
                    "decoding and resizing cost what phone photographs cost.")
-@click.option("--power", type=click.Choice(["auto", "nvml", "jetson", "tegrastats", "none"]), default="auto",
+@click.option("--power", type=click.Choice(POWER_KINDS), default="auto",
               show_default=True, help="Power source. auto: Jetson sensors, then tegrastats, then NVML, else none.")
 @click.option("--sysfs-root", default="/sys", show_default=True, type=click.Path(),
               help="Stands in for /sys when looking for Jetson power sensors.")
