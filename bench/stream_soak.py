@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from rali_edge.runtime.sources import parse_source, require_cv2
-from rali_edge.runtime.stream import JsonlWriter, StreamOptions, StreamRuntime
+from rali_edge.runtime.stream import JsonlWriter, StreamOptions, StreamRuntime, warm_up
 
 
 def rss_mib() -> float:
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
 
         scorer = rali_edge.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, engine=args.engine)
         score_batch, scorer_name = scorer.score_arrays, f"{args.model or 'built-in'} {scorer.backend} {args.device} {scorer.dtype_name}"
-        score_batch([np.full((224, 224, 3), 128, np.uint8)])  # warm-up, as the CLI does
+        warm_up(score_batch)  # as the CLI does
 
     specs = [parse_source(str(video)) for _ in range(args.sources)]
     options = StreamOptions(policy=args.policy, max_batch=args.max_batch, loop=True, realtime=args.realtime,

@@ -12,7 +12,8 @@ import click
 
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
 from rali_edge.cli.common import OUTPUT_FILE_OR_STDOUT, model_options
-from rali_edge.errors import ModelLoadError, OutputError, RaliEdgeError, ScoringError
+from rali_edge.errors import ModelLoadError, RaliEdgeError
+from rali_edge.runtime.stream import SafeSink, checked, warm_up
 
 
 EPILOG = """\b
@@ -151,61 +152,6 @@ def load_scorer_or_explain(model_kwargs):
         raise ModelLoadError(f"cannot load the model: {e}") from None
     except Exception as e:  # noqa: BLE001  torch/engine loaders raise many types; the user needs the message
         raise ModelLoadError(f"cannot load the model: {type(e).__name__}: {e}") from None
-
-
-def warm_up(score_batch) -> None:
-    """One throw-away call before the readers start: the first call pays for lazy init and kernel
-    compilation, which would otherwise show as latency (and drops) on the first real frames."""
-    import numpy as np
-
-    score_batch([np.full((224, 224, 3), 128, np.uint8)])
-
-
-def checked(score_batch):
-    def score(frames):
-        try:
-            return score_batch(frames)
-        except RaliEdgeError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise ScoringError(f"scoring failed: {type(e).__name__}: {e}") from e
-
-    return score
-
-
-class SafeSink:
-    """A writer that turns a closed pipe (`rali-edge stream ... | head`) into a clean stop, and a
-    failed write (a full disk) into a stop and then one error (`failed`), the lines before kept."""
-
-    def __init__(self, writer, stop: threading.Event, name: str):
-        self.writer, self.stop, self.name = writer, stop, name
-        self.broken = False
-        self.failed: OutputError | None = None
-
-    def write(self, record: dict) -> None:
-        if self.broken:
-            return
-        try:
-            self.writer.write(record)
-        except BrokenPipeError:
-            self.broken = True
-            self.stop.set()
-            # Python would complain again when it flushes stdout at exit.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except OSError as e:
-            self.broken = True
-            self.failed = OutputError(f"writing {self.name}: {e.strerror or e}; the frames before were written")
-            self.stop.set()
-
-    def close(self) -> None:
-        if not self.broken:
-            try:
-                self.writer.close()
-            except BrokenPipeError:
-                pass
-            except OSError as e:
-                self.failed = OutputError(f"writing {self.name}: {e.strerror or e}")
 
 
 def install_stop_handlers(stop: threading.Event, outputs: list):
