@@ -32,10 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 def make_jpegs(folder: Path, n: int, pixels: int, tag: str) -> list[str]:
     """`n` JPEG files of about `pixels` pixels each, cycling through the bundled photographs."""
-    from rali_edge.images import images_in
-    from rali_edge.profiling.runner import SAMPLES_DIR
+    from rali_edge.images import sample_images
 
-    samples = images_in(SAMPLES_DIR)
+    samples = sample_images()
     sources = []
     for p in samples:
         im = Image.open(p).convert("RGB")

@@ -146,8 +146,7 @@ def accuracy_images(folder: Path) -> list[str]:
     from PIL import Image
 
     from rali_edge.distortions import distort
-    from rali_edge.engines.fidelity import sample_images
-    from rali_edge.images import open_image
+    from rali_edge.images import open_image, sample_images
 
     folder.mkdir()
     rng, paths = np.random.default_rng(1), []

@@ -170,7 +170,7 @@ def slower_than_eager(engine: Path) -> str | None:
     if info.precision != "fp32" or not engine_s or not reference_s or engine_s <= SPEED_MARGIN * reference_s:
         return None
     return (f"its {info.target} fp32 engine scored the fidelity images slower than eager PyTorch fp32 here "
-            f"({engine_s:.3g} s against {reference_s:.3g} s, measured when it was built)")
+            f"({engine_s:.2f} s against {reference_s:.2f} s, measured when it was built)")
 
 
 def entry_path(manifest, choice: Choice, device: str, batch: BatchRange | None = None) -> Path:

@@ -16,14 +16,13 @@ import gc
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from rali_edge.errors import RaliEdgeError, UsageError
 from rali_edge.evaluation import srcc
-from rali_edge.images import describe_suffixes, images_in
+from rali_edge.images import describe_suffixes, images_in, sample_images
 
 DEFAULT_MAX_SCORE_DIFF = 0.02
 
@@ -55,12 +54,6 @@ class FidelityReport:
         if self.skipped:
             text += f"; {self.skipped} unreadable images skipped"
         return text
-
-
-def sample_images() -> list[Path]:
-    """The images bundled with rali-edge (rali_edge/assets/samples/)."""
-    folder = Path(str(resources.files("rali_edge") / "assets" / "samples"))
-    return images_in(folder) if folder.is_dir() else []
 
 
 def fidelity_images(calib_dir: str | Path | None = None) -> list[Path]:
@@ -176,5 +169,4 @@ __all__ = [
     "compare",
     "exact_fp32",
     "fidelity_images",
-    "sample_images",
 ]

@@ -223,6 +223,15 @@ def natural_key(name: str):
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(name))]
 
 
+# The bundled samples: whole photographs, clean and distorted (make demo, the fidelity check, profile).
+SAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "samples"
+
+
+def sample_images() -> list[Path]:
+    """The images bundled with rali-edge (rali_edge/assets/samples/); none in an install without them."""
+    return images_in(SAMPLES_DIR) if SAMPLES_DIR.is_dir() else []
+
+
 def images_in(folder: str | Path) -> list[Path]:
     """The image files under `folder` (recursively), in natural order of their path."""
     folder = Path(folder)

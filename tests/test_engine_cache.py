@@ -88,7 +88,7 @@ def test_an_fp32_engine_timed_slower_than_eager_is_not_used(auto, small_model, p
         scorer = rali_edge.load(small_model, dtype="fp32")
         assert scorer.backend == expected
         note = capsys.readouterr().err
-        assert ("slower than eager PyTorch" in note and "5.0 s against 2.0 s" in note) == (expected == "torch")
+        assert ("slower than eager PyTorch" in note and "5.00 s against 2.00 s" in note) == (expected == "torch")
     assert scorer.score(photos) == pytest.approx(torch_scores(small_model, photos), abs=FP32_TOL)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from rali_edge.errors import ImageError, RaliEdgeError
-from rali_edge.images import find_images, images_in, open_image
+from rali_edge.images import find_images, open_image, sample_images
 from rali_edge.profiling.power import PowerSampler, PowerTrace, energy_report, measure_idle
 from rali_edge.profiling.stats import (
     StageTimer,
@@ -37,7 +37,6 @@ from rali_edge.profiling.stats import (
 
 RALI_STAGES = ("decode", "preprocess", "encoder", "head", "total")
 BASELINE_STAGES = ("decode", "preprocess", "prefill", "generation", "total")
-SAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "samples"
 
 Progress = Callable[[str], None]
 
@@ -124,7 +123,7 @@ def bundled_photographs(long_side: int = DEFAULT_LONG_SIDE, distorted: bool = Fa
     `long_side`, JPEG-encoded in memory."""
     from PIL import Image
 
-    samples = images_in(SAMPLES_DIR) if SAMPLES_DIR.is_dir() else []
+    samples = sample_images()
     clean = [f for f in samples if distorted or "_clean" in f.name]
     if not clean:
         return synthetic_images()

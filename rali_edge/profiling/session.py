@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rali_edge.engines.backends import default_backend
 from rali_edge.errors import MissingDependencyError, UsageError
+from rali_edge.images import SAMPLES_DIR
 from rali_edge.profiling import report as rep
 from rali_edge.profiling import runner
 from rali_edge.profiling.power import cuda_uuid, pick_sampler
@@ -178,7 +179,7 @@ def _images(profile: dict, paths, line) -> runner.ImageSet:
         profile["notes"].append(f"{len(images.skipped)} files could not be read and were left out: "
                                 + ", ".join(s["path"] for s in images.skipped))
     if images.origin == "synthetic":
-        profile["notes"].append(f"no bundled sample images were found ({runner.SAMPLES_DIR}); profiled on "
+        profile["notes"].append(f"no bundled sample images were found ({SAMPLES_DIR}); profiled on "
                                 f"{len(images.sources)} synthetic 1024x768 JPEG images")
     return images
 
