@@ -28,7 +28,7 @@ JPEG_QUALITY = 85  # 95 doubled the files (the noisy ones compress least); 85 ke
 SEED = 0
 
 
-def sample_images() -> dict[str, bytes]:
+def make_sample_images() -> dict[str, bytes]:
     """File name -> JPEG bytes, the same on every run."""
     files = {}
     for name, distortions in SAMPLES:
@@ -68,11 +68,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     total = 0
-    for file, data in sample_images().items():
+    for file, data in make_sample_images().items():
         (args.out / file).write_bytes(data)
         total += len(data)
     (args.out / "LICENSES.md").write_text(licences_text())
-    print(f"wrote {len(sample_images())} images ({total / 1000:.0f} KB) and LICENSES.md to {args.out}")
+    print(f"wrote {len(make_sample_images())} images ({total / 1000:.0f} KB) and LICENSES.md to {args.out}")
 
 
 if __name__ == "__main__":
