@@ -50,13 +50,13 @@ def why_not_writable(path: str | Path, folder: bool = False) -> str | None:
         path = next((p for p in (path, *path.parents) if p.exists()), Path("."))
         if not path.is_dir():
             return f"{path} is a file, not a folder"
-    folder = path if path.is_dir() else path.parent
-    if folder.exists() and not folder.is_dir():
-        return f"{folder} is a file, not a folder"
-    if not folder.is_dir():
-        return f"the folder {folder} does not exist (create it first)"
+    where = path if path.is_dir() else path.parent
+    if where.exists() and not where.is_dir():
+        return f"{where} is a file, not a folder"
+    if not where.is_dir():
+        return f"the folder {where} does not exist (create it first)"
     try:
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=where):
             pass
         if path.is_file():
             with open(path, "ab"):
@@ -128,8 +128,6 @@ class ResultFile:
             self._add(result)
 
     def _add(self, result) -> None:
-        if self.out is False:
-            raise OutputError(f"{self.path or 'standard output'} is closed")
         if self.out is None:
             self._open()
         self.count += 1

@@ -20,7 +20,6 @@ from rali_edge.engines.naming import DEFAULT_BATCH, PRECISIONS
 from rali_edge.errors import FidelityCheckFailed
 
 
-
 @click.command(
     "build",
     epilog="""\b
