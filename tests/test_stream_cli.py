@@ -320,3 +320,13 @@ def test_an_empty_folder_source_is_a_usage_error(tmp_path):
     (tmp_path / "notes.txt").write_text("no images here")
     result = CliRunner().invoke(main, ["stream", str(tmp_path)])
     assert result.exit_code == 2 and "no images in this folder" in result.output, result.output
+
+
+def test_a_folder_source_with_no_decodable_image_is_a_failed_source(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for name in ("a.jpg", "b.png"):
+        (folder / name).write_bytes(b"not an image")
+    result = CliRunner().invoke(main, ["stream", str(folder)])
+    assert result.exit_code == 1, result.output
+    assert "no frame could be decoded (2 skipped)" in result.output

@@ -279,6 +279,9 @@ class StreamRuntime:
                         if opts.loop and played > 0:  # (an empty file would loop forever)
                             selector.reset()
                             continue
+                        if taken == 0 and state.skipped:  # frames, but none decodable: a bad file or folder
+                            self._set_status(state, "failed", f"no frame could be decoded ({state.skipped} skipped)")
+                            return
                         self._set_status(state, "ended")
                         return
                     with self.cond:
