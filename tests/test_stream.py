@@ -509,3 +509,12 @@ def test_video_file_reader_resumes_at_a_frame(tmp_path):
     # MJPEG is lossy: +-6 levels on flat colours. BGR (120, 0, 135) must come back as RGB (135, 0, 120).
     assert abs(reader.timestamp - 0.4) < 1e-6
     assert np.allclose(rgb[16, 16], (135, 0, 120), atol=6)
+
+
+def test_a_camera_that_is_not_there_says_so_while_it_is_retried():
+    pytest.importorskip("cv2")
+    from rali_edge.errors import SourceOpenError
+    from rali_edge.runtime.sources import VideoReader
+
+    with pytest.raises(SourceOpenError, match=r"there is no /dev/video97 \(cameras here: "):
+        VideoReader(parse_source("/dev/video97"))

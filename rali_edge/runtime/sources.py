@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import numpy as np
 
 from rali_edge.errors import MissingDependencyError, RaliEdgeError, SourceError, SourceOpenError
-from rali_edge.images import IMAGE_SUFFIXES, describe_suffixes, images_in
+from rali_edge.images import IMAGE_SUFFIXES, describe_suffixes, images_in, natural_key
 
 INSTALL_HINT = "pip install 'rali-edge[stream]'"
 NETWORK_SCHEMES = {"rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt", "rtp"}
@@ -142,6 +142,11 @@ def check_available(spec: SourceSpec) -> None:
         )
 
 
+def _cameras() -> str:
+    found = sorted(Path("/dev").glob("video*"), key=lambda p: natural_key(p.name))
+    return ", ".join(str(p) for p in found) or "none"
+
+
 class VideoReader:
     """cv2.VideoCapture for files, V4L2 devices, network URLs and GStreamer pipelines."""
 
@@ -160,7 +165,11 @@ class VideoReader:
             cap = cv2.VideoCapture(spec.target, cv2.CAP_ANY)
         if not cap.isOpened():
             cap.release()
-            raise SourceOpenError(f"cannot open {spec.text!r} as a {spec.kind} source")
+            # A camera that is not there yet is retried (it may be plugged in); say so, since a typo
+            # in the device number looks the same.
+            missing = spec.kind == "v4l2" and not Path(spec.target).exists()
+            raise SourceOpenError(f"cannot open {spec.text!r} as a {spec.kind} source"
+                                  + (f": there is no {spec.target} (cameras here: {_cameras()})" if missing else ""))
         if spec.kind == "v4l2":
             self._configure_v4l2(cap, spec.options)
         if start_frame > 0 and not spec.live:  # resume a file after a read failure
