@@ -52,6 +52,11 @@ class OutputError(RaliEdgeError):
     exit_code = 4
 
 
+class OutputClosed(OutputError):
+    """The reader of standard output went away (`rali-edge score ... | head`): what it read was
+    written; the command stops quietly."""
+
+
 class DatasetError(UsageError):
     """A dataset file cannot be read or has no usable labels."""
 

@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from rali_edge.errors import OutputError, UsageError
+from rali_edge.errors import OutputClosed, OutputError, UsageError
 
 FORMATS = ("table", "json", "csv", "jsonl", "parquet")
 STREAMED = ("csv", "jsonl", "parquet")  # written as scored; the ones --resume can continue
@@ -66,6 +66,13 @@ def why_not_writable(path: str | Path, folder: bool = False) -> str | None:
     return None
 
 
+def _silence_stdout() -> None:
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):  # no file descriptor (a test's captured stdout)
+        pass
+
+
 def format_for(path: str | Path | None, fmt: str | None) -> str:
     """The format asked for, else the one the output's suffix names (.csv, .jsonl, .json), else table."""
     if fmt:
@@ -101,6 +108,10 @@ class ResultFile:
         try:
             yield
         except OSError as e:
+            if isinstance(e, BrokenPipeError) and not self.path:
+                self.out = False
+                _silence_stdout()  # Python would report the pipe again when it flushes stdout at exit
+                raise OutputClosed("standard output was closed by its reader") from None
             if self.path and self.out not in (None, False) and hasattr(self.out, "close"):
                 try:
                     self.out.close()
@@ -151,8 +162,11 @@ class ResultFile:
         if self.out is None and not create:
             self.out = False
             return
-        with self._writing():
-            self._close()
+        try:
+            with self._writing():
+                self._close()
+        except OutputClosed:  # at the end (json, table): the reader has gone, nothing is lost to it
+            pass
 
     def _close(self) -> None:
         if self.out is None:

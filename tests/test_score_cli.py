@@ -212,3 +212,26 @@ def test_an_output_suffix_that_names_no_format_gets_the_table_and_a_note(small_m
     assert (tmp_path / "r.txt").read_text().startswith("  score  path")
     explicit = run("score", "-q", "--model", small_model, photos[0], "-o", tmp_path / "t.txt", "--format", "table")
     assert explicit.exit_code == 0 and "suffix" not in explicit.stderr
+
+
+def test_a_reader_that_closes_stdout_stops_score_quietly(small_model, photos, tmp_path, monkeypatch):
+    # `rali-edge score ... | head -1`: the pipe closes under the writer; score stops, exit 0, no error.
+    from rali_edge import results
+
+    real = results.ResultFile._add
+    calls = []
+
+    def pipe_closes_at_the_second_row(self, result):
+        calls.append(result.path)
+        if len(calls) == 2:
+            raise BrokenPipeError(32, "Broken pipe")
+        return real(self, result)
+
+    monkeypatch.setattr(results.ResultFile, "_add", pipe_closes_at_the_second_row)
+    result = run("score", "-q", "--model", small_model, "--format", "jsonl", *photos)
+    assert result.exit_code == 0 and "error" not in result.stderr, result.output
+    assert len(calls) == 2 and "1 scored" in result.stderr  # it stopped at the closed pipe
+    # Into a named file (a FIFO whose reader left), a broken pipe stays an error.
+    calls.clear()
+    named = run("score", "-q", "--model", small_model, *photos, "-o", tmp_path / "out.jsonl")
+    assert named.exit_code == 4 and "writing" in named.stderr and "Broken pipe" in named.stderr

@@ -11,6 +11,7 @@ import click
 
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
 from rali_edge.cli.common import OUTPUT_FILE, model_options
+from rali_edge.errors import OutputClosed
 from rali_edge.results import FORMATS
 
 @click.command(
@@ -96,6 +97,8 @@ def score_command(paths, batch_size, fmt, output, resume, lists, workers, ray_ad
                 writer.add(result)
                 failed += result.error is not None
                 bar.update(1)
+    except OutputClosed:
+        pass  # the reader of stdout (`| head`) took what it wanted: stop quietly, as `stream` does
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
         click.echo(f"interrupted: writing the {writer.count} results so far", err=True)
