@@ -10,6 +10,7 @@ them with their durations (stderr by default; `Progress(quiet=True)` prints noth
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import threading
@@ -183,7 +184,10 @@ def build(model: str | Path | None, target: str, *, precision: str | None = None
                       runtime=runtime, build_options={"target": target, "precision": request.precision,
                                                       "batch": str(batch), "head": head},
                       preprocess=manifest.preprocess, onnx_opset=opset)
-    written = [engine, sidecar_path(engine)]
+    # Built and checked under a hidden name, then renamed: a failed build never touches an engine
+    # already at `engine` (an earlier, checked build of the same name).
+    work = engine.with_name(f".{engine.stem}.building{engine.suffix}")
+    written = [work, sidecar_path(work)]
     forms = chosen.forms(request) if check else chosen.forms(request)[-1:]
     # The scratch folder outlives each form (a later form may reuse an earlier one's export) and
     # goes when the build ends, however it ends.
@@ -196,13 +200,15 @@ def build(model: str | Path | None, target: str, *, precision: str | None = None
                 # The backend loads the model itself, when and if it needs it: it can free the weights
                 # once it is done with them (TensorRT builds want that memory), and a form that reuses an
                 # earlier form's export does not load them at all (seconds and 1.2 GB for ViT-L).
-                chosen.build(lambda: load_model(path)[0], engine, attempt, info, progress, written)
-                write_sidecar(engine, info)
-                progress.note(f"engine: {engine} ({engine.stat().st_size / 2**20:.1f} MiB)")
-                report = _check(path, engine, info, images, max_score_diff, keep_failed and last, device,
+                chosen.build(lambda: load_model(path)[0], work, attempt, info, progress, written)
+                write_sidecar(work, info)
+                progress.note(f"engine: {engine} ({work.stat().st_size / 2**20:.1f} MiB)")
+                report = _check(path, work, engine, info, images, max_score_diff, keep_failed and last, device,
                                 progress) if check else None
-            except FidelityCheckFailed as e:  # the check kept or deleted the engine (keep_failed)
+            except FidelityCheckFailed as e:  # the check kept (keep_failed) or deleted the engine
                 if last:
+                    if work.exists():
+                        _publish(written, engine)
                     raise
                 progress.note(f"{request.precision} as {form} failed the fidelity check ({e.short}); "
                               f"building it as {forms[i + 1]}")
@@ -212,7 +218,17 @@ def build(model: str | Path | None, target: str, *, precision: str | None = None
                 for p in written:
                     p.unlink(missing_ok=True)
                 raise
+            _publish(written, engine)
             return Built(engine, info, report)
+
+
+def _publish(written: list[Path], engine: Path) -> None:
+    """Rename the files built under the hidden name (engine, sidecar, extras such as TensorRT's
+    kept ONNX file) to the engine's name; the engine first, so a sidecar always names a whole engine."""
+    work = written[0]
+    for p in written:
+        if p.exists() and p.name.startswith(work.name):
+            os.replace(p, p.with_name(engine.name + p.name[len(work.name):]))
 
 
 @dataclass
@@ -289,8 +305,9 @@ def _decodes(path: Path) -> bool:
     return True
 
 
-def _check(model_path: Path, engine: Path, info: EngineInfo, images: list[Path], max_score_diff: float,
+def _check(model_path: Path, engine: Path, final: Path, info: EngineInfo, images: list[Path], max_score_diff: float,
            keep_failed: bool, device: str, progress: Progress) -> FidelityReport:
+    """Check `engine` (built under its hidden name); messages name `final`, where it will be."""
     with progress.step(f"fidelity check on {len(images)} images against fp32 PyTorch"):
         report = check_engine(model_path, engine, info.target, images, max_score_diff, device=device)
     info.fidelity = report.to_dict()
@@ -302,7 +319,7 @@ def _check(model_path: Path, engine: Path, info: EngineInfo, images: list[Path],
             sidecar_path(engine).unlink(missing_ok=True)
             where = "the engine was deleted (--keep-failed keeps it)"
         else:
-            where = f"the engine is kept at {engine}, marked as failed in its sidecar"
+            where = f"the engine is kept at {final}, marked as failed in its sidecar"
         short = f"fidelity check failed: max |score diff| {report.max_abs_diff:.4f} > {max_score_diff}"
         raise FidelityCheckFailed(
             f"{short} (worst image: {report.worst_image}); {where}. Try --precision fp32, or raise --max-score-diff "

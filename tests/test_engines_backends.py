@@ -170,3 +170,21 @@ def test_build_refuses_the_options_of_another_backend(small_model, tmp_path):
     assert not list(tmp_path.iterdir())
     plain = CliRunner().invoke(main, ["build", str(small_model), "--target", "onnx", "-o", str(tmp_path), "--no-check"])
     assert plain.exit_code == 0, plain.output  # the TensorRT options' defaults are not "given"
+
+
+def test_a_failed_rebuild_leaves_the_engine_already_there(small_model, photos, tmp_path, monkeypatch):
+    from rali_edge.engines import builder
+    from rali_edge.engines.naming import sidecar_path
+    from rali_edge.errors import RaliEdgeError
+
+    first = builder.build(small_model, "onnx", output=tmp_path, calib_dir=photos[0].parent)
+    engine, sidecar = first.engine.read_bytes(), sidecar_path(first.engine).read_text()
+
+    def check_engine(*args, **kwargs):
+        raise RaliEdgeError("no image could be scored")
+
+    monkeypatch.setattr(builder, "check_engine", check_engine)
+    with pytest.raises(RaliEdgeError, match="no image could be scored"):
+        builder.build(small_model, "onnx", output=tmp_path, calib_dir=photos[0].parent)
+    assert first.engine.read_bytes() == engine and sidecar_path(first.engine).read_text() == sidecar
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.engine.name, sidecar_path(first.engine).name])
