@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import signal
+import threading
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -54,12 +56,18 @@ def ray_session(address: str):
         return
     if address not in ("auto", "local"):
         _check_reachable(address)
+    # ray.init puts its own SIGTERM handler (sys.exit) in place of the caller's: the CLI's makes
+    # SIGTERM stop a run as Ctrl-C does, keeping its rows, so it is put back.
+    term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         ray.init(address=None if address == "local" else address, include_dashboard=False,
                  log_to_driver=False, logging_level="ERROR", configure_logging=True)
     except ConnectionError as e:
         hint = "start one with `ray start --head`, or use --ray local" if address == "auto" else "is it running?"
         raise UsageError(f"--ray {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0][:160]}); {hint}") from None
+    finally:
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
     try:
         yield
     finally:

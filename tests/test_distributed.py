@@ -164,3 +164,17 @@ def test_a_model_the_actors_cannot_load_is_a_one_line_error_and_keeps_finished_r
     assert isinstance(result.exception, SystemExit)
     assert any(line.startswith("error: on a Ray worker:") for line in result.output.splitlines())
     assert out.read_text() == "path,score,error\nkept.jpg,3.000000,\n"
+
+
+def test_starting_ray_keeps_the_callers_sigterm_handler(tmp_path):
+    """ray.init replaces SIGTERM's handler with sys.exit; the CLI's (stop as Ctrl-C does, keeping the
+    rows) must survive it. In a fresh process: the module's cluster is already running here."""
+    code = ("import signal, rali_edge.distributed as d\n"
+            "mine = lambda *args: None\n"
+            "signal.signal(signal.SIGTERM, mine)\n"
+            "with d.ray_session('local'):\n"
+            "    print('kept' if signal.getsignal(signal.SIGTERM) is mine else 'replaced')\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "kept"
