@@ -40,8 +40,9 @@ PART_GLOB = "part-*.parquet"
 
 
 def why_not_writable(path: str | Path, folder: bool = False) -> str | None:
-    """Why `path` cannot be written, found by trying: a temporary file in its folder, the file
-    itself opened for appending (which changes nothing). None when it can. `path` is a file to
+    """Why `path` cannot be written, found by trying: an existing file opened for appending (which
+    changes nothing; its folder need not be writable), else a temporary file in its folder. None
+    when it can. `path` is a file to
     write (or a folder of parts when it is one), or with `folder` a folder to write files into,
     made with its parents if missing (so its first existing ancestor is tried). Permission bits
     alone do not tell: /proc, a read-only mount or a full quota answer only when written to."""
@@ -56,17 +57,21 @@ def why_not_writable(path: str | Path, folder: bool = False) -> str | None:
     if not where.is_dir():
         return f"the folder {where} does not exist (create it first)"
     try:
-        with tempfile.TemporaryFile(dir=where):
-            pass
-        if path.is_file():
+        if path.is_file() or path.is_char_device():  # a file, or a device such as /dev/null
             with open(path, "ab"):
                 pass
+        elif not path.exists():
+            with tempfile.TemporaryFile(dir=where):
+                pass
+        # else a FIFO or socket: opening it would wait for its reader, so it is taken as it is
     except OSError as e:
         return e.strerror or str(e)
     return None
 
 
-def _silence_stdout() -> None:
+def silence_stdout() -> None:
+    """Point stdout's file descriptor at /dev/null after a write to it failed: what Python still
+    buffers would fail again when it flushes at exit (a second message, and exit code 120)."""
     try:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (OSError, ValueError, io.UnsupportedOperation):  # no file descriptor (a test's captured stdout)
@@ -108,10 +113,11 @@ class ResultFile:
         try:
             yield
         except OSError as e:
-            if isinstance(e, BrokenPipeError) and not self.path:
+            if not self.path:  # what stdout still buffers would fail again when Python flushes it at exit
                 self.out = False
-                _silence_stdout()  # Python would report the pipe again when it flushes stdout at exit
-                raise OutputClosed("standard output was closed by its reader") from None
+                silence_stdout()
+                if isinstance(e, BrokenPipeError):
+                    raise OutputClosed("standard output was closed by its reader") from None
             if self.path and self.out not in (None, False) and hasattr(self.out, "close"):
                 try:
                     self.out.close()

@@ -186,3 +186,38 @@ def test_usage_mistakes_are_exit_2(small_model, photos, tmp_path, monkeypatch):
     built = run("build", small_model, "--target", "onnx", "-o", tmp_path, "--calib-dir", unreadable)
     assert_clean_error(built, EXIT_USAGE, "none of its 1 images can be read")
     assert "exporting" not in built.output and not list(tmp_path.glob("*.onnx"))  # refused before building
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device whose writes fail: disk full")
+def test_standard_output_on_a_full_disk_is_one_line_and_exit_4(small_model, photos):
+    # `rali-edge score ... > /dev/full`: the shell's redirection skips -o's check. What stdout still
+    # buffers must not fail a second time at exit (Python then reports it and exits 120).
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "rali_edge.cli", "score", "-q", "--model", str(small_model),
+                                 "--format", "jsonl", *map(str, photos)], stdout=full, stderr=subprocess.PIPE,
+                                text=True, env=env, timeout=300)
+    assert result.returncode == 4, result.stderr
+    assert "error: writing standard output: No space left on device" in result.stderr
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_writability_probe_leaves_devices_and_fifos_alone(tmp_path):
+    import os
+    import threading
+
+    from rali_edge.results import why_not_writable
+
+    assert why_not_writable("/dev/null") is None
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    answer = []
+    probe = threading.Thread(target=lambda: answer.append(why_not_writable(fifo)), daemon=True)
+    probe.start()
+    probe.join(timeout=5)
+    assert answer == [None]  # opening a FIFO with no reader would have waited forever
+    assert not [p for p in tmp_path.iterdir() if p != fifo]  # no stray file

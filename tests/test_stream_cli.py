@@ -330,3 +330,18 @@ def test_a_folder_source_with_no_decodable_image_is_a_failed_source(tmp_path):
     result = CliRunner().invoke(main, ["stream", str(folder)])
     assert result.exit_code == 1, result.output
     assert "no frame could be decoded (2 skipped)" in result.output
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device whose writes fail: disk full")
+def test_stream_to_a_full_standard_output_is_one_line_and_exit_4(video):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "rali_edge.cli", "stream", str(video)], stdout=full,
+                                stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+    assert result.returncode == 4, result.stderr
+    assert "error: writing standard output: No space left on device" in result.stderr
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr

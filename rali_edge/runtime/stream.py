@@ -41,6 +41,7 @@ from typing import Callable
 import numpy as np
 
 from rali_edge.errors import OutputError, RaliEdgeError, ScoringError
+from rali_edge.results import silence_stdout
 from rali_edge.runtime.sources import SourceSpec, open_source
 
 POLICIES = ("latest", "all")
@@ -726,16 +727,13 @@ class SafeSink:
             return
         try:
             self.writer.write(record)
-        except BrokenPipeError:
-            self.broken = True
-            self.stop.set()
-            # Python would complain again when it flushes stdout at exit.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
         except OSError as e:
             self.broken = True
-            self.failed = OutputError(f"writing {self.name}: {e.strerror or e}; the frames before were written")
             self.stop.set()
+            if getattr(self.writer, "stream", None) is sys.stdout:
+                silence_stdout()
+            if not isinstance(e, BrokenPipeError):  # a closed pipe (`| head`) is a clean stop
+                self.failed = OutputError(f"writing {self.name}: {e.strerror or e}; the frames before were written")
 
     def close(self) -> None:
         if not self.broken:
