@@ -396,3 +396,22 @@ def test_ctrl_c_keeps_the_batch_sizes_that_finished(small_model, image_dir, tmp_
     nothing = run_profile("--model", str(small_model), "--batch-sizes", "1", "--iters", "2", "--power", "none",
                           "--images", image_dir, "--idle-seconds", "0", "--report", str(tmp_path / "none"))
     assert nothing.exit_code == 130 and "no report" in nothing.stderr and not (tmp_path / "none").exists()
+
+
+def test_ctrl_c_after_the_rali_runs_keeps_them_all(small_model, image_dir, tmp_path, monkeypatch):
+    from rali_edge.profiling import report as rep
+
+    def interrupted(device):
+        raise KeyboardInterrupt
+
+    calls = []
+    real = rep.environment
+    # The first read of the environment is interrupted (nvidia-smi can take seconds); the report's is not.
+    monkeypatch.setattr(rep, "environment", lambda device: calls.append(device) or (
+        interrupted(device) if len(calls) == 1 else real(device)))
+    out = tmp_path / "report"
+    result = run_profile("--model", str(small_model), "--batch-sizes", "1,2", "--iters", "2", "--power", "none",
+                         "--images", image_dir, "--idle-seconds", "0", "--report", str(out))
+    assert result.exit_code == 130, result.output
+    assert "interrupted after the RALI runs" in result.stderr
+    assert [r["batch_size"] for r in load_report(out)["rali"]["runs"]] == [1, 2]

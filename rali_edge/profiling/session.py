@@ -135,20 +135,23 @@ def run_profile(model=None, *, backend: str | None = None, engine=None, device: 
                       f"during the RALI runs (batch sizes {batch_sizes} asked for)")
             e.partial_profile = profile if profile["rali"]["runs"] else None
             raise
-        del scorer
-        _free_memory(device)
-        _complete(profile, runs, device)
-        for r in runs:
-            line.keep(f"RALI batch {r.batch_size}: {r.per_image_ms:.3g} ms/image, {r.images_per_s:.4g} images/s")
-        if baseline is not None:
-            try:
+        try:  # from here on every RALI run is finished: a Ctrl-C keeps them all
+            _complete(profile, runs, device)
+            del scorer
+            _free_memory(device)
+            for r in runs:
+                line.keep(f"RALI batch {r.batch_size}: {r.per_image_ms:.3g} ms/image, {r.images_per_s:.4g} images/s")
+            if baseline is not None:
                 profile["baseline"] = _run_baseline(baseline, image_set, device, sampler, idle, line)
-            except KeyboardInterrupt as e:
-                profile["interrupted"] = "during the baseline: RALI's figures are complete, the baseline's missing"
-                profile["notes"].append(f"interrupted {profile['interrupted']}")
-                e.partial_profile = profile
-                raise
-            profile["comparison"] = rep.comparison(profile)
+                profile["comparison"] = rep.comparison(profile)
+        except KeyboardInterrupt as e:
+            if "comparison" not in profile:  # stopped while the environment was read
+                _complete(profile, runs, device)
+            profile["interrupted"] = "after the RALI runs: RALI's figures are complete" + (
+                ", the baseline's missing" if baseline is not None else "")
+            profile["notes"].append(f"interrupted {profile['interrupted']}")
+            e.partial_profile = profile
+            raise
     finally:
         sampler.close()
     return profile
