@@ -402,7 +402,7 @@ def test_build_target_auto_labels_each_row_with_the_path_that_ran(auto, small_mo
 def test_build_target_auto_refuses_the_options_it_would_ignore(auto, small_model, tmp_path):
     result = CliRunner().invoke(main, ["build", str(small_model), "--target", "auto", "-o", str(tmp_path),
                                        "--batch", "1:1:1", "--no-check"])
-    assert result.exit_code == 2 and "--batch, --output, --check: not with --target auto" in result.output
+    assert result.exit_code == 2 and "--batch, --output, --no-check: not with --target auto" in result.output
     assert auto == [] and list(tmp_path.iterdir()) == []  # nothing built
 
 

@@ -99,7 +99,8 @@ def _given(name: str) -> bool:
 
 def _refuse_options_auto_ignores() -> None:
     ctx = click.get_current_context()
-    given = [param.opts[0] for param in ctx.command.params if param.name not in AUTO_TAKES and _given(param.name)]
+    given = [(param.secondary_opts or param.opts)[0] if ctx.params[param.name] is False else param.opts[0]
+             for param in ctx.command.params if param.name not in AUTO_TAKES and _given(param.name)]
     if given:
         raise click.UsageError(f"{', '.join(given)}: not with --target auto, which builds the engine cache's own engine "
                                f"(its name, batch range, head and check); name a target (--target onnx, tensorrt or "
