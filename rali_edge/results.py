@@ -60,7 +60,7 @@ def why_not_writable(path: str | Path, folder: bool = False) -> str | None:
         if path.is_file() or path.is_char_device():  # a file, or a device such as /dev/null
             with open(path, "ab"):
                 pass
-        elif not path.exists():
+        elif path.is_dir() or not path.exists():  # a folder to write into, or a file to make
             with tempfile.TemporaryFile(dir=where):
                 pass
         # else a FIFO or socket: opening it would wait for its reader, so it is taken as it is
