@@ -40,12 +40,12 @@ PART_GLOB = "part-*.parquet"
 
 
 def why_not_writable(path: str | Path, folder: bool = False) -> str | None:
-    """Why `path` cannot be written, found by trying: an existing file opened for appending (which
-    changes nothing; its folder need not be writable), else a temporary file in its folder. None
-    when it can. `path` is a file to
-    write (or a folder of parts when it is one), or with `folder` a folder to write files into,
-    made with its parents if missing (so its first existing ancestor is tried). Permission bits
-    alone do not tell: /proc, a read-only mount or a full quota answer only when written to."""
+    """Why `path` cannot be written, found by trying, or None when it can: an existing file (or
+    device) is opened for appending, which changes nothing and needs no write access to its folder;
+    otherwise a temporary file is made in the folder. `path` is a file to write (or a folder of
+    parts when it is one), or with `folder` a folder to write files into, made with its parents if
+    missing (so its first existing ancestor is tried). Permission bits alone do not tell: /proc, a
+    read-only mount or a full quota answer only when written to."""
     path = Path(path)
     if folder:
         path = next((p for p in (path, *path.parents) if p.exists()), Path("."))

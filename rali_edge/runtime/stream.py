@@ -728,18 +728,19 @@ class SafeSink:
         try:
             self.writer.write(record)
         except OSError as e:
-            self.broken = True
             self.stop.set()
-            if getattr(self.writer, "stream", None) is sys.stdout:
-                silence_stdout()
-            if not isinstance(e, BrokenPipeError):  # a closed pipe (`| head`) is a clean stop
-                self.failed = OutputError(f"writing {self.name}: {e.strerror or e}; the frames before were written")
+            self._failed(e)
 
     def close(self) -> None:
         if not self.broken:
             try:
                 self.writer.close()
-            except BrokenPipeError:
-                pass
             except OSError as e:
-                self.failed = OutputError(f"writing {self.name}: {e.strerror or e}")
+                self._failed(e)
+
+    def _failed(self, e: OSError) -> None:
+        self.broken = True
+        if getattr(self.writer, "stream", None) is sys.stdout:
+            silence_stdout()
+        if not isinstance(e, BrokenPipeError):  # a closed pipe (`| head`) is a clean stop
+            self.failed = OutputError(f"writing {self.name}: {e.strerror or e}; the frames before were written")
