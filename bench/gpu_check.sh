@@ -59,7 +59,7 @@ part_setup() {
   { echo "# $GPU: environment"; echo; echo '```'; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,power.limit --format=csv
     "$PY" -c "import torch, triton, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| CUDA', torch.version.cuda)"
     git log -1 --format='rali-edge commit %H (%cd)' 2>/dev/null; echo '```'; } > "$RES/env.md"
-  "$PY" -m pip install -q --no-deps --no-build-isolation --disable-pip-version-check -e . || return 1
+  "$PY" -m pip install -q --no-deps --no-build-isolation --disable-pip-version-check . || return 1
   cat "$RES/env.md"
   "$PY" bench/gpu.py model "$WORK"  # the random ViT-L model the other parts share (~20 s on the CPU)
 }

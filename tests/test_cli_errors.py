@@ -129,7 +129,7 @@ def test_make_demo_installs_only_what_the_demo_needs():
                               text=True, check=True).stdout
 
     demo, test = plan("demo"), plan("test")
-    assert "pip install -q torch==2.13.0" in demo and "pip install -q -e ." in demo
+    assert "pip install -q torch==2.13.0" in demo and "pip install -q ." in demo and "-e ." not in demo + test
     assert "[test]" not in demo and "'.[test]'" in test
 
 

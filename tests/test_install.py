@@ -1,0 +1,58 @@
+"""The package as users install it (a wheel, not an editable install) works from any folder,
+the clone's root included: there the folder `rali_edge/` comes first on sys.path and must
+import as the installed package does (`rali_edge.engines` and `rali_edge.kernels` included),
+also in Ray's workers, which start in the driver's folder."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str, cwd: Path, timeout: float = 300) -> str:
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_the_tests_run_on_a_wheel_install():
+    import rali_edge
+
+    where = Path(rali_edge.__file__).resolve()
+    assert "site-packages" in where.parts, f"rali_edge imported from {where}: install it with `pip install .`"
+    assert not any(p.name.startswith("__editable__") for p in where.parents[1].iterdir())
+
+
+@pytest.mark.parametrize("folder", ["root", "elsewhere"])
+def test_load_and_engines_import_from_the_clone_root_and_elsewhere(folder, tmp_path, photos):
+    cwd = ROOT if folder == "root" else tmp_path
+    out = run_python(
+        "import json, rali_edge, rali_edge.engines.backends, rali_edge.kernels\n"
+        f"scorer = rali_edge.load(backend='torch')\n"
+        f"print(json.dumps({{'file': rali_edge.__file__, 'scores': scorer.score([{str(photos[0])!r}])}}))", cwd)
+    got = json.loads(out.splitlines()[-1])
+    here = Path(got["file"]).resolve()
+    if folder == "root":  # the clone's own folder shadows the installed package, and works
+        assert here == ROOT / "rali_edge" / "__init__.py"
+    assert 1.0 <= got["scores"][0] <= 5.0
+
+
+@pytest.mark.slow
+def test_a_ray_actor_scores_from_the_clone_root(photos):
+    pytest.importorskip("ray.data")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp:  # Ray's socket paths: under 108 bytes
+        out = run_python(
+            "import json, ray, rali_edge.distributed as rd\n"
+            f"ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir={temp!r})\n"
+            f"ds = ray.data.from_items([{{'path': p}} for p in {[str(p) for p in photos]!r}])\n"
+            "rows = rd.score_dataset(ds, backend='torch').take_all()\n"
+            "print(json.dumps([[r['path'], r['score'], r['error']] for r in rows]))", ROOT)
+    rows = json.loads(out.splitlines()[-1])
+    assert sorted(r[0] for r in rows) == sorted(map(str, photos))
+    assert all(error is None and 1.0 <= score <= 5.0 for _, score, error in rows)
