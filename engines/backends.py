@@ -79,6 +79,10 @@ class Backend:
     # The BuildRequest fields of this backend alone, by their `rali-edge build` flags: build()
     # refuses them for another backend rather than ignore them.
     options: dict[str, str] = {}
+    # The modules it needs to build and run engines, and how to get them (auto leaves out a
+    # backend whose modules are missing, and says so).
+    requires: tuple[str, ...] = ()
+    install: str = ""
 
     @property
     def suffix(self) -> str:
@@ -87,6 +91,24 @@ class Backend:
     def build_steps(self, request: BuildRequest) -> int:
         """Progress steps of `build` for `request`, the fidelity check not counted."""
         return 1
+
+    def missing(self) -> str | None:
+        """Why this backend cannot run here (its modules are not installed), or None."""
+        import importlib.util
+
+        absent = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        return f"{', '.join(absent)} not installed ({self.install})" if absent else None
+
+    def auto_precisions(self, device: str, dtype: str) -> list[str]:
+        """The precisions of this backend that backend auto weighs on `device` when asked for
+        `dtype` (auto: the precisions that may keep scores within 1e-3 of fp32), fastest first
+        (engines/auto.py)."""
+        return []
+
+    def probe_runner(self, shapes, precision: str, device: str):
+        """A callable running one layer's matrix products in this backend (engines/probe.py), or
+        None: the backend is then taken to multiply as fast as eager PyTorch in `precision`."""
+        return None
 
     def forms(self, request: BuildRequest) -> list[str | None]:
         """The ways to build `request`, fastest first: the builder keeps the first whose engine

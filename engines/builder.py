@@ -134,11 +134,12 @@ def resolve_output(output: str | Path | None, filename: str, suffix: str) -> Pat
 def build(model: str | Path | None, target: str, *, precision: str | None = None, batch: str | BatchRange = DEFAULT_BATCH,
           head: str = "engine", device: str | None = None, output: str | Path | None = None, check: bool = True,
           calib_dir: str | Path | None = None, max_score_diff: float = DEFAULT_MAX_SCORE_DIFF, keep_failed: bool = False,
-          progress: Progress | None = None, **options) -> Built:
+          progress: Progress | None = None, announce: bool = True, **options) -> Built:
     """Build a `target` engine (one of backends.TARGETS) of `model` (a folder, a name, or None for
     the built-in model), write its sidecar, and (check=True) run the fidelity check on the images
     of `calib_dir` (default: the bundled samples). `options`: the backend's own BuildRequest fields
-    (workspace_gib, timing_cache, typing, keep_onnx for TensorRT).
+    (workspace_gib, timing_cache, typing, keep_onnx for TensorRT). `announce`: say where the
+    engine is (the engine cache says it itself, once the engine is in its place).
 
     Raises UsageError for options the backend does not take, MissingDependencyError when its
     library is missing (both before any work), FidelityCheckFailed when the engine moves scores by
@@ -202,7 +203,8 @@ def build(model: str | Path | None, target: str, *, precision: str | None = None
                 # earlier form's export does not load them at all (seconds and 1.2 GB for ViT-L).
                 chosen.build(lambda: load_model(path)[0], work, attempt, info, progress, written)
                 write_sidecar(work, info)
-                progress.note(f"engine: {engine} ({work.stat().st_size / 2**20:.1f} MiB)")
+                if announce:
+                    progress.note(f"engine: {engine} ({work.stat().st_size / 2**20:.1f} MiB)")
                 report = _check(path, work, engine, info, images, max_score_diff, keep_failed and last, device,
                                 progress) if check else None
             except FidelityCheckFailed as e:  # the check kept (keep_failed) or deleted the engine
@@ -231,67 +233,21 @@ def _publish(written: list[Path], engine: Path) -> None:
             os.replace(p, p.with_name(engine.name + p.name[len(work.name):]))
 
 
-@dataclass
-class Candidate:
-    """One path `auto` could take here, measured on the fidelity images."""
+def build_auto(model: str | Path | None = None, device: str = "cpu", dtype: str = "auto",
+               progress: Progress | None = None):
+    """What `rali-edge build --target auto` runs: every candidate auto weighs here measured again,
+    each with its trial (engines/auto.py), the verdict kept, and the engine auto then runs built
+    into the cache. Returns (that engine, or None when auto runs eager PyTorch; the Verdict)."""
+    from rali_edge.engines import auto, cache
+    from rali_edge.model_file import read_manifest
+    from rali_edge.scoring import model_path
 
-    backend: str
-    precision: str
-    ms_per_image: float
-    max_abs_diff: float  # against fp32 PyTorch, same images
-    chosen: bool
-
-
-def build_auto(model: str | Path | None = None, device: str = "cpu", dtype: str = "auto", batch_size: int = 8,
-               repeats: int = 3, progress: Progress | None = None) -> tuple[Path | None, list[Candidate]]:
-    """What `rali-edge build --target auto` runs: the engine `backend="auto"` uses for `dtype` (built
-    into the engine cache, or found there; None when auto runs eager PyTorch), and the paths auto
-    chooses among on this machine, timed side by side on `batch_size` of the fidelity images
-    (median of `repeats`, encoder and head, preprocessing done before): eager PyTorch fp32, the
-    reduced precisions of dtype="auto", the fp32 engine and int8 (on a CPU with ONNX Runtime)."""
-    import rali_edge
-    from rali_edge.engines import cache
-    from rali_edge.images import open_image
-
-    progress = progress or Progress()
-    scorer = rali_edge.load(model, device=device, dtype=dtype, backend="auto", progress=progress)
-    chosen = (scorer.backend, scorer.dtype_name)
-    paths = [("torch", "fp32"), *[("torch", d) for d in cache.fast_dtypes(device)]]
-    engine_fp32 = cache.choose(device, "fp32")
-    if engine_fp32.backend != "torch":
-        paths.append((engine_fp32.backend, "fp32"))
-    try:  # int8 where auto has it (ONNX Runtime on a CPU)
-        int8 = cache.choose(device, "int8")
-        paths.append((int8.backend, int8.precision))
-    except RaliEdgeError:
-        pass
-    if chosen not in paths:
-        paths.append(chosen)
-    images = [open_image(p) for p in fidelity_images(None)[:batch_size]]
-    pixels = scorer.preprocess(images)
-    with exact_fp32():
-        reference = rali_edge.load(model, device=device, dtype="fp32", backend="torch").score_pixels(pixels).float().cpu()
-    found = []
-    for name, precision in paths:
-        try:
-            candidate = scorer if (name, precision) == chosen else rali_edge.load(
-                model, device=device, dtype=precision, backend="torch" if name == "torch" else "auto", progress=progress)
-        except FidelityCheckFailed as e:  # int8 refused on this model: say so in the table's place
-            progress.note(f"{name} {precision}: {e}")
-            continue
-        ran = (candidate.backend, candidate.dtype_name)  # auto may have kept eager PyTorch over the engine
-        if ran != (name, precision):
-            progress.note(f"{name} {precision}: auto runs {ran[0]} {ran[1]} instead (see its note above)")
-        if any((c.backend, c.precision) == ran for c in found):
-            continue
-        times = []
-        for _ in range(repeats + 1):  # the first call warms up
-            start = time.perf_counter()
-            scores = candidate.score_pixels(pixels).float().cpu()
-            times.append(time.perf_counter() - start)
-        found.append(Candidate(*ran, 1000 * sorted(times[1:])[len(times[1:]) // 2] / len(images),
-                               float((scores - reference).abs().max()), ran == chosen))
-    return scorer.engine, found
+    path = model_path(model)
+    manifest = read_manifest(path)
+    verdict = auto.decide(path, manifest, device, dtype, progress, try_all=True)
+    backend, precision = verdict.choice
+    engine = None if backend == "torch" else cache.cached_engine(path, manifest, backend, precision, device, progress)
+    return engine, verdict
 
 
 def _decodes(path: Path) -> bool:
@@ -339,4 +295,4 @@ def check(engine: str | Path, model: str | Path | None = None, calib_dir: str | 
                         device=device or info.runtime.device_type, batch_size=batch_size)
 
 
-__all__ = ["Built", "Candidate", "HEADS", "Progress", "build", "build_auto", "check", "resolve_output"]
+__all__ = ["Built", "HEADS", "Progress", "build", "build_auto", "check", "resolve_output"]

@@ -177,8 +177,8 @@ def _set_metadata(proto, values: dict) -> None:
     entry.value = json.dumps(values)
 
 
-def onnx_session(path: str | Path):
-    """An ONNX Runtime CPU session for an exported engine."""
+def onnx_session(path: str | Path | bytes):
+    """An ONNX Runtime CPU session for an exported engine (a file, or a serialized model)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -191,7 +191,8 @@ def onnx_session(path: str | Path):
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
+                                    providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail...)
         raise EngineMismatchError(f"{path}: ONNX Runtime cannot load this file ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:200]}); rebuild it with `rali-edge build --target onnx`") from None

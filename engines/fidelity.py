@@ -7,11 +7,14 @@ the check reports the largest |score difference| (scores are on the 1..5 scale) 
 correlation (SRCC) between the two, and fails above --max-score-diff.
 
 The two scorers run one after the other, not side by side: on an 8 GB Jetson a ViT-L in fp32 and
-its engine together would not leave much room.
+its engine together would not leave much room. Each is timed on the images after a first image
+that warms it up (ONNX Runtime and oneDNN prepare their kernels on the first call): the times
+are what auto (engines/auto.py) weighs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from contextlib import contextmanager
@@ -38,7 +41,7 @@ class FidelityReport:
     worst_image: str
     reference: str  # what the engine was compared with
     skipped: int = 0  # images that could not be read
-    engine_s: float | None = None  # seconds the engine took to score the images, decoding included
+    engine_s: float | None = None  # seconds the engine took to score the images but the first, decoding included
     reference_s: float | None = None  # and the reference (eager PyTorch fp32), on the same images
 
     def to_dict(self) -> dict:
@@ -115,14 +118,19 @@ def exact_fp32():
             setattr(k, name, value)
 
 
-def score_files(scorer, paths: list[Path], batch_size: int) -> tuple[dict[str, float], int]:
+def score_files(scorer, paths: list[Path], batch_size: int, warm_up: bool = True) -> tuple[dict[str, float], int, float]:
+    """({image: score}, images that could not be read, seconds they took). `warm_up`: the first
+    image is scored once before, untimed (a first call prepares kernels)."""
+    if warm_up:
+        list(scorer.score_files([str(p) for p in paths[:1]], batch_size=1))
     scores, failed = {}, 0
+    start = time.perf_counter()
     for result in scorer.score_files([str(p) for p in paths], batch_size=batch_size):
         if result.error is None:
             scores[result.path] = result.score
         else:
             failed += 1
-    return scores, failed
+    return scores, failed, time.perf_counter() - start
 
 
 def check_engine(model_path: str | Path, engine_path: str | Path, backend: str, images: list[Path],
@@ -143,9 +151,7 @@ def check_engine(model_path: str | Path, engine_path: str | Path, backend: str, 
     encoder = open_engine(backend, engine_path, manifest, device=device, model_ref=str(model_path))
     run_device = encoder.device
     scorer = Scorer(model, manifest, device=run_device, encoder=encoder)
-    start = time.perf_counter()
-    engine_scores, skipped = score_files(scorer, images, batch_size)
-    engine_s = time.perf_counter() - start
+    engine_scores, skipped, engine_s = score_files(scorer, images, batch_size)
     del scorer
     del encoder, model
     gc.collect()
@@ -153,12 +159,41 @@ def check_engine(model_path: str | Path, engine_path: str | Path, backend: str, 
         torch.cuda.empty_cache()
     model, manifest = load_model(model_path, verify=False)
     reference = Scorer(model, manifest, device=run_device, dtype="fp32", head="torch")
-    start = time.perf_counter()
     with exact_fp32():
-        reference_scores, _ = score_files(reference, images, batch_size)
-    reference_s = time.perf_counter() - start
+        reference_scores, _, reference_s = score_files(reference, images, batch_size)
     report = compare(reference_scores, engine_scores, max_score_diff, f"fp32 PyTorch on {run_device}", skipped)
     report.engine_s, report.reference_s = engine_s, reference_s
+    return report
+
+
+def compare_eager(model_path: str | Path, device: str, precision: str, max_score_diff: float,
+                  batch_size: int = 4) -> FidelityReport:
+    """Eager PyTorch in `precision` against eager fp32, on the bundled samples: both held at once
+    (eager weights are small beside an engine build) and run batch by batch in turns, each timed
+    after a first image that warms it up. Stops at the first batch that moves a score by more
+    than `max_score_diff`: most reduced precisions fail at once, and then cost seconds."""
+    from rali_edge.model_file import load_model
+    from rali_edge.scoring import Scorer
+
+    images = fidelity_images(None)
+    # Two copies of the weights: a Scorer casts its model's encoder to its dtype in place.
+    reference = Scorer(*load_model(model_path), device=device, dtype="fp32", head="torch")
+    candidate = Scorer(*load_model(model_path, verify=False), device=device, dtype=precision, head="torch")
+    ref, got, times, skipped = {}, {}, [0.0, 0.0], 0
+    batches = [images[:1]] + [images[s:s + batch_size] for s in range(1, len(images), batch_size)]
+    for i, batch in enumerate(batches):  # the first, one image, warms both up and is not timed
+        for j, (scorer, into) in enumerate(((reference, ref), (candidate, got))):
+            began = time.perf_counter()
+            with exact_fp32() if j == 0 else contextlib.nullcontext():
+                scores, failed, _ = score_files(scorer, batch, batch_size, warm_up=False)
+            if i:
+                times[j] += time.perf_counter() - began
+            into.update(scores)
+            skipped += failed if j == 0 else 0
+        report = compare(ref, got, max_score_diff, f"fp32 PyTorch on {device}", skipped)
+        if not report.passed:
+            return report
+    report.reference_s, report.engine_s = times
     return report
 
 
@@ -167,6 +202,7 @@ __all__ = [
     "FidelityReport",
     "check_engine",
     "compare",
+    "compare_eager",
     "exact_fp32",
     "fidelity_images",
 ]

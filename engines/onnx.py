@@ -63,6 +63,19 @@ class OnnxRuntimeEncoder:
 class OnnxBackend(Backend):
     name = "onnx"
     precisions = ("fp32", "fp16", "int8")
+    requires = ("onnxruntime", "onnx", "onnxscript")
+    install = "pip install onnx onnxruntime onnxscript"
+
+    def auto_precisions(self, device: str, dtype: str) -> list[str]:
+        # MLAS's fp32 against MKL's is what auto measures; int8 (never within 1e-3) only by name.
+        if str(device).startswith("cuda"):
+            return []
+        return {"auto": ["fp32"], "fp32": ["fp32"], "int8": ["int8"]}.get(dtype, [])
+
+    def probe_runner(self, shapes, precision: str, device: str):
+        from rali_edge.engines.probe import onnx_runner
+
+        return onnx_runner(shapes, precision) if precision == "fp32" else None
 
     def build_steps(self, request: BuildRequest) -> int:
         return 2 if request.precision == "int8" else 1  # int8: export, then quantize

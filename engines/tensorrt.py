@@ -703,6 +703,13 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
     options = {"workspace_gib": "--workspace", "timing_cache": "--timing-cache", "typing": "--typing",
                "keep_onnx": "--keep-onnx"}
+    requires = ("tensorrt",)
+    install = "pip install 'rali-edge[tensorrt]'; on Jetson, JetPack's python3-libnvinfer"
+
+    def auto_precisions(self, device: str, dtype: str) -> list[str]:
+        if not str(device).startswith("cuda"):
+            return []
+        return {"auto": ["fp16", "fp32"], "fp32": ["fp32"], "fp16": ["fp16"], "bf16": ["bf16"]}.get(dtype, [])
 
     def build_steps(self, request: BuildRequest) -> int:
         return 2  # export ONNX, build the plan

@@ -138,7 +138,8 @@ class Scorer:
         self.manifest = manifest
         self.device = torch.device(device)
         self.dtype_name = dtype
-        self.backend, self.engine = "torch", None  # what load() ran: the backend's name and its engine file
+        # What load() ran: the backend's name, its engine file, and auto's Verdict when auto chose.
+        self.backend, self.engine, self.verdict = "torch", None, None
         self.preprocess = Preprocessor(PreprocessConfig.from_dict(manifest.preprocess))
         self.encoder = encoder or TorchEncoder(model, self.device, DTYPES[dtype])
         # The head stays in float32 whatever the encoder's dtype: it is tiny, and the softmax over
@@ -345,19 +346,43 @@ def load(
 ) -> Scorer:
     """Load a rali-edge model folder (None or "default": the built-in model) as a Scorer.
 
-    backend "auto" (the default; RALI_EDGE_BACKEND changes it) runs the fastest path this machine
-    has for `device` and `dtype`, building its engine on first use, fidelity-checked, into the
-    engine cache (engines/cache.py; cache=False: no engine is read or written, eager PyTorch
-    runs). "torch" runs the encoder in PyTorch in `dtype`; "aoti", "tensorrt" and "onnx" (ONNX
-    Runtime) run a built engine (`engine=PATH`, see `rali-edge build`), checked against this
-    model. An engine given without a backend runs with the backend its sidecar names; `engine`
-    may be a folder that holds one engine. dtype "auto" (the default) is, with backend auto, the
-    fastest precision whose scores stay within 1e-3 of fp32 here (bf16 on CPUs with bf16
-    instructions, fp16 on GPUs, when a measurement on the fidelity images, made once and
-    cached, says so; else fp32), and fp32 otherwise. "int8" is an ONNX Runtime engine (CPU).
-    `progress`: an engines.builder.Progress for a first-use build (default: stderr).
+    backend "auto" (the default; RALI_EDGE_BACKEND changes it) runs what this machine measured
+    fastest among the ways to run `dtype` on `device` whose scores stay within 1e-3 of eager fp32
+    (engines/auto.py), building its engine on first use, fidelity-checked, into the engine cache
+    (engines/cache.py; cache=False: no engine is read or written, eager PyTorch runs). "torch"
+    runs the encoder in PyTorch in `dtype` (auto: fp32); "aoti", "tensorrt" and "onnx" run a
+    built engine (`engine=PATH`, see `rali-edge build`), checked against this model; an engine
+    given without a backend runs with the backend its sidecar names, and `engine` may be a folder
+    that holds one. dtype "int8" is an ONNX Runtime engine (CPU). `progress`: an
+    engines.builder.Progress for what auto measures and builds on first use (default: stderr).
     """
     backend = backend or default_backend()
+    _check_options(device, dtype, backend)
+    path = model_path(model)
+    manifest = read_manifest(path)
+    verdict = None  # auto's, when auto chose
+    if engine is not None:
+        backend, dtype, engine = _given_engine(engine, backend, dtype)
+    elif backend == "auto":
+        from rali_edge.engines import auto
+
+        backend, dtype, engine, verdict = auto.resolve(path, manifest, device, dtype, cache, progress)
+    elif backend != "torch":
+        raise UsageError(f"backend {backend!r} needs an engine file (--engine PATH); build one with `rali-edge build`")
+    elif dtype in ENGINE_DTYPES:
+        raise UsageError(f"--dtype {dtype} runs as an ONNX engine: use --backend auto (with the engine cache) or "
+                         f"build one: rali-edge build MODEL --target onnx --precision {dtype}")
+    else:
+        dtype = "fp32" if dtype == "auto" else dtype
+    # With an engine, only the head's weights are read: the engine holds the encoder's.
+    rali_model, manifest = load_model(path, encoder=engine is None)
+    encoder = None if engine is None else _open_engine(path, manifest, backend, dtype, engine, device, progress)
+    scorer = Scorer(rali_model, manifest, device=device, dtype=dtype, head=head, encoder=encoder)
+    scorer.backend, scorer.engine, scorer.verdict = backend, engine, verdict
+    return scorer
+
+
+def _check_options(device: str, dtype: str, backend: str) -> None:
     check_device(device)
     if dtype != "auto" and dtype not in DTYPES and dtype not in ENGINE_DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join([*DTYPES, *ENGINE_DTYPES])}")
@@ -365,80 +390,31 @@ def load(
         raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MissingDependencyError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
-    if engine is not None:
-        from rali_edge.engines.naming import read_sidecar, resolve_engine
-
-        engine = resolve_engine(engine, None if backend in ("auto", "torch") else backend)
-        if backend in ("auto", "torch"):  # an engine alone: run it with the backend that reads it
-            backend = read_sidecar(engine).target
-    path = model_path(model)
-    manifest = read_manifest(path)
-    from_cache = backend == "auto"
-    if from_cache:
-        backend, dtype, engine = _auto(path, manifest, device, dtype, cache, progress)
-    elif engine is not None:  # an explicit engine runs in the precision it was built in
-        from rali_edge.engines.naming import read_sidecar
-
-        built = read_sidecar(engine).precision
-        if dtype not in ("auto", built):
-            raise UsageError(f"--dtype {dtype}: the engine {engine} was built in {built}; leave --dtype out, or build "
-                             f"one in {dtype} (rali-edge build MODEL --precision {dtype})")
-        dtype = built
-    elif dtype == "auto":  # eager PyTorch, asked for by name
-        dtype = "fp32"
-    # With an engine, only the head's weights are read: the engine holds the encoder's.
-    rali_model, manifest = load_model(path, encoder=backend == "torch")
-    if dtype in ENGINE_DTYPES and engine is None:
-        raise UsageError(f"--dtype {dtype} runs as an ONNX engine: use --backend auto (with the engine cache) or "
-                         f"build one: rali-edge build MODEL --target onnx --precision {dtype}")
-    encoder = None
-    if backend != "torch":
-        if engine is None:
-            raise UsageError(f"backend {backend!r} needs an engine file (--engine PATH); build one with `rali-edge build`")
-        from rali_edge.engines.backends import open_engine
-
-        try:
-            # model_ref: the rebuild command in a mismatch error names this model folder.
-            encoder = open_engine(backend, engine, manifest, device=device, model_ref=str(path))
-        except (EngineMismatchError, ModelFormatError):
-            if not from_cache:
-                raise
-            from rali_edge.engines import cache as engine_cache
-
-            engine_cache.evict(engine)  # a corrupt cached file: built again, once
-            backend, dtype, engine = _auto(path, manifest, device, dtype, cache, progress)
-            if backend == "torch":  # the rebuilt engine timed slower than eager: the encoder's weights too
-                rali_model, manifest = load_model(path)
-            else:
-                encoder = open_engine(backend, engine, manifest, device=device, model_ref=str(path))
-    scorer = Scorer(rali_model, manifest, device=device, dtype=dtype, head=head, encoder=encoder)
-    scorer.backend, scorer.engine = backend, engine
-    return scorer
 
 
-def _auto(path: Path, manifest, device: str, dtype: str, cache: bool, progress):
-    """backend="auto": (backend, dtype, engine) of the choice, its engine from the cache."""
+def _given_engine(engine, backend: str, dtype: str):
+    """(backend, precision, file) of an engine given by name: it runs in the precision it was built in."""
+    from rali_edge.engines.naming import read_sidecar, resolve_engine
+
+    engine = resolve_engine(engine, None if backend in ("auto", "torch") else backend)
+    info = read_sidecar(engine)
+    if dtype not in ("auto", info.precision):
+        raise UsageError(f"--dtype {dtype}: the engine {engine} was built in {info.precision}; leave --dtype out, or "
+                         f"build one in {dtype} (rali-edge build MODEL --precision {dtype})")
+    return (info.target if backend in ("auto", "torch") else backend), info.precision, engine
+
+
+def _open_engine(path: Path, manifest, backend: str, dtype: str, engine: Path, device: str, progress):
+    """The engine as the scorer's encoder, checked against the model (model_ref: the rebuild command in
+    a mismatch error names this model folder). A cached engine that will not open is built again, once."""
     from rali_edge.engines import cache as engine_cache
+    from rali_edge.engines.backends import open_engine
 
-    unwritable = cache and engine_cache.unwritable()
-    if unwritable:  # as --no-cache: auto still runs, on what needs no engine
-        print(f"note: {unwritable}; running as --no-cache does (set {engine_cache.CACHE_ENV} to a writable folder)",
-              file=sys.stderr)
-        cache = False
-    if dtype == "auto":
-        dtype = engine_cache.auto_dtype(path, manifest, device, progress) if cache else "fp32"
-    choice = engine_cache.choose(device, dtype)
-    if choice.fallback:
-        print(f"note: {choice.reason}", file=sys.stderr)
-    if choice.backend == "torch" or not cache:
-        if not cache and choice.precision in ENGINE_DTYPES:
-            raise UsageError(f"--dtype {dtype} needs an engine, and --no-cache turns the engine cache off; build one: "
-                             f"rali-edge build MODEL --target onnx --precision {dtype}")
-        return "torch", dtype, None
-    engine = engine_cache.cached_engine(path, manifest, choice, device, progress)
-    slower = engine_cache.slower_than_eager(engine)
-    if slower:
-        print(f"note: auto runs eager PyTorch: {slower}", file=sys.stderr)
-        return "torch", dtype, None
-    return choice.backend, choice.precision, engine
-
+    try:
+        return open_engine(backend, engine, manifest, device=device, model_ref=str(path))
+    except (EngineMismatchError, ModelFormatError):
+        if engine.parent.parent != engine_cache.cache_dir():
+            raise
+        engine_cache.evict(engine)  # a corrupt cached file
+        rebuilt = engine_cache.cached_engine(path, manifest, backend, dtype, device, progress)
+        return open_engine(backend, rebuilt, manifest, device=device, model_ref=str(path))

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 import rali_edge
 from rali_edge.cli import main
+from rali_edge.engines import auto as auto_module
 from rali_edge.engines import builder, cache
 from rali_edge.engines.naming import sidecar_path
 from rali_edge.errors import FidelityCheckFailed, PrecisionRefused
@@ -26,17 +27,33 @@ from rali_edge.errors import FidelityCheckFailed, PrecisionRefused
 FP32_TOL = 1e-5
 
 
+# The probe's times per candidate in the tests: ONNX Runtime's fp32 engine 2x eager fp32, eager
+# bf16 slower than it. What auto tries then does not depend on the CPU that runs the tests; the
+# real probe has tests of its own (test_probe.py) and so has its use (the tests at the end).
+PROBE = {("torch", "fp32"): 1.0, ("torch", "bf16"): 2.0, ("onnx", "fp32"): 0.5}
+
+
+def fake_probe(times):
+    def probe_(manifest, device, found):
+        for c in found:
+            c.probe_s = times[c.key]
+        probed.append([c.key for c in found])
+
+    probed = []
+    probe_.calls = probed
+    return probe_
+
+
 @pytest.fixture
 def auto(tmp_path, monkeypatch):
-    """An empty cache folder, backend auto, a CPU without bf16 instructions (so that dtype="auto"
-    is fp32 whatever CPU runs the tests; the bf16 choice has tests of its own), and a count of
-    the builds the cache starts."""
+    """An empty cache folder, backend auto, the probe's times of PROBE, trials that take any speed
+    (which of an engine and eager PyTorch scored the fidelity images faster is timing, not these
+    tests' business: the speed verdict has tests of its own), and a count of the builds the cache
+    starts."""
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "engines"))
     monkeypatch.delenv("RALI_EDGE_BACKEND", raising=False)
-    monkeypatch.setattr(cache, "fast_dtypes", lambda device: [])
-    # Which of engine and eager PyTorch scored the fidelity images faster is timing, not a test's
-    # business here: the engine is kept (the speed verdict has a test of its own).
-    monkeypatch.setattr(cache, "slower_than_eager", lambda engine: None)
+    monkeypatch.setattr(auto_module, "_probe", fake_probe(PROBE))
+    monkeypatch.setattr(auto_module, "MARGIN", 0.0)
     builds = []
     real_build = builder.build
 
@@ -46,9 +63,6 @@ def auto(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builder, "build", counting_build)
     return builds
-
-
-REAL_SLOWER_THAN_EAGER = cache.slower_than_eager
 
 
 def torch_scores(model, photos):
@@ -65,31 +79,13 @@ def test_first_use_builds_then_hits(auto, small_model, photos, capsys):
     assert "first use" not in capsys.readouterr().err
     assert second.score(photos) == pytest.approx(torch_scores(small_model, photos), abs=FP32_TOL)
     # A miss: another precision, another entry.
-    assert cache.entry_path(rali_edge.load(small_model).manifest, cache.choose("cpu", "int8"), "cpu") != first.engine
+    assert cache.entry_path(rali_edge.load(small_model).manifest, "onnx", "int8", "cpu") != first.engine
 
 
 def _edit_sidecar(engine: Path, edit) -> None:
     data = json.loads(sidecar_path(engine).read_text())
     edit(data)
     sidecar_path(engine).write_text(json.dumps(data))
-
-
-def test_an_fp32_engine_timed_slower_than_eager_is_not_used(auto, small_model, photos, monkeypatch, capsys):
-    """The build's fidelity check times the engine and eager PyTorch fp32 on the same images; when
-    the engine was the slower, auto runs PyTorch (same scores) and says why; when faster, the engine."""
-    monkeypatch.setattr(cache, "slower_than_eager", REAL_SLOWER_THAN_EAGER)
-    manifest = rali_edge.load(small_model, dtype="fp32").manifest  # builds the entry (used or not)
-    engine = cache.entry_path(manifest, cache.choose("cpu", "fp32"), "cpu")
-    timed = json.loads(sidecar_path(engine).read_text())["fidelity"]
-    assert timed["engine_s"] > 0 and timed["reference_s"] > 0  # both measured by the check
-    for engine_s, expected in ((5.0, "torch"), (1.0, "onnx")):
-        _edit_sidecar(engine, lambda d: d["fidelity"].update(engine_s=engine_s, reference_s=2.0))
-        capsys.readouterr()
-        scorer = rali_edge.load(small_model, dtype="fp32")
-        assert scorer.backend == expected
-        note = capsys.readouterr().err
-        assert ("slower than eager PyTorch" in note and "5.00 s against 2.00 s" in note) == (expected == "torch")
-    assert scorer.score(photos) == pytest.approx(torch_scores(small_model, photos), abs=FP32_TOL)
 
 
 @pytest.mark.parametrize("spoil", ["other model", "other CPU", "other ONNX Runtime", "failed fidelity", "no sidecar", "garbage sidecar",
@@ -127,18 +123,18 @@ def test_a_corrupt_engine_file_is_rebuilt_when_it_will_not_open(auto, small_mode
 
 def test_two_processes_starting_at_once_build_once(tmp_path, small_model, photos):
     env = {**os.environ, cache.CACHE_ENV: str(tmp_path / "engines")}
-    env.pop("RALI_EDGE_BACKEND", None)
-    code = ("import sys, rali_edge; s = rali_edge.load(sys.argv[1], dtype='fp32'); "
-            "print(s.backend, s.engine, s.score([sys.argv[2]])[0])")
+    code = ("import sys, rali_edge\n"
+            "from rali_edge.engines import cache\n"
+            "from rali_edge.model_file import read_manifest\n"
+            "engine = cache.cached_engine(sys.argv[1], read_manifest(sys.argv[1]), 'onnx', 'fp32', 'cpu')\n"
+            "print(engine, rali_edge.load(sys.argv[1], engine=engine).score([sys.argv[2]])[0])")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(small_model), str(photos[0])], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert sum(err.count("building its onnx") for _, err in outs) == 1, outs  # the second waited, then hit
     lines = [out.split() for out, _ in outs]
-    # The same choice in both (the engine, or eager PyTorch where the build timed the engine slower).
-    assert lines[0][:2] == lines[1][:2] and lines[0][0] in ("onnx", "torch")
-    assert float(lines[0][2]) == pytest.approx(float(lines[1][2]), abs=1e-7)
+    assert lines[0][0] == lines[1][0] and float(lines[0][1]) == pytest.approx(float(lines[1][1]), abs=1e-7)
     engines = list((tmp_path / "engines").rglob("*.onnx"))
     assert len(engines) == 1 and not list((tmp_path / "engines").rglob(".build-*"))  # one entry, no staging left
 
@@ -154,30 +150,34 @@ def test_no_cache_runs_torch_and_writes_nothing(auto, small_model, photos):
         rali_edge.load(small_model, dtype="int8", cache=False)
 
 
-def test_without_onnx_runtime_auto_falls_back_to_torch_and_says_so(auto, small_model, photos, monkeypatch, capsys):
-    present = cache._importable
-    monkeypatch.setattr(cache, "_importable", lambda *mods: "onnxruntime" not in mods and present(*mods))
-    choice = cache.choose("cpu", "fp32")
-    assert (choice.backend, choice.fallback) == ("torch", True) and "pip install" in choice.reason
+def test_without_onnx_runtime_auto_runs_torch_and_says_why(auto, small_model, photos, monkeypatch, capsys):
+    from rali_edge.engines.onnx import OnnxBackend
+
+    monkeypatch.setattr(OnnxBackend, "requires", ("onnxruntime_that_is_not_here",))
     scorer = rali_edge.load(small_model)
     assert (scorer.backend, scorer.engine) == ("torch", None) and auto == []
-    assert "note: ONNX Runtime is not installed" in capsys.readouterr().err
+    verdict = auto_module.decide(small_model, scorer.manifest, "cpu", "auto")
+    assert "onnxruntime_that_is_not_here not installed (pip install onnx" in verdict.candidate(("onnx", "fp32")).note
     with pytest.raises(rali_edge.errors.MissingDependencyError, match="int8 needs ONNX Runtime"):
         rali_edge.load(small_model, dtype="int8")
 
 
-def test_choice_per_device_and_dtype(monkeypatch):
-    present = cache._importable
-    monkeypatch.setattr(cache, "_importable", lambda *mods: "tensorrt" not in mods and present(*mods))
-    assert cache.choose("cpu", "fp32").backend == "onnx"
-    assert (cache.choose("cpu", "int8").backend, cache.choose("cpu", "int8").precision) == ("onnx", "int8")
-    assert cache.choose("cpu", "bf16").backend == "torch" and not cache.choose("cpu", "bf16").fallback
-    gpu = cache.choose("cuda", "fp16")
-    assert (gpu.backend, gpu.precision, gpu.fallback) == ("torch", "fp16", True) and "TensorRT" in gpu.reason
+def test_candidates_per_device_and_dtype(monkeypatch):
+    def keys(device, dtype):
+        return [c.key for c in auto_module.candidates(device, dtype)]
+
+    from rali_edge.engines.tensorrt import TensorRTBackend
+
+    monkeypatch.setattr(TensorRTBackend, "missing", lambda self: "tensorrt not installed")
+    assert keys("cpu", "auto") == [("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32")]
+    assert keys("cpu", "fp32") == [("torch", "fp32"), ("onnx", "fp32")]
+    assert keys("cpu", "int8") == [("onnx", "int8")] and keys("cpu", "bf16") == [("torch", "bf16")]
+    assert keys("cuda", "fp16") == [("torch", "fp16")]  # TensorRT not installed: eager, as asked
     with pytest.raises(rali_edge.errors.UsageError, match="int8 runs on the CPU"):
-        cache.choose("cuda:0", "int8")
-    monkeypatch.setattr(cache, "_importable", lambda *mods: True)
-    assert cache.choose("cuda", "fp16").backend == "tensorrt"
+        auto_module.candidates("cuda:0", "int8")
+    monkeypatch.setattr(TensorRTBackend, "missing", lambda self: None)
+    assert keys("cuda", "fp16") == [("tensorrt", "fp16")]
+    assert keys("cuda", "auto") == [("torch", "fp32"), ("tensorrt", "fp16"), ("torch", "fp16"), ("tensorrt", "fp32")]
 
 
 @pytest.fixture
@@ -213,8 +213,9 @@ def test_int8_that_passes_is_cached_with_the_head_in_fp32(auto, small_model, pho
     # built-in model's stays within 0.02, a ViT-L's with a recipe-made head does not
     # (bench/results/e2e-cpu-xeon-amx.md). Here only the caching of a passing int8 engine is under
     # test, so the limit is raised to 0.2.
-    counting = builder.build
-    monkeypatch.setattr(builder, "build", lambda *a, **k: counting(*a, **{**k, "max_score_diff": 0.2}))
+    from rali_edge.engines import fidelity
+
+    monkeypatch.setattr(fidelity, "DEFAULT_MAX_SCORE_DIFF", 0.2)
     scorer = rali_edge.load(small_model, dtype="int8")
     assert (scorer.backend, scorer.dtype_name) == ("onnx", "int8") and ".int8." in scorer.engine.name
     info = json.loads(sidecar_path(scorer.engine).read_text())
@@ -228,7 +229,10 @@ def test_cache_list_and_clear(auto, small_model):
     listed = CliRunner().invoke(main, ["cache", "list", "--json"])
     assert listed.exit_code == 0
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
-    assert [(r["path"], r["backend"], r["precision"], r["passed"]) for r in rows] == [(str(engine), "onnx", "fp32", True)]
+    assert [(r["kind"], r["backend"], r["precision"]) for r in rows] == [("verdict", "onnx", "fp32"), ("engine", "onnx", "fp32")]
+    assert rows[1]["path"] == str(engine) and rows[1]["passed"]
+    assert [c["backend"] + " " + c["precision"] for c in rows[0]["candidates"]] == ["torch fp32", "torch bf16", "onnx fp32"]
+    assert "verdict  auto runs onnx fp32" in CliRunner().invoke(main, ["cache", "list"]).output
     sidecar_path(engine).write_text("{cut off")
     unreadable = CliRunner().invoke(main, ["cache", "list"])
     assert f"unreadable engine (used again only after it is rebuilt or measured again)  {engine}" in unreadable.output
@@ -238,16 +242,18 @@ def test_cache_list_and_clear(auto, small_model):
     assert "0 entries" in CliRunner().invoke(main, ["cache", "list"]).output
 
 
-def test_build_target_auto_builds_the_cached_engine_and_prints_the_candidates(auto, small_model):
+def test_build_target_auto_tries_every_candidate_and_prints_them(auto, small_model):
     result = CliRunner().invoke(main, ["build", str(small_model), "--target", "auto", "--no-progress"])
     assert result.exit_code == 0, result.output
     engine = Path(result.stdout.strip().splitlines()[-1])
-    assert engine == cache.entry_path(rali_edge.load(small_model).manifest, cache.choose("cpu", "fp32"), "cpu")
-    rows = {line.split()[0] + " " + line.split()[1]: line for line in result.stderr.splitlines()
+    assert engine == cache.entry_path(rali_edge.load(small_model).manifest, "onnx", "fp32", "cpu")
+    rows = {" ".join(line.split()[:2]): line for line in result.stderr.splitlines()
             if line.startswith(("torch ", "onnx "))}
-    assert {"torch fp32", "onnx fp32"} <= set(rows) and "<- auto" in rows["onnx fp32"]
-    # int8 is measured as well; on the random small model it is refused (or listed) by its check.
-    assert "onnx int8" in rows or "int8" in result.stderr
+    assert list(rows) == ["torch fp32", "torch bf16", "onnx fp32"] and "<- auto" in rows["onnx fp32"]
+    assert rows["onnx fp32"].split()[2:5] == ["2.00x", rows["onnx fp32"].split()[3], "0.0000"]  # probe, measured, diff
+    # bf16, tried although slower by the probe, is measured for accuracy too (the random small
+    # model's bf16 moves its scores beyond 1e-3).
+    assert "scores move" in rows["torch bf16"] and "0.50x" in rows["torch bf16"]
 
 
 def test_profile_reports_the_path_auto_ran(auto, small_model, photos, tmp_path):
@@ -266,71 +272,90 @@ def test_profile_reports_the_path_auto_ran(auto, small_model, photos, tmp_path):
     ran = report["rali"]["model"]
     assert (ran["backend"], ran["dtype"], ran["asked"]["backend"]) == ("onnx", "fp32", "auto")
     assert Path(ran["engine"]).parent.parent == cache.cache_dir()
+    assert [c["backend"] for c in ran["auto"]["candidates"]] == ["torch", "torch", "onnx"]
     assert "RALI ran: onnx fp32, engine " in result.output and "(chosen by --backend auto)" in result.output
+    assert "onnx fp32" in result.output and "<- auto" in result.output  # the candidates' table
     assert "RALI backend `onnx` (chosen by auto; engine" in (tmp_path / "p" / "profile.md").read_text()
 
 
-# ------------------------------------------------------------------------ dtype="auto"
-@pytest.fixture
-def bf16_cpu(auto, monkeypatch):
-    """A CPU with bf16 instructions, and a count of the bf16-against-fp32 measurements."""
-    monkeypatch.setattr(cache, "fast_dtypes", lambda device: ["bf16"])
-    measured = []
-    real = cache._compare_dtype
-
-    def counting(*args):
-        measured.append(args[-1])
-        return real(*args)
-
-    monkeypatch.setattr(cache, "_compare_dtype", counting)
-    return measured
+# ------------------------------------------------------------------------ what auto weighs
+def test_a_candidate_the_probe_finds_slower_is_never_built(auto, small_model, monkeypatch):
+    monkeypatch.setattr(auto_module, "MARGIN", 1.1)
+    probe = fake_probe({**PROBE, ("onnx", "fp32"): 0.95})  # 1.05x: within the margin
+    monkeypatch.setattr(auto_module, "_probe", probe)
+    scorer = rali_edge.load(small_model)
+    assert (scorer.backend, scorer.dtype_name, scorer.engine) == ("torch", "fp32", None) and auto == []
+    verdict = auto_module.decide(small_model, scorer.manifest, "cpu", "auto")
+    assert verdict.candidate(("onnx", "fp32")).note == "probe 1.05x: not tried (needs 1.1x)"
+    assert not list(cache.cache_dir().rglob("*.onnx")) and len(probe.calls) == 1  # kept: measured once
 
 
-def test_auto_dtype_runs_bf16_when_it_keeps_the_scores(bf16_cpu, auto, small_model, photos, monkeypatch):
+def test_an_engine_the_trial_times_slower_runs_eager_and_is_deleted(auto, small_model, photos, monkeypatch, capsys):
+    # The probe finds the engine 1000x faster; its trial, file to score on the fidelity images,
+    # cannot find it 10x faster than eager PyTorch: it does not run, and its files go.
+    monkeypatch.setattr(auto_module, "MARGIN", 10.0)
+    monkeypatch.setattr(auto_module, "_probe", fake_probe({**PROBE, ("onnx", "fp32"): 0.001}))
+    scorer = rali_edge.load(small_model)
+    assert (scorer.backend, scorer.engine) == ("torch", None) and auto == ["fp32"]
+    onnx = auto_module.decide(small_model, scorer.manifest, "cpu", "auto").candidate(("onnx", "fp32"))
+    assert onnx.passed is False and onnx.max_abs_diff < FP32_TOL and 0 < onnx.speedup < 10
+    assert "on the fidelity images (needs 10.0x)" in onnx.note
+    assert not list(cache.cache_dir().rglob("*.onnx"))
+    assert "auto runs eager PyTorch fp32" in capsys.readouterr().err
+    assert scorer.score(photos) == pytest.approx(torch_scores(small_model, photos), abs=FP32_TOL)
+
+
+def test_bf16_runs_when_it_is_faster_and_keeps_the_scores(auto, small_model, photos, monkeypatch):
     # bf16's 8-bit mantissa moves the random small model's scores by ~0.01: above EXACT (1e-3), so
     # for this test the bar is raised; the next test keeps it.
-    monkeypatch.setattr(cache, "EXACT", 0.5)
+    monkeypatch.setattr(auto_module, "EXACT", 0.5)
+    probe = fake_probe({**PROBE, ("torch", "bf16"): 0.25})
+    monkeypatch.setattr(auto_module, "_probe", probe)
     scorer = rali_edge.load(small_model)
-    assert (scorer.backend, scorer.dtype_name, scorer.engine) == ("torch", "bf16", None)
-    assert bf16_cpu == ["bf16"] and auto == []  # measured, nothing built
-    assert rali_edge.load(small_model).dtype_name == "bf16" and bf16_cpu == ["bf16"]  # remembered
+    assert (scorer.backend, scorer.dtype_name, scorer.engine) == ("torch", "bf16", None) and auto == []
+    onnx = auto_module.decide(small_model, scorer.manifest, "cpu", "auto").candidate(("onnx", "fp32"))
+    assert onnx.note == "not tried: a faster candidate passed"  # nothing built once bf16 passed
+    assert rali_edge.load(small_model).dtype_name == "bf16" and len(probe.calls) == 1  # remembered
     assert scorer.score(photos) == pytest.approx(torch_scores(small_model, photos), abs=0.5)
-    rows = [json.loads(line) for line in CliRunner().invoke(main, ["cache", "list", "--json"]).stdout.splitlines()]
-    assert [(r["kind"], r["precision"], r["passed"]) for r in rows] == [("verdict", "bf16", True)]
 
 
-def test_auto_dtype_keeps_fp32_when_bf16_moves_scores(bf16_cpu, auto, small_model, photos):
+def test_bf16_that_moves_scores_is_not_run_and_the_next_candidate_is_tried(auto, small_model, photos, monkeypatch):
+    monkeypatch.setattr(auto_module, "_probe", fake_probe({**PROBE, ("torch", "bf16"): 0.25}))
     scorer = rali_edge.load(small_model)
-    assert (scorer.backend, scorer.dtype_name) == ("onnx", "fp32") and bf16_cpu == ["bf16"]
-    verdict = next(e for e in cache.entries() if e.kind == "verdict")
-    assert not verdict.info["fidelity"]["passed"] and verdict.info["fidelity"]["max_abs_diff"] > cache.EXACT
-    assert rali_edge.load(small_model).dtype_name == "fp32" and bf16_cpu == ["bf16"]  # not measured again
-    assert "too far: fp32 runs" in CliRunner().invoke(main, ["cache", "list"]).output
+    assert (scorer.backend, scorer.dtype_name) == ("onnx", "fp32") and auto == ["fp32"]
+    bf16 = auto_module.decide(small_model, scorer.manifest, "cpu", "auto").candidate(("torch", "bf16"))
+    assert bf16.passed is False and bf16.max_abs_diff > auto_module.EXACT and bf16.note.startswith("scores move")
     # Explicit dtypes and explicit backends measure nothing.
     assert rali_edge.load(small_model, dtype="bf16").dtype_name == "bf16"
     assert rali_edge.load(small_model, backend="torch").dtype_name == "fp32"
-    assert rali_edge.load(small_model, cache=False).dtype_name == "fp32" and bf16_cpu == ["bf16"]
+    assert rali_edge.load(small_model, cache=False).dtype_name == "fp32"
 
 
-def test_a_verdict_from_another_machine_is_measured_again(bf16_cpu, small_model):
+def test_a_verdict_from_another_machine_is_measured_again(auto, small_model, monkeypatch):
+    probe = fake_probe({**PROBE, ("onnx", "fp32"): 2.0})  # nothing faster: nothing built
+    monkeypatch.setattr(auto_module, "_probe", probe)
     rali_edge.load(small_model)
     verdict = next(e for e in cache.entries() if e.kind == "verdict")
     data = json.loads(verdict.path.read_text())
     data["cache"]["cpu"] = "Another CPU"
     verdict.path.write_text(json.dumps(data))
     rali_edge.load(small_model)
-    assert bf16_cpu == ["bf16", "bf16"]
+    rali_edge.load(small_model)
+    assert len(probe.calls) == 2
 
 
-def test_fast_dtypes_follow_the_cpu_flags(monkeypatch):
-    from rali_edge.engines import naming
-
-    fresh = cache  # no `auto` fixture here: the real fast_dtypes
-    for flags, expected in [({"avx2", "avx512_bf16"}, ["bf16"]), ({"amx_bf16"}, ["bf16"]), ({"asimd", "bf16"}, ["bf16"]),
-                            ({"avx2", "avx512f"}, [])]:
-        monkeypatch.setattr(naming, "cpu_flags", lambda flags=flags: flags)
-        assert fresh.fast_dtypes("cpu") == expected
-    assert fresh.fast_dtypes("cuda:0") == ["fp16"]
+def test_the_real_probe_and_trials_decide_on_this_machine(tmp_path, monkeypatch, small_model, capsys):
+    """No fakes: the probe runs here and its verdict is whatever this CPU measures; what must hold
+    is that every candidate was probed, that a candidate ran only after a passing trial, and that
+    the choice gives the reference's scores within EXACT."""
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "engines"))
+    scorer = rali_edge.load(small_model, backend="auto")
+    verdict = auto_module.decide(small_model, scorer.manifest, "cpu", "auto")
+    assert all(c.probe_s and c.probe_s > 0 for c in verdict.candidates)
+    chosen = verdict.candidate(verdict.choice)
+    assert verdict.choice == auto_module.REFERENCE or (chosen.passed and chosen.speedup >= auto_module.MARGIN)
+    assert (scorer.backend, scorer.dtype_name) == verdict.choice
+    assert verdict.summary() in capsys.readouterr().err
 
 
 def test_cpu_flags_read_x86_and_arm(tmp_path):
@@ -341,19 +366,6 @@ def test_cpu_flags_read_x86_and_arm(tmp_path):
     assert cpu_flags(str(tmp_path / "x86")) == {"fpu", "avx2", "avx512_bf16"}
     assert cpu_flags(str(tmp_path / "arm")) == {"fp", "asimd", "bf16"}
     assert cpu_flags(str(tmp_path / "none")) == set()
-
-
-def test_a_corrupt_entry_whose_rebuild_timed_slower_runs_eager(auto, small_model, photos, monkeypatch, capsys):
-    """Opening a corrupt cached engine rebuilds it; when the rebuild's check timed it slower than
-    eager PyTorch, the scorer runs eager PyTorch with the encoder's weights loaded after all."""
-    engine = rali_edge.load(small_model).engine
-    engine.write_bytes(os.urandom(engine.stat().st_size))  # the sidecar still matches: only opening tells
-    verdicts = iter([None, "its onnx fp32 engine scored the images slower"])  # the corrupt entry's, the rebuild's
-    monkeypatch.setattr(cache, "slower_than_eager", lambda e: next(verdicts))
-    scorer = rali_edge.load(small_model)
-    assert (scorer.backend, scorer.engine) == ("torch", None) and auto == ["fp32", "fp32"]
-    assert "auto runs eager PyTorch" in capsys.readouterr().err
-    assert scorer.score(photos) == pytest.approx(torch_scores(small_model, photos), abs=FP32_TOL)
 
 
 def test_a_build_that_fails_after_writing_its_engine_leaves_nothing(auto, small_model, photos, tmp_path, monkeypatch):
@@ -375,28 +387,14 @@ def test_a_build_that_fails_after_writing_its_engine_leaves_nothing(auto, small_
     # Failing after the build (moving the checked engine in: a full disk), the staging folder goes too.
     monkeypatch.undo()
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "engines"))
-    monkeypatch.delenv("RALI_EDGE_BACKEND", raising=False)
-    monkeypatch.setattr(cache, "slower_than_eager", lambda engine: None)
 
     def no_space(*args):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cache.os, "replace", no_space)
     with pytest.raises(OSError, match="No space left"):
-        cache.cached_engine(small_model, rali_edge.model_file.read_manifest(small_model), cache.choose("cpu", "fp32"),
-                            "cpu")
+        cache.cached_engine(small_model, rali_edge.model_file.read_manifest(small_model), "onnx", "fp32", "cpu")
     assert not list((tmp_path / "engines").rglob(".build-*"))
-
-
-def test_build_target_auto_labels_each_row_with_the_path_that_ran(auto, small_model, monkeypatch):
-    # When the fp32 engine times slower than eager PyTorch, auto runs PyTorch: the table must not
-    # show PyTorch's timing under "onnx fp32".
-    monkeypatch.setattr(cache, "slower_than_eager", lambda engine: "the engine timed slower than eager PyTorch")
-    result = CliRunner().invoke(main, ["build", str(small_model), "--target", "auto", "--no-progress"])
-    assert result.exit_code == 0, result.output
-    rows = [line.split()[:2] for line in result.stderr.splitlines() if line.startswith(("torch ", "onnx "))]
-    assert ["torch", "fp32"] in rows and ["onnx", "fp32"] not in rows and len(rows) == len(set(map(tuple, rows)))
-    assert "onnx fp32: auto runs torch fp32 instead" in result.stderr
 
 
 def test_build_target_auto_refuses_the_options_it_would_ignore(auto, small_model, tmp_path):

@@ -110,14 +110,9 @@ def _refuse_options_auto_ignores() -> None:
 def _build_auto(model, dtype: str, device: str, progress) -> None:
     from rali_edge.engines.builder import build_auto
 
-    engine, candidates = build_auto(model, device=device, dtype=dtype, progress=progress)
-    base = next((c.ms_per_image for c in candidates if c.backend == "torch"), None)
-    click.echo(f"{'path':<16} {'ms/image':>9} {'vs torch':>9} {'max |diff| vs fp32':>19}", err=True)
-    for c in candidates:
-        ratio = f"{base / c.ms_per_image:.2f}x" if base else "-"
-        mark = "  <- auto" if c.chosen else ""
-        click.echo(f"{c.backend + ' ' + c.precision:<16} {c.ms_per_image:>9.2f} {ratio:>9} {c.max_abs_diff:>19.4f}{mark}",
-                   err=True)
+    engine, verdict = build_auto(model, device=device, dtype=dtype, progress=progress)
+    for line in verdict.table():
+        click.echo(line, err=True)
     click.echo("auto runs eager PyTorch here (no engine to build)" if engine is None else str(engine))
 
 

@@ -17,29 +17,36 @@ def cache_command():
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per entry on stdout.")
 def list_command(as_json):
     """Show every cached engine (model, backend, precision, size, fidelity), int8 refusals, and
-    the verdicts of --dtype auto (whether a reduced precision keeps the scores within 1e-3)."""
+    auto's verdicts (what it measured here, and what it runs)."""
     from rali_edge.engines import cache
+    from rali_edge.engines.auto import Verdict
 
     found = cache.entries()
     for e in found:
         info = e.info or {}
+        if e.kind == "verdict":
+            try:
+                verdict = Verdict.from_dict(info)
+            except (KeyError, TypeError, ValueError):
+                verdict, e.info = None, None
         fidelity = info.get("fidelity") or {}
         row = {"path": str(e.path), "kind": e.kind, "bytes": e.size, "model": info.get("model", {}).get("name"),
-               "backend": info.get("target", "torch" if e.kind == "verdict" else None),
-               "precision": info.get("precision", info.get("dtype")),
+               "backend": info.get("target"), "precision": info.get("precision"),
                "max_abs_diff": fidelity.get("max_abs_diff"), "passed": fidelity.get("passed")}
+        if e.kind == "verdict" and verdict is not None:
+            row.update(backend=verdict.choice[0], precision=verdict.choice[1], candidates=info["candidates"])
         if as_json:
             click.echo(json.dumps(row))
         elif e.info is None:  # a sidecar, note or verdict that cannot be read: rebuilt or measured again
             click.echo(f"unreadable {e.kind} (used again only after it is rebuilt or measured again)  {e.path}")
         elif e.kind == "refused":
             click.echo(f"refused  {e.path.name}: {info.get('message', '?')[:200]}")
+        elif e.kind == "verdict":
+            click.echo(f"verdict  {verdict.summary()}  {e.path}")
         else:
             diff = "?" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.4f}"
-            size = "verdict " if e.kind == "verdict" else f"{e.size / 2**20:7.1f} MiB"
-            verdict = "" if e.kind == "engine" else (" kept" if row["passed"] else " too far: fp32 runs")
-            click.echo(f"{size}  {row['backend'] or '?':<8} {row['precision'] or '?':<5} "
-                       f"max |diff| {diff}{verdict}  {e.path}")
+            click.echo(f"{e.size / 2**20:7.1f} MiB  {row['backend'] or '?':<8} {row['precision'] or '?':<5} "
+                       f"max |diff| {diff}  {e.path}")
     if not as_json:
         click.echo(f"{len(found)} entries in {cache.cache_dir()}", err=True)
 

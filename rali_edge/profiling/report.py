@@ -273,6 +273,11 @@ def summary_text(profile: dict) -> str:
     lines.append(f"RALI ran: {model['backend']} {model['dtype']}"
                  + (f", engine {Path(model['engine']).name}" if model.get("engine") else "")
                  + (" (chosen by --backend auto)" if chosen_by_auto(profile) else ""))
+    if model.get("auto"):
+        from rali_edge.engines.auto import Verdict
+
+        lines += ["auto's candidates here (probe: one layer's products; measured: file to score on the fidelity "
+                  "images; both against eager fp32):", *("  " + row for row in Verdict.from_dict(model["auto"]).table())]
     imgs = profile["images"]
     sizes = sorted({f"{w}x{h}" for w, h in imgs["sizes"]})
     lines.append(f"timed on {imgs['count']} images ({imgs['origin']}): {', '.join(sizes[:4])}"

@@ -226,6 +226,7 @@ def _rali_model_info(scorer, load: dict) -> dict:
         # What ran: auto's choice and its cached engine, or what was asked for.
         "backend": scorer.backend, "engine": None if scorer.engine is None else str(scorer.engine),
         "dtype": scorer.dtype_name, "asked": {"backend": load["backend"], "dtype": load["dtype"]},
+        "auto": None if scorer.verdict is None else scorer.verdict.to_dict(),  # what auto measured here
         "head": "in engine" if runner.head_in_encoder(scorer) else scorer.head.impl_name,
         "image_size": [scorer.preprocess.config.crop_height, scorer.preprocess.config.crop_width],
         "encoder": scorer.manifest.encoder.to_dict(),
