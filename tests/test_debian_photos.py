@@ -138,6 +138,7 @@ def test_the_command_unpacks_a_hand_downloaded_deb(package, tmp_path, capsys):
     assert "1 photographs in" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_real_photographs_match_their_hashes_and_have_licences_and_credits():
     # Downloaded into the cache when missing, as training does (the Debian archive is one of
     # the package registries this project's machines reach).

@@ -60,6 +60,7 @@ def heldout_srcc(scorer):
     return srcc(scores, [s.label for s in samples])
 
 
+@pytest.mark.slow
 def test_heldout_srcc_is_the_one_the_report_states(heldout_srcc):
     # The number in the manifest and TRAINING.md is measured again here. Tolerance 0.01: the
     # JPEG and JPEG2000 distortions are made by this machine's codec libraries, whose versions

@@ -50,6 +50,7 @@ def local_results(model, paths):
     return {r.path: r for r in rali_edge.load(model).score_files(paths)}
 
 
+@pytest.mark.slow
 def test_same_scores_as_the_local_path_and_bad_files_as_error_rows(cluster, small_model, corpus):
     ds = ray.data.from_items([{"file": p} for p in corpus])
     rows = score_dataset(ds, small_model, path_column="file", batch_size=2, backend="torch").take_all()
@@ -77,6 +78,7 @@ def _actor_pids() -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_a_scoring_actor_killed_mid_run_leaves_exactly_one_row_per_input(cluster, small_model, tmp_path, photos):
     """SIGKILL the scoring actor's process once rows have started coming back: Ray restarts it and
     retries its tasks; every input still has exactly one row, in order, with the local path's score."""
@@ -104,6 +106,7 @@ def test_a_scoring_actor_killed_mid_run_leaves_exactly_one_row_per_input(cluster
         assert r.error is None and r.score == pytest.approx(local[r.path].score, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_resume_on_ray_scores_only_the_rest(cluster, small_model, corpus, tmp_path):
     """An interrupted --ray run (two rows, then a line cut off mid-write): --resume --ray scores only
     the rest, and the output has one row per input with the scores of an uninterrupted local run."""
@@ -126,6 +129,7 @@ def test_cli_resume_on_ray_scores_only_the_rest(cluster, small_model, corpus, tm
             assert r["error"] == local[r["path"]].error
 
 
+@pytest.mark.slow
 def test_ray_local_starts_and_stops_its_own_cluster_and_auto_without_one_says_what_to_do(small_model, photos, tmp_path):
     """The user's path in a fresh process: --ray local scores and leaves no cluster behind; --ray auto
     with no cluster running is a one-line usage error."""
@@ -166,6 +170,7 @@ def test_a_model_the_actors_cannot_load_is_a_one_line_error_and_keeps_finished_r
     assert out.read_text() == "path,score,error\nkept.jpg,3.000000,\n"
 
 
+@pytest.mark.slow
 def test_starting_ray_keeps_the_callers_sigterm_handler(tmp_path):
     """ray.init replaces SIGTERM's handler with sys.exit; the CLI's (stop as Ctrl-C does, keeping the
     rows) must survive it. In a fresh process: the module's cluster is already running here."""

@@ -69,6 +69,7 @@ def torch_scores(model, photos):
     return rali_edge.load(model, backend="torch").score(photos)
 
 
+@pytest.mark.slow
 def test_first_use_builds_then_hits(auto, small_model, photos, capsys):
     first = rali_edge.load(small_model)
     assert (first.backend, first.dtype_name) == ("onnx", "fp32")
@@ -88,6 +89,7 @@ def _edit_sidecar(engine: Path, edit) -> None:
     sidecar_path(engine).write_text(json.dumps(data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spoil", ["other model", "other CPU", "other ONNX Runtime", "failed fidelity", "no sidecar", "garbage sidecar",
                                    "empty engine"])
 def test_an_entry_that_cannot_be_trusted_is_rebuilt(auto, small_model, photos, spoil):
@@ -112,6 +114,7 @@ def test_an_entry_that_cannot_be_trusted_is_rebuilt(auto, small_model, photos, s
     assert again.score(photos) == pytest.approx(torch_scores(small_model, photos), abs=FP32_TOL)
 
 
+@pytest.mark.slow
 def test_a_corrupt_engine_file_is_rebuilt_when_it_will_not_open(auto, small_model, photos):
     engine = rali_edge.load(small_model).engine
     size = engine.stat().st_size
@@ -121,6 +124,7 @@ def test_a_corrupt_engine_file_is_rebuilt_when_it_will_not_open(auto, small_mode
     assert again.score(photos) == pytest.approx(torch_scores(small_model, photos), abs=FP32_TOL)
 
 
+@pytest.mark.slow
 def test_two_processes_starting_at_once_build_once(tmp_path, small_model, photos):
     env = {**os.environ, cache.CACHE_ENV: str(tmp_path / "engines")}
     code = ("import sys, rali_edge\n"
@@ -188,6 +192,7 @@ def strict_fidelity(monkeypatch, auto):
     return auto
 
 
+@pytest.mark.slow
 def test_int8_refused_by_the_fidelity_check_is_remembered(strict_fidelity, small_model, photos):
     with pytest.raises(PrecisionRefused, match="int8 moves its scores too far") as refused:
         rali_edge.load(small_model, dtype="int8")
@@ -208,6 +213,7 @@ def test_int8_refused_by_the_fidelity_check_is_remembered(strict_fidelity, small
     assert strict_fidelity == ["int8", "int8"]
 
 
+@pytest.mark.slow
 def test_int8_that_passes_is_cached_with_the_head_in_fp32(auto, small_model, photos, monkeypatch):
     # The random small model's int8 moves scores ~0.05 (its tiny layers quantize coarsely); the
     # built-in model's stays within 0.02, a ViT-L's with a recipe-made head does not
@@ -224,6 +230,7 @@ def test_int8_that_passes_is_cached_with_the_head_in_fp32(auto, small_model, pho
     assert rali_edge.load(small_model, dtype="int8").engine == scorer.engine and auto == ["int8"]
 
 
+@pytest.mark.slow
 def test_cache_list_and_clear(auto, small_model):
     engine = rali_edge.load(small_model).engine
     listed = CliRunner().invoke(main, ["cache", "list", "--json"])
@@ -242,6 +249,7 @@ def test_cache_list_and_clear(auto, small_model):
     assert "0 entries" in CliRunner().invoke(main, ["cache", "list"]).output
 
 
+@pytest.mark.slow
 def test_build_target_auto_tries_every_candidate_and_prints_them(auto, small_model):
     result = CliRunner().invoke(main, ["build", str(small_model), "--target", "auto", "--no-progress"])
     assert result.exit_code == 0, result.output
@@ -256,6 +264,7 @@ def test_build_target_auto_tries_every_candidate_and_prints_them(auto, small_mod
     assert "scores move" in rows["torch bf16"] and "0.50x" in rows["torch bf16"]
 
 
+@pytest.mark.slow
 def test_profile_reports_the_path_auto_ran(auto, small_model, photos, tmp_path):
     import torch
 
@@ -290,6 +299,7 @@ def test_a_candidate_the_probe_finds_slower_is_never_built(auto, small_model, mo
     assert not list(cache.cache_dir().rglob("*.onnx")) and len(probe.calls) == 1  # kept: measured once
 
 
+@pytest.mark.slow
 def test_an_engine_the_trial_times_slower_runs_eager_and_is_deleted(auto, small_model, photos, monkeypatch, capsys):
     # The probe finds the engine 1000x faster; its trial, file to score on the fidelity images,
     # cannot find it 10x faster than eager PyTorch: it does not run, and its files go.
@@ -319,6 +329,7 @@ def test_bf16_runs_when_it_is_faster_and_keeps_the_scores(auto, small_model, pho
     assert scorer.score(photos) == pytest.approx(torch_scores(small_model, photos), abs=0.5)
 
 
+@pytest.mark.slow
 def test_bf16_that_moves_scores_is_not_run_and_the_next_candidate_is_tried(auto, small_model, photos, monkeypatch):
     monkeypatch.setattr(auto_module, "_probe", fake_probe({**PROBE, ("torch", "bf16"): 0.25}))
     scorer = rali_edge.load(small_model)
@@ -368,6 +379,7 @@ def test_cpu_flags_read_x86_and_arm(tmp_path):
     assert cpu_flags(str(tmp_path / "none")) == set()
 
 
+@pytest.mark.slow
 def test_a_build_that_fails_after_writing_its_engine_leaves_nothing(auto, small_model, photos, tmp_path, monkeypatch):
     # The fidelity check itself fails (here: no image could be scored), after the engine and its
     # sidecar were written: neither an unchecked engine nor the cache's staging folder stays.

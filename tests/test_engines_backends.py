@@ -20,7 +20,7 @@ from rali_edge.errors import RaliEdgeError, UsageError
 import rali_edge.engines
 import rali_edge.kernels
 
-PACKAGES = [Path(m.__file__).parent for m in (rali_edge, rali_edge.engines, rali_edge.kernels)]
+PACKAGES = [Path(list(m.__path__)[0]) for m in (rali_edge, rali_edge.engines, rali_edge.kernels)]
 ENGINES = PACKAGES[1]
 BACKEND_MODULES = {e.module.rsplit(".", 1)[1] + ".py" for e in TABLE}
 
@@ -155,6 +155,7 @@ def test_gpu_reference_convolution_is_fp32_not_tf32():
     assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5
 
 
+@pytest.mark.slow
 def test_build_refuses_the_options_of_another_backend(small_model, tmp_path):
     from click.testing import CliRunner
 
@@ -172,6 +173,7 @@ def test_build_refuses_the_options_of_another_backend(small_model, tmp_path):
     assert plain.exit_code == 0, plain.output  # the TensorRT options' defaults are not "given"
 
 
+@pytest.mark.slow
 def test_a_failed_rebuild_leaves_the_engine_already_there(small_model, photos, tmp_path, monkeypatch):
     from rali_edge.engines import builder
     from rali_edge.engines.naming import sidecar_path

@@ -131,6 +131,7 @@ def test_every_head_node_is_marked_for_tensorrt(exported):
 
 
 # ------------------------------------------------------------------------------------- int8
+@pytest.mark.slow
 @pytest.mark.parametrize("reduce_range", [False, True])  # VNNI CPUs, and 7-bit weights for the others
 def test_int8_quantizes_the_encoder_matmuls_and_keeps_the_rest_fp32(model, exported, inputs, tmp_path, reduce_range):
     from rali_edge.engines.onnx import quantize_int8
@@ -161,6 +162,7 @@ def test_int8_quantizes_the_encoder_matmuls_and_keeps_the_rest_fp32(model, expor
     assert np.abs(got - want).max() <= 0.15
 
 
+@pytest.mark.slow
 def test_smoothing_is_exact_in_fp32_and_lets_fc2_be_quantized(model, exported, inputs, tmp_path):
     import shutil
 
@@ -190,6 +192,7 @@ def test_smoothing_is_exact_in_fp32_and_lets_fc2_be_quantized(model, exported, i
     assert np.abs(got - reference(model[0], inputs["real"], "score")).max() <= 0.15  # as in the test above
 
 
+@pytest.mark.slow
 def test_int8_build_tries_the_smoothed_form_first_then_fc2_in_fp32(small_model, photos, tmp_path, monkeypatch, capsys):
     from rali_edge.engines import builder
     from rali_edge.engines.fidelity import FidelityReport
@@ -235,6 +238,7 @@ def test_int8_build_tries_the_smoothed_form_first_then_fc2_in_fp32(small_model, 
     assert unchecked.info.build_options["int8"]["form"] == "mlp-out-fp32"  # no check: the form closest to fp32
 
 
+@pytest.mark.slow
 def test_fidelity_check_holds_one_copy_of_the_encoder_at_a_time(small_model, photos, tmp_path, monkeypatch):
     from rali_edge.engines import fidelity
 
@@ -264,6 +268,7 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton head on a CPU needs the interpreter")
 def test_cli_build_onnx_then_check_engine(small_model, photos, tmp_path):
     calib = photos[0].parent
@@ -311,6 +316,7 @@ def test_cli_score_takes_the_backend_from_the_engine_and_an_engine_folder(small_
     assert folder.exit_code == 3 and "is a folder with no aoti engine in it" in folder.output
 
 
+@pytest.mark.slow
 def test_cli_failed_fidelity_check_deletes_the_engine(small_model, photos, tmp_path):
     result = run("build", small_model, "--target", "onnx", "--precision", "fp16", "--batch", "1:2:4",
                  "--calib-dir", photos[0].parent, "--max-score-diff", "1e-7", "-o", tmp_path)
@@ -354,6 +360,7 @@ def test_fidelity_comparison():
     assert not nan.passed and nan.max_abs_diff == float("inf")  # an overflowed engine must fail
 
 
+@pytest.mark.slow
 def test_cli_corrupt_engine_is_exit_3(small_model, photos, tmp_path):
     built = run("build", small_model, "--target", "onnx", "--batch", "1:2:4", "--no-check", "-o", tmp_path)
     engine = built.stdout.strip()

@@ -409,6 +409,7 @@ def test_torch_free_modules_import_without_torch(photos, tmp_path):
     assert result.stdout.strip() == "(1, 3, 56, 56) float32"
 
 
+@pytest.mark.slow
 def test_strongly_typed_bf16_onnx_for_tensorrt11(small_model, tmp_path):
     """TensorRT 11 takes its precision from the ONNX types: bf16 matmuls, fp32 layernorm,
     softmax and head, fp32 inputs and outputs."""

@@ -46,6 +46,7 @@ def load_gpu_bench():
     return gpu
 
 
+@pytest.mark.slow
 def test_the_python_parts_dry_run_on_a_cpu(tmp_path):
     """The files-to-scores part and the encoder timing, on a 1-layer model on the CPU: the code the
     lent GPU will run, its table and its JSON, checked here first (minutes there are scarce)."""

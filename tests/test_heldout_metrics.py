@@ -8,6 +8,7 @@ import json
 from contextlib import redirect_stdout
 
 import numpy as np
+import pytest
 import torch
 from scipy.stats import spearmanr
 
@@ -50,6 +51,7 @@ def test_cell_mean_srcc_is_spearman_of_the_cell_means():
     assert set(metrics["heldout_srcc_per_source"]) == {"chelsea", "coffee", "astronaut"}
 
 
+@pytest.mark.slow
 def test_evaluate_prints_the_scorers_numbers_on_the_grid():
     out = io.StringIO()
     with redirect_stdout(out):
@@ -62,6 +64,7 @@ def test_evaluate_prints_the_scorers_numbers_on_the_grid():
     assert abs(printed["heldout_srcc"] - spearmanr(scores, [s.label for s in samples]).statistic) < 1e-9
 
 
+@pytest.mark.slow
 def test_tiny_training_run_reports_what_evaluate_measures(tmp_path):
     # The whole recipe on a tiny budget (64 samples, one epoch: the model itself is poor). The
     # report, the manifest and `evaluate` of the saved folder must state the same held-out SRCC:
@@ -82,6 +85,7 @@ def test_tiny_training_run_reports_what_evaluate_measures(tmp_path):
     assert again["heldout_cell_mean_srcc"] == results["heldout_cell_mean_srcc"]
 
 
+@pytest.mark.slow
 def test_refit_head_gives_what_the_full_run_gave(tmp_path):
     # --refit-head reruns steps 3-4 on a trained encoder. With the run's own head recipe it must
     # reproduce the run's weights exactly; with another, only the head may change.

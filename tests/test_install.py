@@ -20,11 +20,12 @@ def run_python(code: str, cwd: Path, timeout: float = 300) -> str:
 
 
 def test_the_tests_run_on_a_wheel_install():
-    import rali_edge
+    """`make test` installs the package as users get it (an editable install would hide a file
+    left out of the wheel)."""
+    from importlib.metadata import distribution
 
-    where = Path(rali_edge.__file__).resolve()
-    assert "site-packages" in where.parts, f"rali_edge imported from {where}: install it with `pip install .`"
-    assert not any(p.name.startswith("__editable__") for p in where.parents[1].iterdir())
+    direct = json.loads(distribution("rali-edge").read_text("direct_url.json") or "{}")
+    assert not direct.get("dir_info", {}).get("editable"), "rali-edge is installed editable: use `make setup`"
 
 
 @pytest.mark.parametrize("folder", ["root", "elsewhere"])
@@ -39,6 +40,18 @@ def test_load_and_engines_import_from_the_clone_root_and_elsewhere(folder, tmp_p
     if folder == "root":  # the clone's own folder shadows the installed package, and works
         assert here == ROOT / "rali_edge" / "__init__.py"
     assert 1.0 <= got["scores"][0] <= 5.0
+
+
+def test_the_clones_top_level_folders_shadow_no_package_of_their_name():
+    """PyPI has packages called `kernels` (Hugging Face's, which transformers imports when it is
+    installed) and `engines`: from the clone's root, `import kernels` must still find them. The
+    top-level folders have no __init__.py, so they are namespace portions, which a regular
+    package anywhere on sys.path wins over."""
+    out = run_python("import importlib.util, json\n"
+                     "specs = {n: importlib.util.find_spec(n) for n in ('kernels', 'engines')}\n"
+                     "print(json.dumps({n: s and s.origin for n, s in specs.items()}))", ROOT)
+    for name, origin in json.loads(out).items():
+        assert origin is None or "site-packages" in origin, f"{name} from the clone's root: {origin}"
 
 
 @pytest.mark.slow

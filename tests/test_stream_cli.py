@@ -274,6 +274,7 @@ def test_file_source_that_cannot_be_read_is_exit_1_and_others_are_scored(video, 
     assert sum(r["stream"] == 0 for r in read_jsonl(out)) == N_FRAMES
 
 
+@pytest.mark.slow
 def test_unreachable_camera_is_retried_while_a_file_is_scored(video, tmp_path, quality_model):
     # Nothing listens on port 9: OpenCV's FFmpeg backend is refused at once, and the live source
     # goes into backoff (0.5 s, 1 s...) until --duration ends the run; a live source that fails is
@@ -287,6 +288,7 @@ def test_unreachable_camera_is_retried_while_a_file_is_scored(video, tmp_path, q
     assert [r["frame"] for r in read_jsonl(out)] == [0, 10, 20, 30]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_cleanly_with_whole_lines(video, tmp_path, quality_model, sig):
@@ -332,6 +334,7 @@ def test_a_folder_source_with_no_decodable_image_is_a_failed_source(tmp_path):
     assert "no frame could be decoded (2 skipped)" in result.output
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device whose writes fail: disk full")
 def test_stream_to_a_full_standard_output_is_one_line_and_exit_4(video):
     import os

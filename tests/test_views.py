@@ -127,6 +127,7 @@ def test_score_with_another_model_has_no_demo_note(grid_model, tmp_path):
     assert result.exit_code == 0 and DEMO_NOTE not in result.stderr
 
 
+@pytest.mark.slow
 def test_build_without_model_builds_the_built_in_one(tmp_path):
     pytest.importorskip("onnxruntime")
     result = CliRunner().invoke(main, ["build", "--target", "onnx", "--batch", "1:9:18", "-o", str(tmp_path)])

@@ -66,6 +66,7 @@ def test_set_has_every_version_as_a_jpeg_and_a_csv_eval_reads(tiny_set):
     assert [x.path for x in read_dataset(tiny_set)] == [r["file"] for r in rows]  # `rali-edge eval MODEL labels.csv`
 
 
+@pytest.mark.slow
 def test_rebuilding_keeps_written_files_and_remakes_missing_ones(tiny_set):
     kept = tiny_set.parent / "coffee" / "noise-3.jpg"
     lost = tiny_set.parent / "chelsea" / "blur-2.jpg"

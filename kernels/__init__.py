@@ -1,1 +1,0 @@
-"""Fused Triton kernels (shipped as rali_edge.kernels)."""
