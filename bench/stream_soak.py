@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from rali_edge.runtime.sources import parse_source, require_cv2
-from rali_edge.runtime.stream import JsonlWriter, StreamOptions, StreamRuntime, warm_up
+from rali_edge.outputs import Output
+from rali_edge.runtime.stream import RECORDS, SafeSink, StreamOptions, StreamRuntime, warm_up
 
 
 def rss_mib() -> float:
@@ -102,8 +103,8 @@ def main(argv=None) -> int:
     specs = [parse_source(str(video)) for _ in range(args.sources)]
     options = StreamOptions(policy=args.policy, max_batch=args.max_batch, loop=True, realtime=args.realtime,
                             duration=args.seconds, summary_every=0)
-    devnull = open(os.devnull, "w")
-    runtime = StreamRuntime(specs, score_batch, JsonlWriter(devnull), options, log=lambda line: None)
+    sink = SafeSink(Output(os.devnull, RECORDS), threading.Event())
+    runtime = StreamRuntime(specs, score_batch, sink, options, log=lambda line: None)
 
     samples = []
     start = time.monotonic()

@@ -43,7 +43,7 @@ def cache_dir() -> Path:
 def unwritable() -> str | None:
     """Why the cache folder cannot be written here (a read-only home in a container, a
     RALI_EDGE_CACHE that names a file), or None."""
-    from rali_edge.results import why_not_writable
+    from rali_edge.outputs import why_not_writable
 
     reason = why_not_writable(cache_dir(), folder=True)
     return f"the engine cache {cache_dir()} cannot be written ({reason})" if reason else None

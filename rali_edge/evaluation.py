@@ -24,6 +24,10 @@ from typing import Callable
 import numpy as np
 
 from rali_edge.errors import DatasetError, RaliEdgeError
+from rali_edge.outputs import Field
+
+# The rows of `rali-edge eval --predictions` (rali_edge.outputs).
+PREDICTIONS = (Field("path"), Field("mos", float), Field("score", float, 6))
 
 
 @dataclass(frozen=True)
@@ -297,8 +301,8 @@ def evaluate(
 ) -> EvalReport:
     """Score every image of `dataset` with `scorer` (a rali_edge Scorer) and correlate with the
     labels. Images that cannot be read are listed in `failures`; the rest are still measured.
-    Ctrl-C raises KeyboardInterrupt as usual, with the report over the images scored before it
-    as the exception's `partial_report` (marked `interrupted`)."""
+    Ctrl-C (KeyboardInterrupt) ends the scoring: the report is then over the images scored before
+    it, marked `interrupted`."""
     mos_by_index = [item.mos for item in dataset]
     start = time.perf_counter()
     predictions, failures = [], []
@@ -319,9 +323,8 @@ def evaluate(
                 predictions.append({"path": result.path, "mos": mos_by_index[i], "score": float(result.score)})
             if progress:
                 progress(1)
-    except KeyboardInterrupt as e:
-        e.partial_report = report(interrupted=True)
-        raise
+    except KeyboardInterrupt:
+        return report(interrupted=True)
     return report()
 
 

@@ -470,7 +470,7 @@ def convert_published(src_dir: str | Path, out_dir: str | Path, name: str | None
         save_model,
     )
 
-    from rali_edge.results import why_not_writable
+    from rali_edge.outputs import why_not_writable
 
     out = Path(out_dir)  # checked before the checkpoint is read: a ViT-L takes a while
     if out.exists() and not out.is_dir():

@@ -105,7 +105,7 @@ def check_output_folder(out_dir: str | Path, force: bool = False) -> Path:
     """Before any work: `out_dir` may be new, an empty folder, or (with `force`) a model folder
     to overwrite. Anything else (a file, a folder of other things, say next to photographs) is
     refused, so that writing a model never mixes with or replaces a user's files."""
-    from rali_edge.results import why_not_writable
+    from rali_edge.outputs import why_not_writable
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

@@ -27,6 +27,7 @@ from rali_edge.images import open_image
 from rali_edge.head import rali_head_torch
 from rali_edge.model import DTYPES, RaliModel
 from rali_edge.model_file import Manifest, load_model, read_manifest
+from rali_edge.outputs import Field
 from rali_edge.preprocess import PreprocessConfig, Preprocessor, read_views
 
 ENGINE_DTYPES = ("int8",)  # only as an engine (backend auto or onnx)
@@ -100,6 +101,20 @@ class FileResult:
 
     def to_dict(self) -> dict:
         return {"path": self.path, "score": self.score} if self.error is None else {"path": self.path, "error": self.error}
+
+
+# The rows `rali-edge score` writes (rali_edge.outputs): a score, or the error that kept a file from one.
+SCORES = (Field("path"), Field("score", float, 6), Field("error"))
+
+
+def score_table(rows: list[dict]) -> str:
+    """Score rows for people: the score (or "error"), the path, and the error's reason."""
+    lines = [f"{'score':>7}  path"]
+    for r in rows:
+        error = r.get("error") or (None if r.get("score") is not None else "no score")
+        shown = f"{r['score']:7.3f}" if error is None else "  error"
+        lines.append(f"{shown}  {r['path']}" + (f"  ({error})" if error else ""))
+    return "".join(line + "\n" for line in lines)
 
 
 @dataclass

@@ -210,7 +210,7 @@ def test_the_writability_probe_leaves_devices_and_fifos_alone(tmp_path):
     import os
     import threading
 
-    from rali_edge.results import why_not_writable
+    from rali_edge.outputs import why_not_writable
 
     assert why_not_writable("/dev/null") is None
     fifo = tmp_path / "fifo"

@@ -356,7 +356,7 @@ def test_profiled_pipeline_gives_the_scorers_scores(small_model, photos, fused):
     torch.testing.assert_close(scores, torch.tensor(expected), rtol=0, atol=1e-5)
     assert ("head" in timer.stages) is (not fused)
 
-    runs = runner.profile_rali(scorer, images, [2], runner.Budget(0, 2, 0.0), NullSampler(), None)
+    runs, _ = runner.profile_rali(scorer, images, [2], runner.Budget(0, 2, 0.0), NullSampler(), None)
     assert runs[0].extra["head_in_encoder"] is fused and ("head" in runs[0].stages) is (not fused)
 
 

@@ -216,18 +216,18 @@ def test_an_output_suffix_that_names_no_format_gets_the_table_and_a_note(small_m
 
 def test_a_reader_that_closes_stdout_stops_score_quietly(small_model, photos, tmp_path, monkeypatch):
     # `rali-edge score ... | head -1`: the pipe closes under the writer; score stops, exit 0, no error.
-    from rali_edge import results
+    from rali_edge import outputs
 
-    real = results.ResultFile._add
+    real = outputs.Output._write
     calls = []
 
-    def pipe_closes_at_the_second_row(self, result):
-        calls.append(result.path)
+    def pipe_closes_at_the_second_row(self, row):
+        calls.append(row["path"])
         if len(calls) == 2:
             raise BrokenPipeError(32, "Broken pipe")
-        return real(self, result)
+        return real(self, row)
 
-    monkeypatch.setattr(results.ResultFile, "_add", pipe_closes_at_the_second_row)
+    monkeypatch.setattr(outputs.Output, "_write", pipe_closes_at_the_second_row)
     result = run("score", "-q", "--model", small_model, "--format", "jsonl", *photos)
     assert result.exit_code == 0 and "error" not in result.stderr, result.output
     assert len(calls) == 2 and "1 scored" in result.stderr  # it stopped at the closed pipe

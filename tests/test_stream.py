@@ -7,7 +7,6 @@ a "true score" in [0,0,2]), so a fake scorer can check what it was given and ans
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import threading
@@ -20,9 +19,7 @@ from rali_edge.images import natural_key
 from rali_edge.runtime.sources import SourceError, SourceSpec, open_source, parse_source
 from rali_edge.runtime.stream import (
     Backoff,
-    CsvWriter,
     FrameSelector,
-    JsonlWriter,
     ListSink,
     StreamOptions,
     StreamRuntime,
@@ -417,26 +414,30 @@ RECORD = {"type": "frame", "stream": 1, "source": "a,b ! appsink", "frame": 3, "
           "wall_time": 1700000000.123456789, "score": 3.123456, "latency_ms": 12.3456, "dropped": 2}
 
 
-def test_jsonl_writer_whole_lines_and_rounding():
-    buf = io.StringIO()
-    w = JsonlWriter(buf)
-    w.write(RECORD)
-    w.write({**RECORD, "score": math.nan})
-    lines = buf.getvalue().splitlines()
+def test_jsonl_records_are_whole_lines_and_rounded(tmp_path):
+    from rali_edge.outputs import Output
+    from rali_edge.runtime.stream import RECORDS
+
+    out = Output(tmp_path / "r.jsonl", RECORDS)
+    out.add(RECORD)
+    out.add({**RECORD, "score": math.nan})
+    lines = (tmp_path / "r.jsonl").read_text().splitlines()  # on disk before close
     first = json.loads(lines[0])
     assert first["score"] == 3.1235 and first["latency_ms"] == 12.35 and first["source_ts"] is None
     assert json.loads(lines[1])["score"] is None  # NaN is not JSON
 
 
-def test_csv_writer_header_and_quoting():
-    buf = io.StringIO()
-    w = CsvWriter(buf)
-    w.write(RECORD)
-    w.write({"type": "alert", "stream": 1, "source": "s", "frame": 9, "source_ts": 0.5, "wall_time": 1.0,
-             "score": 1.0, "alert": "low", "threshold": 2.5})
-    rows = list(csv.DictReader(io.StringIO(buf.getvalue())))
+def test_csv_records_have_a_header_and_quoting(tmp_path):
+    from rali_edge.outputs import Output
+    from rali_edge.runtime.stream import RECORDS
+
+    with Output(tmp_path / "r.csv", RECORDS, "csv") as out:
+        out.add(RECORD)
+        out.add({"type": "alert", "stream": 1, "source": "s", "frame": 9, "source_ts": 0.5, "wall_time": 1.0,
+                 "score": 1.0, "alert": "low", "threshold": 2.5})
+    rows = list(csv.DictReader(open(tmp_path / "r.csv")))
     assert rows[0]["source"] == "a,b ! appsink" and rows[0]["score"] == "3.1235" and rows[0]["alert"] == ""
-    assert rows[1]["alert"] == "low" and rows[1]["latency_ms"] == ""
+    assert rows[1]["alert"] == "low" and rows[1]["latency_ms"] == "" and rows[1]["threshold"] == "2.5000"
 
 
 # ------------------------------------------------------------------ sources

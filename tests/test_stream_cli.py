@@ -191,12 +191,32 @@ def test_csv_to_stdout_with_every(video, quality_model):
 
 def test_fps_frames_limit_and_append(video, tmp_path, quality_model):
     out = tmp_path / "out.csv"
-    for _ in range(2):
-        result = run_cli(quality_model, video, "--out", out, "--format", "csv", "--append", "--fps", "2.5", "--frames", "3")
+    for _ in range(2):  # the format from the suffix, as `score` takes it
+        result = run_cli(quality_model, video, "--out", out, "--append", "--fps", "2.5", "--frames", "3")
         assert result.exit_code == 0, result.output
     lines = out.read_text().splitlines()
     assert lines[0].startswith("type,") and sum(line.startswith("type,") for line in lines) == 1  # one header
     assert [line.split(",")[3] for line in lines[1:]] == ["0", "4", "8"] * 2  # 10 fps file, 2.5 fps: every 4th
+
+
+def test_append_refuses_a_file_of_another_format_before_the_model_loads(video, tmp_path, monkeypatch):
+    loaded = []
+    monkeypatch.setattr("rali_edge.cli.common.load_scorer", lambda **kw: loaded.append(kw))
+    csv_file, jsonl_file = tmp_path / "out.csv", tmp_path / "out.jsonl"
+    csv_file.write_text("type,stream,source,frame,source_ts,wall_time,score,latency_ms,dropped,alert,threshold\n")
+    jsonl_file.write_text('{"type": "frame", "stream": 0}\n')
+    for out, fmt, words in ((csv_file, "jsonl", "not a jsonl output"), (jsonl_file, "csv", "not a csv output"),
+                            (csv_file, None, None)):
+        before = out.read_text()
+        args = ["stream", str(video), "--out", str(out), "--append", *(["--format", fmt] if fmt else [])]
+        result = CliRunner().invoke(main, args)
+        if words is None:  # the suffix's own format: accepted (the stub scorer then fails to score)
+            assert "not a" not in result.output
+            continue
+        assert result.exit_code == 2 and words in result.output and "Traceback" not in result.output
+        assert out.read_text() == before and loaded == []  # untouched, and no model loaded
+    other = CliRunner().invoke(main, ["stream", str(video), "--out", str(tmp_path / "x.parquet")])
+    assert other.exit_code == 2 and "jsonl or csv" in other.output
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ class OutputFile(click.ParamType):
     def convert(self, value, param, ctx):
         from pathlib import Path
 
-        from rali_edge.results import why_not_writable
+        from rali_edge.outputs import why_not_writable
 
         if self.stdout_dash and value == "-":
             return value
@@ -63,7 +63,7 @@ class OutputFolder(click.ParamType):
     name = "DIR"
 
     def convert(self, value, param, ctx):
-        from rali_edge.results import why_not_writable
+        from rali_edge.outputs import why_not_writable
 
         reason = why_not_writable(value, folder=True)
         if reason:

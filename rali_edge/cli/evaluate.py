@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 
@@ -31,7 +30,9 @@ Examples:
 @backend_options
 @click.option("--batch-size", "-b", default=16, show_default=True, type=click.IntRange(min=1), help="Images per encoder call.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@click.option("--predictions", type=OUTPUT_FILE, help="Also write path,mos,score for every scored image (CSV; checked before scoring starts).")
+@click.option("--predictions", type=OUTPUT_FILE,
+              help="Also write path, mos and score for every scored image: csv, or jsonl, json or parquet by the "
+                   "file's suffix (checked before scoring starts).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
 def eval_command(model, dataset, root, label, batch_size, fmt, predictions, progress, **backend_kwargs):
     """Measure how well MODEL's scores agree with the labels of DATASET.
@@ -45,33 +46,28 @@ def eval_command(model, dataset, root, label, batch_size, fmt, predictions, prog
     image was scored).
     """
     from rali_edge.cli.common import load_scorer
-    from rali_edge.evaluation import evaluate, read_dataset
+    from rali_edge.evaluation import PREDICTIONS, evaluate, read_dataset
+    from rali_edge.outputs import Output, format_for
 
-    def go():
-        items = read_dataset(dataset, root=root, label=label)
-        scorer = load_scorer(model, **backend_kwargs)
-        show = sys.stderr.isatty() if progress is None else progress
-        with click.progressbar(length=len(items), label="scoring", file=sys.stderr, hidden=not show) as bar:
-            return evaluate(scorer, items, batch_size=batch_size, name=str(dataset), progress=bar.update)
-
-    try:
-        report = go()  # errors reach the CLI group's handler: one line and its exit code
-    except KeyboardInterrupt as e:
-        report = getattr(e, "partial_report", None)
-        if report is None or not report.scored:  # stopped before any image was scored
-            raise
+    items = read_dataset(dataset, root=root, label=label)  # errors: one line and their exit code
+    written = Output(predictions, PREDICTIONS, format_for(predictions, None, default="csv")) if predictions else None
+    scorer = load_scorer(model, **backend_kwargs)
+    show = sys.stderr.isatty() if progress is None else progress
+    with click.progressbar(length=len(items), label="scoring", file=sys.stderr, hidden=not show) as bar:
+        report = evaluate(scorer, items, batch_size=batch_size, name=str(dataset), progress=bar.update)
+    if report.interrupted and not report.scored:  # stopped before any image was scored
+        raise KeyboardInterrupt
     if fmt == "json":  # the report first: a predictions file that cannot be written does not lose it
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
         click.echo(report.table(), nl=False)
-    if predictions:
+    if written is not None:
         try:
-            with open(predictions, "w", newline="") as f:
-                writer = csv.writer(f, lineterminator="\n")
-                writer.writerow(["path", "mos", "score"])
-                writer.writerows([p["path"], p["mos"], f"{p['score']:.6f}"] for p in report.predictions)
-        except OSError as e:
-            raise OutputError(f"writing {predictions}: {e.strerror or e} (the report above is complete)") from None
+            with written:
+                for row in report.predictions:
+                    written.add(row)
+        except OutputError as e:
+            raise OutputError(f"{e} (the report above is complete)") from None
     if report.interrupted:
         click.echo(f"interrupted: the metrics above are over the {report.scored} images scored before Ctrl-C",
                    err=True)

@@ -153,13 +153,12 @@ def profile_command(ctx, batch_sizes, warmup, iters, duration, image_paths, powe
             baseline=Baseline(baseline_model, baseline_random_weights, baseline_config, baseline_tokens,
                               baseline_images, baseline_dtype, seed) if wants_baseline else None,
             threads=threads, command_line=command_line(ctx), argv=list(sys.argv), progress=line)
-    except KeyboardInterrupt as e:
-        line.clear()
-        profile = getattr(e, "partial_profile", None)
-        if profile is None:
-            click.echo("interrupted before any batch size finished: no report", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        profile = None
     line.clear()
+    if profile is None or not profile["rali"].get("runs"):
+        click.echo("interrupted before any batch size finished: no report", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     _print_and_write(profile, report_dir)
     if profile.get("interrupted"):
         click.echo(f"interrupted {profile['interrupted']}", err=True)

@@ -12,7 +12,7 @@ import click
 from rali_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED
 from rali_edge.cli.common import OUTPUT_FILE, model_options
 from rali_edge.errors import OutputClosed
-from rali_edge.results import FORMATS
+from rali_edge.outputs import FORMATS
 
 @click.command(
     "score",
@@ -67,8 +67,8 @@ def score_command(paths, batch_size, fmt, output, resume, lists, workers, ray_ad
     """
     from rali_edge.cli.common import DEMO_NOTE
     from rali_edge.images import find_images, paths_from_list
-    from rali_edge.results import ResultFile, format_for
-    from rali_edge.scoring import PipelineStats, is_default_model
+    from rali_edge.outputs import Output, format_for
+    from rali_edge.scoring import SCORES, PipelineStats, is_default_model, score_table
 
     if not paths and not lists:
         raise click.UsageError("give PATHS (files, folders, globs) or --from-list FILE")
@@ -76,7 +76,7 @@ def score_command(paths, batch_size, fmt, output, resume, lists, workers, ray_ad
     for message in found.unmatched:
         click.echo(f"error: {message}", err=True)
     listed = [p for f in lists for p in paths_from_list(f)]
-    writer = ResultFile(output, format_for(output, fmt), resume=resume)  # usage errors before the model loads
+    writer = Output(output, SCORES, format_for(output, fmt), resume=resume, table=score_table)  # usage errors first
     if output and not fmt and writer.fmt == "table":
         click.echo(f"note: -o {output}: its suffix names no format, so it gets the table for people; for scripts "
                    "use .csv, .jsonl, .json or .parquet, or --format", err=True)
@@ -94,7 +94,7 @@ def score_command(paths, batch_size, fmt, output, resume, lists, workers, ray_ad
         with _results(files, batch_size, workers, ray_address, ray_actors, ray_gpus, model_kwargs, stats) as results, \
                 click.progressbar(length=len(files), label="scoring", file=sys.stderr, hidden=not show) as bar:
             for result in results:
-                writer.add(result)
+                writer.add(result.to_dict())
                 failed += result.error is not None
                 bar.update(1)
     except OutputClosed:

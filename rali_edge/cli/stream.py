@@ -27,10 +27,10 @@ Sources:
   with backoff when they fail; files end at EOF.
 
 \b
-Output (one line per scored frame, flushed at once):
-  {"type":"frame","stream":0,"source":"cam.mp4","frame":12,"source_ts":0.48,
-   "wall_time":1712345678.1,"score":3.87,"latency_ms":41.2,"dropped":0}
-  Alerts: {"type":"alert","alert":"low"|"recovered","threshold":2.5,...}
+Output (one line per scored frame, flushed at once; jsonl, or csv with these columns):
+  {"type": "frame", "stream": 0, "source": "cam.mp4", "frame": 12, "source_ts": 0.48,
+   "wall_time": 1712345678.1, "score": 3.87, "latency_ms": 41.2, "dropped": 0}
+  Alerts: {"type": "alert", "alert": "low"|"recovered", "threshold": 2.5, ...}
   --on-alert gets RALI_ALERT, RALI_STREAM_ID, RALI_SOURCE, RALI_FRAME, RALI_SCORE,
   RALI_THRESHOLD, RALI_ALERT_FRAMES, RALI_SOURCE_TS, RALI_WALL_TIME, RALI_RECORD (JSON).
   Summaries (fps in, fps scored, dropped, mean score, state) go to stderr.
@@ -64,8 +64,11 @@ exits 0. Exit codes: 0 done, 1 a file source could not be read (others were scor
               help="Most frames per encoder call; the pending frames of all sources are scored together.")
 @click.option("--out", "out_path", type=OUTPUT_FILE_OR_STDOUT, default="-", show_default=True,
               help="Output file (checked before anything starts), or - for stdout.")
-@click.option("--append", is_flag=True, help="Append to --out FILE instead of replacing it (a service that restarts).")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--append", is_flag=True,
+              help="Append to --out FILE instead of replacing it (a service that restarts); a file of another "
+                   "format or other columns is refused.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]),
+              help="Default: from --out's suffix (.csv, .jsonl), else jsonl.")
 @click.option("--alert-below", type=float, metavar="SCORE", help="Alert when a stream's score stays below SCORE ...")
 @click.option("--alert-frames", default=10, show_default=True, type=click.IntRange(min=1),
               help="... for this many scored frames in a row (and recover after as many at or above it).")
@@ -84,8 +87,9 @@ def stream_command(sources, every, fps, policy, max_batch, out_path, append, fmt
     them in one batch, so four cameras cost one encoder call. Memory stays bounded however slow
     the scorer is.
     """
+    from rali_edge.outputs import Output, format_for
     from rali_edge.runtime.sources import SourceError, check_available, parse_source
-    from rali_edge.runtime.stream import WRITERS, StreamOptions, StreamRuntime
+    from rali_edge.runtime.stream import RECORDS, StreamOptions, StreamRuntime
 
     if every is not None and fps is not None:
         raise click.UsageError("--every and --fps are alternatives: give one of them")
@@ -97,6 +101,11 @@ def stream_command(sources, every, fps, policy, max_batch, out_path, append, fmt
         raise click.UsageError(str(e)) from None
     for spec in specs:
         check_available(spec)  # missing OpenCV/GStreamer: exit 4 now, before a model loads
+    fmt = format_for(None if out_path == "-" else out_path, fmt, default="jsonl")
+    if fmt not in ("jsonl", "csv"):
+        raise click.UsageError(f"--out {out_path}: a stream writes jsonl or csv, line by line; give one of those "
+                               "suffixes, or --format")
+    output = Output(out_path, RECORDS, fmt, append=append, key="type")  # a file to refuse: before the model loads
     options = StreamOptions(
         policy=policy, max_batch=max_batch, every=every or 1, fps=fps, frames=max_frames, duration=duration,
         loop=loop, realtime=realtime, alert_below=alert_below, alert_frames=alert_frames, on_alert=on_alert,
@@ -112,20 +121,14 @@ def stream_command(sources, every, fps, policy, max_batch, out_path, append, fmt
             return
         score_batch = checked(scorer.score_arrays)
         warm_up(score_batch)
-        out = sys.stdout if out_path == "-" else open(out_path, "a" if append else "w", newline="", encoding="utf-8")
-        outputs.append(out)
-        sink = SafeSink(WRITERS[fmt](out), stop, "standard output" if out is sys.stdout else out_path)
+        outputs.append(output)
+        sink = SafeSink(output, stop)
         try:
             start = time.monotonic()
             result = StreamRuntime(specs, score_batch, sink, options, stop=stop).run()
             elapsed = time.monotonic() - start
         finally:
             sink.close()
-            if out is not sys.stdout:
-                try:
-                    out.close()
-                except OSError:  # the failed write's buffer: already reported
-                    pass
     finally:
         restore()
     if sink.failed:
@@ -163,8 +166,8 @@ def install_stop_handlers(stop: threading.Event, outputs: list):
     def handler(signum, frame):
         if stop.is_set():
             try:
-                for out in outputs:
-                    out.flush()
+                for output in outputs:
+                    output.flush()
             finally:
                 os._exit(EXIT_INTERRUPTED)
         stop.set()

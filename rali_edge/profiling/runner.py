@@ -258,19 +258,17 @@ def _rali_iteration(scorer, sources: list, timer: StageTimer, fused_head: bool) 
 
 
 def profile_rali(scorer, images: ImageSet, batch_sizes: list[int], budget: Budget, sampler: PowerSampler,
-                 idle: PowerTrace | None, progress: Progress = _quiet) -> list[RunResult]:
-    """One RunResult per batch size. Ctrl-C raises KeyboardInterrupt with the finished ones as its
-    `finished_runs`."""
+                 idle: PowerTrace | None, progress: Progress = _quiet) -> tuple[list[RunResult], bool]:
+    """(one RunResult per batch size, whether Ctrl-C stopped them: then the ones that finished)."""
     device = scorer.encoder.device
     fused = head_in_encoder(scorer)
     runs = []
     try:
         for b in batch_sizes:
             runs.append(_profile_batch(scorer, images, b, budget, sampler, idle, progress, device, fused))
-    except KeyboardInterrupt as e:
-        e.finished_runs = runs
-        raise
-    return runs
+    except KeyboardInterrupt:
+        return runs, True
+    return runs, False
 
 
 def _profile_batch(scorer, images: ImageSet, b: int, budget: Budget, sampler: PowerSampler,

@@ -74,9 +74,9 @@ def run_profile(model=None, *, backend: str | None = None, engine=None, device: 
     (files or folders; None: the bundled photographs at 12 MP), and `baseline` if given.
     `progress`: an object with __call__(text) for a live line and keep(text) for lines to keep
     (default: silent). Usage errors and a missing GPU or transformers are raised before any
-    measurement; KeyboardInterrupt passes through (the power sampler is closed first), with the
-    profile of what finished as its `partial_profile` (None when no batch size finished; the
-    profile's "interrupted" says where it stopped)."""
+    measurement. Ctrl-C (KeyboardInterrupt) during the RALI runs or the baseline ends the profile:
+    it then holds what finished, and its "interrupted" says where it stopped (with no RALI run
+    finished, its RALI runs are empty); before the RALI runs start it passes through."""
     from rali_edge.scoring import check_device
 
     if iters is not None and duration is not None:
@@ -128,13 +128,10 @@ def run_profile(model=None, *, backend: str | None = None, engine=None, device: 
         device = str(scorer.encoder.device)
         settings["effective_device"] = device
         profile["rali"] = {"model": _rali_model_info(scorer, load), "timing": _timing_note(scorer, device)}
-        try:
-            runs = runner.profile_rali(scorer, image_set, batch_sizes, budget, sampler, idle, line)
-        except KeyboardInterrupt as e:  # the batch sizes finished before Ctrl-C still make a report
-            _complete(profile, getattr(e, "finished_runs", []), device,
-                      f"during the RALI runs (batch sizes {batch_sizes} asked for)")
-            e.partial_profile = profile if profile["rali"]["runs"] else None
-            raise
+        runs, stopped = runner.profile_rali(scorer, image_set, batch_sizes, budget, sampler, idle, line)
+        if stopped:  # the batch sizes finished before Ctrl-C still make a report
+            _complete(profile, runs, device, f"during the RALI runs (batch sizes {batch_sizes} asked for)")
+            return profile
         try:  # from here on every RALI run is finished: a Ctrl-C keeps them all
             _complete(profile, runs, device)
             del scorer
@@ -144,14 +141,12 @@ def run_profile(model=None, *, backend: str | None = None, engine=None, device: 
             if baseline is not None:
                 profile["baseline"] = _run_baseline(baseline, image_set, device, sampler, idle, line)
                 profile["comparison"] = rep.comparison(profile)
-        except KeyboardInterrupt as e:
+        except KeyboardInterrupt:
             if "comparison" not in profile:  # stopped while the environment was read
                 _complete(profile, runs, device)
             profile["interrupted"] = "after the RALI runs: RALI's figures are complete" + (
                 ", the baseline's missing" if baseline is not None else "")
             profile["notes"].append(f"interrupted {profile['interrupted']}")
-            e.partial_profile = profile
-            raise
     finally:
         sampler.close()
     return profile
@@ -160,11 +155,11 @@ def run_profile(model=None, *, backend: str | None = None, engine=None, device: 
 def _complete(profile: dict, runs: list, device: str, interrupted: str | None = None) -> None:
     """The figures that follow from RALI's runs (a report can be written from here on)."""
     profile["rali"]["runs"] = [r.to_dict() for r in runs]
-    if not runs:
-        return
     if interrupted:
         profile["interrupted"] = f"{interrupted}; the report holds the {len(runs)} that finished"
         profile["notes"].append(f"interrupted {profile['interrupted']}")
+    if not runs:
+        return
     # A sensor can stop answering mid-run (a driver hiccup): say so, but keep the figures.
     energies = [r["energy"] for r in profile["rali"]["runs"]]
     if profile["power"]["available"] and not any(e["available"] for e in energies):

@@ -24,8 +24,6 @@ HxWx3 frames, so this module never imports torch.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -40,24 +38,25 @@ from typing import Callable
 
 import numpy as np
 
-from rali_edge.errors import OutputError, RaliEdgeError, ScoringError
-from rali_edge.results import silence_stdout
+from rali_edge.errors import OutputClosed, OutputError, RaliEdgeError, ScoringError
+from rali_edge.outputs import Field, clean_row
 from rali_edge.runtime.sources import SourceSpec, open_source
 
 POLICIES = ("latest", "all")
-RECORD_FIELDS = [
-    "type",  # "frame" or "alert"
-    "stream",  # stream id: the position of the source on the command line, from 0
-    "source",
-    "frame",  # index of the frame in its source (every frame read counts, selected or not)
-    "source_ts",  # seconds: position in the media (files), capture wall time (live), empty (folders)
-    "wall_time",  # unix seconds when the record was made
-    "score",
-    "latency_ms",  # from the frame's capture to its score (queueing + scoring)
-    "dropped",  # frames of this stream dropped (policy latest) since its previous record
-    "alert",  # alert records: "low" or "recovered"
-    "threshold",  # alert records: --alert-below
-]
+# The records a stream writes (rali_edge.outputs), one per scored frame and per alert.
+RECORDS = (
+    Field("type"),  # "frame" or "alert"
+    Field("stream", int),  # stream id: the position of the source on the command line, from 0
+    Field("source"),
+    Field("frame", int),  # index of the frame in its source (every frame read counts, selected or not)
+    Field("source_ts", float, 6),  # seconds: position in the media (files), capture wall time (live), empty (folders)
+    Field("wall_time", float, 6),  # unix seconds when the record was made
+    Field("score", float, 4),
+    Field("latency_ms", float, 2),  # from the frame's capture to its score (queueing + scoring)
+    Field("dropped", int),  # frames of this stream dropped (policy latest) since its previous record
+    Field("alert"),  # alert records: "low" or "recovered"
+    Field("threshold", float, 4),  # alert records: --alert-below
+)
 
 ScoreBatch = Callable[[list], list]
 
@@ -434,7 +433,7 @@ class StreamRuntime:
             RALI_ALERT_FRAMES=str(self.options.alert_frames),
             RALI_SOURCE_TS="" if record["source_ts"] is None else f"{record['source_ts']:.3f}",
             RALI_WALL_TIME=f"{record['wall_time']:.3f}",
-            RALI_RECORD=json.dumps(_clean(record)),
+            RALI_RECORD=json.dumps(clean_row(RECORDS, record)),
         )
         self._hooks.submit(self.options.on_alert, env)
 
@@ -572,64 +571,6 @@ def run_streams(sources: list[SourceSpec], score_batch: ScoreBatch, sink, option
 # -------------------------------------------------------------------- output
 
 
-def _clean(record: dict) -> dict:
-    """Rounded, JSON-safe values (NaN/inf -> null)."""
-    out = {}
-    for key, value in record.items():
-        if isinstance(value, float):
-            if not math.isfinite(value):
-                value = None
-            elif key in ("score", "threshold"):
-                value = round(value, 4)
-            elif key == "latency_ms":
-                value = round(value, 2)
-            else:
-                value = round(value, 6)
-        out[key] = value
-    return out
-
-
-class JsonlWriter:
-    """One JSON object per line. Each record is written as one whole line and flushed, so a reader
-    tailing the file, or a stop at any moment, never sees half a line."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, record: dict) -> None:
-        self.stream.write(json.dumps(_clean(record), separators=(",", ":")) + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        self.stream.flush()
-
-
-class CsvWriter:
-    """A header, then one row per record with the RECORD_FIELDS columns (empty where not relevant).
-    No header when appending to a file that already has content."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self._buffer = io.StringIO()
-        self._csv = csv.DictWriter(self._buffer, RECORD_FIELDS, lineterminator="\n")
-        if _at_start(stream):
-            self._csv.writeheader()
-            self._emit()
-
-    def _emit(self) -> None:
-        self.stream.write(self._buffer.getvalue())  # one whole line per write
-        self.stream.flush()
-        self._buffer.seek(0)
-        self._buffer.truncate()
-
-    def write(self, record: dict) -> None:
-        self._csv.writerow({k: ("" if v is None else v) for k, v in _clean(record).items()})
-        self._emit()
-
-    def close(self) -> None:
-        self.stream.flush()
-
-
 class ListSink:
     """Keeps records in memory (tests, Python callers)."""
 
@@ -647,17 +588,6 @@ class ListSink:
 
     def close(self) -> None:
         pass
-
-
-WRITERS = {"jsonl": JsonlWriter, "csv": CsvWriter}
-
-
-def _at_start(stream) -> bool:
-    """True unless `stream` is a file positioned after content (opened to append to it)."""
-    try:
-        return stream.tell() == 0
-    except (AttributeError, OSError, ValueError):  # a terminal or a pipe
-        return True
 
 
 # -------------------------------------------------------------------- helpers
@@ -714,33 +644,30 @@ def checked(score_batch):
 
 
 class SafeSink:
-    """A writer that turns a closed pipe (`rali-edge stream ... | head`) into a clean stop, and a
-    failed write (a full disk) into a stop and then one error (`failed`), the lines before kept."""
+    """An Output (rali_edge.outputs) as a stream's sink: a reader that closes standard output
+    (`rali-edge stream ... | head`) stops the run cleanly, and a failed write (a full disk) stops
+    it and is kept as `failed`, one error for the end, the records before written."""
 
-    def __init__(self, writer, stop: threading.Event, name: str):
-        self.writer, self.stop, self.name = writer, stop, name
+    def __init__(self, output, stop: threading.Event):
+        self.output, self.stop = output, stop
         self.broken = False
         self.failed: OutputError | None = None
 
     def write(self, record: dict) -> None:
-        if self.broken:
-            return
-        try:
-            self.writer.write(record)
-        except OSError as e:
-            self.stop.set()
-            self._failed(e)
+        if not self.broken:
+            self._guard(self.output.add, record)
 
     def close(self) -> None:
         if not self.broken:
-            try:
-                self.writer.close()
-            except OSError as e:
-                self._failed(e)
+            self._guard(self.output.close)
 
-    def _failed(self, e: OSError) -> None:
-        self.broken = True
-        if getattr(self.writer, "stream", None) is sys.stdout:
-            silence_stdout()
-        if not isinstance(e, BrokenPipeError):  # a closed pipe (`| head`) is a clean stop
-            self.failed = OutputError(f"writing {self.name}: {e.strerror or e}; the frames before were written")
+    def _guard(self, call, *args) -> None:
+        try:
+            call(*args)
+        except OutputClosed:
+            self.broken = True
+            self.stop.set()
+        except OutputError as e:
+            self.broken = True
+            self.stop.set()
+            self.failed = OutputError(f"{e}; the frames before were written")

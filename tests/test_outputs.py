@@ -1,5 +1,5 @@
-"""Results as files (rali_edge.results) and the file pipeline feeding them: outputs written as
-they are scored, --resume after a kill, decoding bounded ahead of the encoder."""
+"""Rows as files (rali_edge.outputs) and the file pipeline feeding them: outputs written as
+they are scored, --resume after a kill, stream's --append, decoding bounded ahead of the encoder."""
 
 import csv
 import json
@@ -11,8 +11,17 @@ from click.testing import CliRunner
 import rali_edge
 from rali_edge.cli import main
 from rali_edge.errors import UsageError
-from rali_edge.results import ResultFile, format_for
-from rali_edge.scoring import FileResult
+from rali_edge.outputs import Output, format_for
+from rali_edge.scoring import SCORES, FileResult
+
+
+def ResultFile(path, fmt, resume=False):
+    """The output `rali-edge score` writes."""
+    return Output(path, SCORES, fmt, resume=resume)
+
+
+def row(path, score=None, error=None):
+    return FileResult(path, score, error).to_dict()
 
 
 def run(*args):
@@ -23,10 +32,10 @@ def test_streamed_formats_are_on_disk_after_each_result(tmp_path):
     for fmt in ("csv", "jsonl"):
         path = tmp_path / f"out.{fmt}"
         out = ResultFile(path, fmt)
-        out.add(FileResult("a.jpg", score=3.25))
+        out.add(row("a.jpg", score=3.25))
         text = path.read_text()  # before close: a kill now would keep this row
         assert "a.jpg" in text and "3.25" in text
-        out.add(FileResult("b.jpg", error="cannot decode"))
+        out.add(row("b.jpg", error="cannot decode"))
         out.close()
     rows = list(csv.reader(open(tmp_path / "out.csv")))
     assert rows == [["path", "score", "error"], ["a.jpg", "3.250000", ""], ["b.jpg", "", "cannot decode"]]
@@ -39,7 +48,7 @@ def test_resume_drops_a_cut_off_line_and_appends(tmp_path):
     path.write_text("path,score,error\na.jpg,3.000000,\nb.jpg,,bad file\nc.jpg,2.9")  # killed mid-line
     out = ResultFile(path, "csv", resume=True)
     assert out.done == {"a.jpg", "b.jpg"}  # an error row counts: a bad file stays bad
-    out.add(FileResult("c.jpg", score=2.5))
+    out.add(row("c.jpg", score=2.5))
     out.close()
     assert path.read_text() == "path,score,error\na.jpg,3.000000,\nb.jpg,,bad file\nc.jpg,2.500000,\n"
 
@@ -58,7 +67,7 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
         ResultFile(tmp_path / "x.json", "json", resume=True)  # a list is rewritten whole
     foreign = tmp_path / "foreign.csv"
     foreign.write_text("name,value\nx,1")  # no newline at the end: still not touched
-    with pytest.raises(UsageError, match="header"):
+    with pytest.raises(UsageError, match="its header is not path,score,error"):
         ResultFile(foreign, "csv", resume=True)
     assert foreign.read_text() == "name,value\nx,1"  # left as it was
 
@@ -67,6 +76,7 @@ def test_format_follows_the_output_suffix_unless_given():
     assert format_for("x.jsonl", None) == "jsonl" and format_for("x.CSV", None) == "csv"
     assert format_for("x.json", None) == "json" and format_for("x.txt", None) == "table"
     assert format_for(None, None) == "table" and format_for("x.jsonl", "csv") == "csv"
+    assert format_for("x.txt", None, default="jsonl") == "jsonl"
 
 
 def test_cli_resume_after_a_kill_scores_only_the_rest(small_model, photos, tmp_path):
@@ -163,15 +173,15 @@ def test_parquet_output_is_a_folder_of_complete_parts_that_resume_continues(smal
     a file without its footer), read back as one table; --resume skips what the parts hold, drops a
     part a killed run was writing, and refuses a folder of other files."""
     pq = pytest.importorskip("pyarrow.parquet")
-    import rali_edge.results as results
+    import rali_edge.outputs as outputs
 
-    monkeypatch.setattr(results, "PART_ROWS", 2)
+    monkeypatch.setattr(outputs, "PART_ROWS", 2)
     out = tmp_path / "scores.parquet"
     writer = ResultFile(out, "parquet")
     for i in range(3):
-        writer.add(FileResult(f"{i}.jpg", score=float(i)))
+        writer.add(row(f"{i}.jpg", score=float(i)))
     assert [p.name for p in out.iterdir()] == ["part-000000.parquet"]  # two rows are on disk before close
-    writer.add(FileResult("bad.jpg", error="cannot decode"))
+    writer.add(row("bad.jpg", error="cannot decode"))
     writer.close()
     table = pq.read_table(out).to_pylist()
     assert [r["path"] for r in table] == ["0.jpg", "1.jpg", "2.jpg", "bad.jpg"]
@@ -180,7 +190,7 @@ def test_parquet_output_is_a_folder_of_complete_parts_that_resume_continues(smal
     (out / ".part-000002.parquet.tmp").write_bytes(b"PAR1 half a part")  # what a kill mid-write leaves
     resumed = ResultFile(out, "parquet", resume=True)
     assert resumed.done == {"0.jpg", "1.jpg", "2.jpg", "bad.jpg"}
-    resumed.add(FileResult("4.jpg", score=4.0))
+    resumed.add(row("4.jpg", score=4.0))
     resumed.close()
     assert sorted(p.name for p in out.iterdir()) == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
     assert pq.read_table(out).column("path").to_pylist()[-1] == "4.jpg"
