@@ -28,7 +28,7 @@ from pathlib import Path
 from rali_edge import __version__
 from rali_edge.engines import backends
 from rali_edge.engines.backends import SUFFIX, TARGETS
-from rali_edge.errors import EngineMismatchError, UsageError
+from rali_edge.errors import EngineMismatchError, UsageError, read_json_object
 
 SIDECAR_FORMAT = "rali-edge-engine"
 SIDECAR_VERSION = 1
@@ -305,14 +305,7 @@ def read_sidecar(engine_path: str | Path) -> EngineInfo:
             "version the engine is for); copy it along with the engine, or rebuild: "
             "rali-edge build <model folder> --target ..."
         )
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EngineMismatchError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise EngineMismatchError(f"{path}: malformed sidecar (a JSON object expected, not {type(data).__name__}); "
-                                  "rebuild the engine with `rali-edge build`")
-    return EngineInfo.from_dict(data, str(path))
+    return EngineInfo.from_dict(read_json_object(path, str(path), EngineMismatchError), str(path))
 
 
 def check_compatible(info: EngineInfo, model_sha256: str | None, runtime: RuntimeInfo, backend: str | None = None,

@@ -1,6 +1,9 @@
 """Errors that rali-edge reports to users. Each one says what is wrong and what to do;
 the CLI prints the message (never a traceback) and exits with the code of its class."""
 
+import json
+from pathlib import Path
+
 
 class RaliEdgeError(Exception):
     exit_code = 1
@@ -92,3 +95,18 @@ class PrecisionRefused(FidelityCheckFailed):
     cannot be loaded)."""
 
     exit_code = 3
+
+
+def read_json_object(path: str | Path, where: str, error: type[RaliEdgeError] = ModelFormatError) -> dict:
+    """The JSON object in `path` (a manifest, a sidecar, a config), or `error` saying what is
+    wrong with it, named `where`: missing, not JSON, or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{where}: missing")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{where}: a JSON object expected, not {type(data).__name__}")
+    return data

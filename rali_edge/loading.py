@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from rali_edge.errors import (
+    read_json_object,
     MissingDependencyError,
     NetworkError,
     ModelFormatError,
@@ -112,18 +113,6 @@ def _read_hf_weights(best: Path) -> tuple[dict, str | None, list[Path]]:
 # configs
 
 
-def _read_json(path: Path, where: str) -> dict:
-    if not path.is_file():
-        raise ModelFormatError(f"{where}: missing")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ModelFormatError(f"{where}: expected a JSON object")
-    return data
-
-
 def encoder_config_from_hf(config: dict, where: str = f"{BEST}/config.json") -> EncoderConfig:
     if not (isinstance(config.get("vision_config"), dict) or config.get("model_type") in ("clip", "clip_vision_model")):
         raise ModelFormatError(f"{where}: not a CLIP config (model_type is {config.get('model_type')!r}, expected 'clip')")
@@ -139,11 +128,11 @@ def _read_preprocess(best: Path, image_size: int) -> tuple[dict, str]:
 
     path, where = best / "preprocessor_config.json", f"{BEST}/preprocessor_config.json"
     if path.is_file():
-        hf = _read_json(path, where)
+        hf = read_json_object(path, where)
     elif (best / "processor_config.json").is_file():
         # transformers 5 saves a CLIPProcessor's image settings inside processor_config.json
         where = f"{BEST}/processor_config.json"
-        hf = _read_json(best / "processor_config.json", where).get("image_processor")
+        hf = read_json_object(best / "processor_config.json", where).get("image_processor")
         if not isinstance(hf, dict):
             raise ModelFormatError(f"{where}: has no image_processor settings")
     else:
@@ -290,7 +279,7 @@ def read_published(src_dir: str | Path) -> PublishedCheckpoint:
     if not best.is_dir():
         raise ModelFormatError(f"{BEST}/: missing from {src} (the CLIP folder with config.json and preprocessor_config.json)")
 
-    cfg = encoder_config_from_hf(_read_json(best / "config.json", f"{BEST}/config.json"))
+    cfg = encoder_config_from_hf(read_json_object(best / "config.json", f"{BEST}/config.json"))
     preprocess, preprocess_where = _read_preprocess(best, cfg.image_size)
     ckpt = _read_ckpt(src)
     pca = read_pca_pickle(src / PCA_PICKLE, PCA_PICKLE)
@@ -462,29 +451,9 @@ def _check_fold(ckpt: PublishedCheckpoint, model) -> None:
 def convert_published(src_dir: str | Path, out_dir: str | Path, name: str | None = None, source_extra: dict | None = None) -> Path:
     """Read `src_dir` (a published RALI folder), fold the head and write a rali-edge model folder
     (manifest.json + weights.safetensors) to `out_dir`. Returns `out_dir`."""
-    from rali_edge.model_file import (
-        MANIFEST,
-        WEIGHTS,
-        Manifest,
-        build_model,
-        save_model,
-    )
+    from rali_edge.model_file import Manifest, build_model, check_output_folder, save_model
 
-    from rali_edge.outputs import why_not_writable
-
-    out = Path(out_dir)  # checked before the checkpoint is read: a ViT-L takes a while
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"-o {out} is a file; give a new or empty folder for the model")
-    if out.is_dir():
-        others = sorted(p.name for p in out.iterdir() if p.name not in (MANIFEST, WEIGHTS))
-        if others:
-            raise UsageError(
-                f"-o {out}: not empty ({', '.join(others[:3])}); give a new or empty folder, "
-                "or a rali-edge model folder to replace"
-            )
-    reason = why_not_writable(out, folder=True)
-    if reason:
-        raise UsageError(f"cannot write the model into {out}: {reason}")
+    check_output_folder(out_dir, force=True)  # a model folder is replaced; checked before a ViT-L is read
     ckpt = read_published(src_dir)
     model = build_model(ckpt.encoder, ckpt.vision_state, ckpt.head)
     _check_fold(ckpt, model)
@@ -507,7 +476,7 @@ def convert_published(src_dir: str | Path, out_dir: str | Path, name: str | None
         num_prototypes=ckpt.num_prototypes,
         source=source,
     )
-    return save_model(out, model, manifest)
+    return save_model(out_dir, model, manifest)
 
 
 def fetch_published(out_dir: str | Path, cache_dir: str | Path | None = None, revision: str | None = None, name: str | None = None) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from rali_edge import __version__
-from rali_edge.errors import ModelFormatError, UsageError
+from rali_edge.errors import ModelFormatError, UsageError, read_json_object
 from rali_edge.head import PrototypeHead
 from rali_edge.model import EncoderConfig, RaliModel
 
@@ -102,9 +102,10 @@ def build_model(encoder: EncoderConfig, encoder_state: dict, head: PrototypeHead
 
 
 def check_output_folder(out_dir: str | Path, force: bool = False) -> Path:
-    """Before any work: `out_dir` may be new, an empty folder, or (with `force`) a model folder
-    to overwrite. Anything else (a file, a folder of other things, say next to photographs) is
-    refused, so that writing a model never mixes with or replaces a user's files."""
+    """Before any work (`convert` and `fit-head` take minutes): `out_dir` may be new, an empty
+    folder, or (with `force`) a model folder, holding a manifest and weights only, to overwrite.
+    Anything else (a file, a folder of other things, say next to photographs) is refused, so that
+    writing a model never mixes with or replaces a user's files."""
     from rali_edge.outputs import why_not_writable
 
     out = Path(out_dir)
@@ -113,12 +114,14 @@ def check_output_folder(out_dir: str | Path, force: bool = False) -> Path:
     reason = why_not_writable(out, folder=True)
     if reason:
         raise UsageError(f"cannot write the model into {out}: {reason}")
-    if not out.exists():
-        return out
-    if not any(out.iterdir()):
+    if not out.exists() or not any(out.iterdir()):
         return out
     if not (out / MANIFEST).is_file():
         raise UsageError(f"-o {out} is a folder with other files in it, not a model folder; give a new or empty folder")
+    others = sorted(p.name for p in out.iterdir() if p.name not in (MANIFEST, WEIGHTS))
+    if others:
+        raise UsageError(f"-o {out}: not empty ({', '.join(others[:3])}); give a new or empty folder, or a "
+                         "rali-edge model folder to replace")
     if not force:
         raise UsageError(f"-o {out} already holds a model; add --force to overwrite it, or give another folder")
     return out
@@ -149,11 +152,7 @@ def read_manifest(path: str | Path) -> Manifest:
             Path(path) / "ckpt.pt"
         ).exists() else ""
         raise ModelFormatError(f"{where}: missing.{hint}")
-    try:
-        data = json.loads(where.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{where}: not valid JSON ({e})") from None
-    return Manifest.from_dict(data, str(where))
+    return Manifest.from_dict(read_json_object(where, str(where)), str(where))
 
 
 def load_model(path: str | Path, verify: bool = True, encoder: bool = True) -> tuple[RaliModel, Manifest]:
