@@ -157,15 +157,16 @@ def decide(model_path: Path, manifest, device: str, dtype: str, progress=None, t
     """What auto runs for this model, device and dtype: the verdict kept in the cache, or measured
     now and kept (module doc). `try_all`: measure every candidate again, each with its trial
     (`rali-edge build --target auto`)."""
-    from rali_edge.engines import builder
-
     path = cache.cache_dir() / manifest.weights_sha256[:16] / f"auto.{str(device).replace(':', '')}.{dtype}.json"
     here = cache.stamp("torch", device)
     with cache.locked(path):
         kept = _read(path)
         if kept is not None and kept.stamp == here and not try_all:
             return kept
-        progress = progress or builder.Progress()
+        if progress is None:
+            from rali_edge.engines.builder import Progress
+
+            progress = Progress()
         verdict = _measure(model_path, manifest, device, dtype, progress, try_all)
         verdict.stamp = here
         path.write_text(json.dumps(verdict.to_dict(), indent=2))

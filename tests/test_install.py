@@ -4,6 +4,7 @@ import as the installed package does (`rali_edge.engines` and `rali_edge.kernels
 also in Ray's workers, which start in the driver's folder."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,27 @@ def test_a_ray_actor_scores_from_the_clone_root(photos):
     rows = json.loads(out.splitlines()[-1])
     assert sorted(r[0] for r in rows) == sorted(map(str, photos))
     assert all(error is None and 1.0 <= score <= 5.0 for _, score, error in rows)
+
+
+def test_scoring_imports_no_tooling(tmp_path, photos):
+    """`import rali_edge` and `rali-edge score` (with backend auto, its verdict kept) import what
+    scoring needs: not the training recipe, the MLLM baseline, profiling, reports, fit-head, eval,
+    the engine builder, nor their libraries."""
+    code = ("import sys\n"
+            "from rali_edge.cli import main\n"
+            f"sys.argv = ['rali-edge', 'score', '-q', {str(photos[0])!r}]\n"
+            "try:\n"
+            "    main()\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print(' '.join(sorted(sys.modules)))")
+    env = {**os.environ, "RALI_EDGE_CACHE": str(tmp_path / "cache")}
+    env.pop("RALI_EDGE_BACKEND", None)
+    for _ in range(2):  # the first run measures auto's verdict and keeps it; the second is every later run
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    loaded = set(done.stdout.split())
+    tooling = {"rali_edge.training", "rali_edge.profiling", "rali_edge.fit_head", "rali_edge.evaluation",
+               "rali_edge.distortions", "rali_edge.distributed", "rali_edge.engines.builder", "rali_edge.engines.export",
+               "transformers", "matplotlib", "sklearn", "skimage", "scipy", "ray", "onnx"}
+    assert "rali_edge.scoring" in loaded and not {m for m in loaded if m.split(".")[0] in tooling or m in tooling}
