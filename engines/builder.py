@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rali_edge.engines.backends import TABLE, BuildRequest, backend
-from rali_edge.engines.fidelity import DEFAULT_MAX_SCORE_DIFF, FidelityReport, check_engine, exact_fp32, fidelity_images
+from rali_edge.engines.fidelity import DEFAULT_MAX_SCORE_DIFF, FidelityReport, check_engine, fidelity_images
 from rali_edge.engines.naming import (
     DEFAULT_BATCH,
     BatchRange,
@@ -29,7 +29,7 @@ from rali_edge.engines.naming import (
     sidecar_path,
     write_sidecar,
 )
-from rali_edge.errors import FidelityCheckFailed, RaliEdgeError, UsageError
+from rali_edge.errors import FidelityCheckFailed, UsageError
 
 HEADS = {"engine": "score", "triton": "class_token"}  # --head: what the engine outputs
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from rali_edge.errors import DatasetError, RaliEdgeError
+from rali_edge.errors import DatasetError
 from rali_edge.outputs import Field
 
 # The rows of `rali-edge eval --predictions` (rali_edge.outputs).

@@ -37,13 +37,12 @@ import numpy as np
 import torch
 
 from rali_edge.errors import (
-    read_json_object,
     MissingDependencyError,
-    NetworkError,
     ModelFormatError,
+    NetworkError,
     RaliEdgeError,
     UnsafePickleError,
-    UsageError,
+    read_json_object,
 )
 from rali_edge.head import PrototypeHead
 from rali_edge.model import Encoder, EncoderConfig

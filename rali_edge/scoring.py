@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from rali_edge.engines.backends import BACKENDS, default_backend
-from rali_edge.errors import EngineMismatchError, ImageError, MissingDependencyError, ModelFormatError, RaliEdgeError, UsageError
+from rali_edge.errors import EngineMismatchError, MissingDependencyError, ModelFormatError, RaliEdgeError, UsageError
 from rali_edge.images import open_image
 from rali_edge.head import rali_head_torch
 from rali_edge.model import DTYPES, RaliModel

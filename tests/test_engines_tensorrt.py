@@ -19,16 +19,14 @@ from rali_edge.cli import main
 from rali_edge.engines.builder import Progress
 from rali_edge.engines import export
 from rali_edge.engines.naming import major_minor, sidecar_path
-from rali_edge.engines.tensorrt import (
-    DRIVER_HINT,
-    HEAD_PREFIX,
+from rali_edge.engines.naming import HEAD_PREFIX
+from rali_edge.engines.tensorrt import DRIVER_HINT, graph_failure, tensorrt_major
+from rali_edge.engines.tensorrt_build import (
     PrecisionPlan,
     estimate_build_memory_gib,
     fallback_plan,
-    graph_failure,
     memory_advice,
     plan_precision,
-    tensorrt_major,
     wants_fp32,
 )
 from rali_edge.errors import EngineMismatchError, MissingDependencyError, RaliEdgeError
@@ -132,6 +130,7 @@ def test_tensorrt_build_that_finds_no_engine(monkeypatch, tmp_path, typing):
     from contextlib import nullcontext
 
     from rali_edge.engines import tensorrt as engines_trt
+    from rali_edge.engines import tensorrt_build
     from rali_edge.engines.backends import BuildRequest
     from rali_edge.engines.naming import BatchRange, EngineInfo, RuntimeInfo
 
@@ -139,14 +138,14 @@ def test_tensorrt_build_that_finds_no_engine(monkeypatch, tmp_path, typing):
 
     def build_engine(onnx_path, plan_path, *, plan, **options):
         plans.append(plan.typing)
-        return None if len(plans) == 1 else engines_trt.BuildResult(Path(plan_path), "10.3.0", plan.typing)
+        return None if len(plans) == 1 else tensorrt_build.BuildResult(Path(plan_path), "10.3.0", plan.typing)
 
     def export_onnx(model, path, precision, *args):
         exported.append(precision)
         Path(path).write_bytes(b"onnx")
 
-    monkeypatch.setattr(engines_trt, "build_engine", build_engine)
-    monkeypatch.setattr(engines_trt, "on_gpu", lambda index: nullcontext())
+    monkeypatch.setattr(tensorrt_build, "build_engine", build_engine)
+    monkeypatch.setattr(tensorrt_build, "on_gpu", lambda index: nullcontext())
     monkeypatch.setattr(export, "export_onnx", export_onnx)
     info = EngineInfo("tensorrt", "fp16", "score", BatchRange(1, 1, 4), (56, 56), "m", "sha",
                       RuntimeInfo(device_type="cuda", tensorrt_version="10.3.0", gpu_name="Orin", compute_capability="sm87"))

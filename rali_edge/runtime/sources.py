@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 
-from rali_edge.errors import MissingDependencyError, RaliEdgeError, SourceError, SourceOpenError
+from rali_edge.errors import MissingDependencyError, SourceError, SourceOpenError
 from rali_edge.images import IMAGE_SUFFIXES, describe_suffixes, images_in, natural_key
 
 INSTALL_HINT = "pip install 'rali-edge[stream]'"
