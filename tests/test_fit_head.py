@@ -241,6 +241,21 @@ def test_cache_is_not_reused_when_an_image_changes(small_model, tmp_path):
     np.testing.assert_allclose(first.embeddings[1:], second.embeddings[1:], atol=1e-6)
 
 
+def test_cli_fit_head_counts_images_and_views_apart(tmp_path):
+    """A model that scores 2 x 2 crops and a resized view: 12 photographs are 60 samples for the
+    recipe, and fit-head says both, each under its own name."""
+    from small_model import make_small_model
+
+    model = make_small_model(tmp_path / "views", native_grid=2, resized_view=True)
+    items = image_dataset(tmp_path, n=12)
+    csv_path = tmp_path / "data.csv"
+    csv_path.write_text("path,mos\n" + "".join(f"{i.path.rsplit('/', 1)[1]},{i.mos}\n" for i in items))
+    result = CliRunner().invoke(main, ["fit-head", str(model), str(csv_path), "-o", str(tmp_path / "head"),
+                                       "--pca-dim", "8", "--prototypes", "4", "--buckets", "2", "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    assert "12 images (0 failed; 60 views, each fitted as a sample)" in result.output
+
+
 def test_cli_fit_head(small_model, tmp_path):
     items = image_dataset(tmp_path, n=12)
     csv_path = tmp_path / "data.csv"
@@ -249,6 +264,7 @@ def test_cli_fit_head(small_model, tmp_path):
     result = CliRunner().invoke(main, ["fit-head", str(small_model), str(csv_path), "-o", str(out),
                                        "--pca-dim", "8", "--prototypes", "4", "--buckets", "2", "--epochs", "5"])
     assert result.exit_code == 0, result.output
+    assert "12 images (0 failed)" in result.output and "views" not in result.output  # one view each
     assert (out / "manifest.json").is_file() and (tmp_path / "head.embeddings.npz").is_file()
     assert len(rali_edge.load(out).score([items[0].path])) == 1
 

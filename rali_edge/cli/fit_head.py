@@ -91,7 +91,9 @@ def fit_head_command(encoder_model, dataset, out, root, label, pca_dim, prototyp
         click.echo(f"note: {note}", err=True)
     click.echo(
         f"wrote {path}: {report.prototypes} prototypes in {report.buckets_used} buckets, PCA {report.pca_dim}, "
-        f"{report.samples} images ({len(embedded.failures)} failed); training MSE {report.mse_before:.4f} "
+        f"{len(embedded.paths)} images ({len(embedded.failures)} failed"
+        + (f"; {report.samples} views, each fitted as a sample" if report.samples != len(embedded.paths) else "")
+        + f"); training MSE {report.mse_before:.4f} "
         f"(k-means) -> {report.mse_after:.4f} (fine-tuned, {report.epochs} epochs)"
     )
     sys.exit(EXIT_SOME_FAILED if embedded.failures else EXIT_OK)
