@@ -107,7 +107,7 @@ def recipe_head(clip, processor):
     built-in model's). Its scores spread over the 1..5 scale as a trained model's do, and it is as
     sensitive to a change of the embedding as the recipe makes a head: a random head with random
     prototypes hardly responds to the encoder (scores within ~0.05 of 3), which made reduced
-    precision look 14-33x more faithful than such heads (session 17: bf16 0.0035 against 0.050-0.115).
+    precision look 14-33x more faithful than such heads (bf16 moved them by 0.0035 against 0.050-0.115).
     Smaller than the paper's (PCA 64, 64 prototypes): 104 samples cannot support 512 components."""
     import numpy as np
     from PIL import Image
@@ -218,6 +218,7 @@ def rali_scorer(model: Path, options: dict, batch: int):
             build(model, "onnx", precision=options["dtype"], max_score_diff=float("inf"), output=out)
         scorer = rali_edge.load(model, engine=next(out.glob("*.onnx")))
     run = lambda paths: [r.score for r in scorer.score_files(paths, batch_size=batch)]  # noqa: E731
+    run.verdict = scorer.verdict  # what auto measured here, when auto chose
     what = f"{scorer.backend} {scorer.dtype_name}"
     if scorer.engine is not None:  # int8: which form the fidelity check let through
         from rali_edge.engines.naming import read_sidecar
@@ -403,6 +404,7 @@ def main():
                 fn(paths)
                 rates_per_variant[name].append(len(paths) / (time.perf_counter() - t0))
                 print(f"repeat {rep + 1}: {name}: {rates_per_variant[name][-1]:.3f} images/s", file=sys.stderr)
+        verdict = next(fn.verdict for name, fn in variants.items() if name.startswith("rali-edge default"))
         del variants
         # The floor takes the best rate seen, before or after the paths ran (a floor is a bound).
         rates = {k: max(v, again) for (k, v), again in zip(rates.items(), gemm_rates().values())}
@@ -417,7 +419,8 @@ def main():
         weights_mib = (model / WEIGHTS).stat().st_size / 2**20
 
     floor = floors(rates, args.layers)
-    report(args, rates, floor, rates_per_variant, scores, ran, builds, rss, weights_mib, machine(), len(accuracy_set))
+    report(args, rates, floor, rates_per_variant, scores, ran, builds, rss, weights_mib, machine(), len(accuracy_set),
+           verdict)
 
 
 def srcc(a: list[float], b: list[float]) -> float:
@@ -426,7 +429,8 @@ def srcc(a: list[float], b: list[float]) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def report(args, rates, floor, per_variant, scores, ran, builds, rss, weights_mib, env, accuracy_images_n) -> None:
+def report(args, rates, floor, per_variant, scores, ran, builds, rss, weights_mib, env, accuracy_images_n,
+           verdict) -> None:
     base = next(iter(per_variant))
     base_rate = statistics.median(per_variant[base])
     rows = []
@@ -457,6 +461,10 @@ def report(args, rates, floor, per_variant, scores, ran, builds, rss, weights_mi
     env["accuracy set"] = (f"{accuracy_images_n} photographs at their own sizes (accuracy_images); published scores "
                            f"{min(spread):.3f} to {max(spread):.3f}, std {statistics.pstdev(spread):.3f}")
     text = "\n".join(table) + f"\n\nGEMM GFLOP/s ([577 x 1024] x [1024 x 4096]): {gemm}. Encoder weights: {weights_mib:.0f} MiB (fp32)."
+    if verdict is not None:  # the default's own measurement, on its first use in this run ("load s" above)
+        text += ("\n\nWhat auto measured on its first use here (probe: one layer's matrix products; measured: the "
+                 "fidelity images, file to score; both against eager fp32):\n\n```\n" + "\n".join(verdict.table())
+                 + f"\n```\n\n{verdict.summary()}.")
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

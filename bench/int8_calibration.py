@@ -1,6 +1,6 @@
 """The built-in model's smoothed int8 form (engines/onnx.py) calibrated two ways, each judged as the
 fidelity check judges it (max |score diff| against fp32 PyTorch on the bundled samples): on the
-bundled samples themselves (the judged images: the builder before session 19) and on
+bundled samples themselves (the judged images: what the builder once did) and on
 `calibration_set` (a training photograph, clean and distorted: the builder now).
 
     python bench/int8_calibration.py
@@ -43,7 +43,7 @@ def main() -> None:
     samples = [str(p) for p in fidelity_images(None)]
     views = [preprocess([p]).numpy() for p in samples]
     fp32_scores = np.array(Scorer(model, manifest).score(samples))
-    sets = {"the bundled samples (the judged images; before session 19)": np.concatenate(views),
+    sets = {"the bundled samples (the judged images; the builder once)": np.concatenate(views),
             "calibration_set (now)": engines_onnx.calibration_set(manifest.preprocess).pixels}
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", "fp32", "score", BATCH.min, BATCH.max)

@@ -62,8 +62,8 @@ def main() -> None:
     auto = rali_edge.load("default")
     int8 = rali_edge.load("default", dtype="int8")
     whole_batches = Scorer(model, manifest)
-    whole_batches.encoder.rows_per_call = None  # as before session 17: a batch's views in one call
-    scorers = {"resized view (before issue 18)": views(native_grid=0, resized_view=True),
+    whole_batches.encoder.rows_per_call = None  # as the scorer once did: a batch's views in one call
+    scorers = {"resized view (the built-in model's former preprocessing)": views(native_grid=0, resized_view=True),
                "4x4 native views (now, the built-in model), torch fp32": Scorer(model, manifest),
                "4x4 native views, torch fp32, a batch's views in one call (before)": whole_batches,
                f"4x4 native views, default path ({auto.backend} {auto.dtype_name})": auto,

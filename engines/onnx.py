@@ -19,7 +19,7 @@ tried fastest first, the fidelity check keeping the first that passes (`forms`):
   training photograph, clean and distorted), never from the fidelity check's images, which then
   judge the form on images its scales were not fitted to. On the built-in model this form moves
   the bundled samples' scores by up to 0.019 (limit 0.02; calibrated on those samples themselves,
-  as before session 19, it moved them by 0.022-0.025 and was refused);
+  as the builder once did, it moved them by 0.022-0.025 and was refused);
 - "mlp-out-fp32": fc2 stays fp32.
 
 Both forms quantize the same fp32 export: the first form's is kept in the build's scratch folder

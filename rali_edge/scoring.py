@@ -68,7 +68,7 @@ class EncoderBackend(Protocol):
 # On a CPU, the tokens one encoder call takes at most. Past a few thousand rows a GEMM gains
 # nothing, and the activations fall out of the caches. On the encoder alone, the built-in model (65 tokens a view) ran
 # 256 views per call at 18 ms per photograph and 32 at 11 ms; ViT-L in bf16 (577 tokens) ran 16
-# views per call at 0.74 s per view and 1 to 8 at about 0.5 s (2 cores, session 17).
+# views per call at 0.74 s per view and 1 to 8 at about 0.5 s (2 cores, an Intel Xeon with AMX).
 CPU_TOKENS_PER_CALL = 2048
 
 

@@ -1,5 +1,5 @@
 """Bad input to the CLI: one line saying what to do, the documented exit code, no traceback, and
-no work done before the error (issue 19's list)."""
+no work done before the error."""
 
 from __future__ import annotations
 

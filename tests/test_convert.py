@@ -50,7 +50,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
 joblib = pytest.importorskip("joblib")
 
-PARITY_TOL = 1e-4  # issue 2: max abs score difference against the published formula
+PARITY_TOL = 1e-4  # max abs score difference against the published formula
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,7 @@ def test_training_report_states_the_shipped_number():
 
 
 # The one bundled sample (whole photographs at their own sizes) that the built-in model scores
-# above its clean photograph: what issue 18's retraining must fix. Asserted, so the list is updated
+# above its clean photograph: what a retraining must fix. Asserted, so the list is updated
 # (with the README) when a model ranks it right.
 KNOWN_MISRANKED: set = set()  # none since the 4 x 4 views (coffee_jpeg2000-4 was, with 3 x 3)
 

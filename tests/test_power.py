@@ -141,7 +141,7 @@ LINE_JP6_ORIN_NANO = (
     "VDD_IN 17946mW/15710mW VDD_CPU_GPU_CV 8896mW/7585mW VDD_SOC 3923mW/3515mW"
 )
 # JetPack 7 (L4T R39), AGX Orin: three values per rail and temperatures as cur/max
-# (rbonghi/jetson_stats tests; the power part is quoted in shared/reference/facts.md).
+# (the lines rbonghi/jetson_stats tests with).
 LINE_JP7_AGX_ORIN = (
     "07-25-2026 09:08:28 RAM 20642/62817MB (lfb 1x2MB) EMC_FREQ 3%@3199 GR3D_FREQ 12%@[1300,1300] "
     "APE 174 cpu@52.968C/52.968C soc2@48.406C/48.406C soc0@49.531C/49.531C gpu@47.625C/47.625C "

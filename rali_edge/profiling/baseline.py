@@ -34,7 +34,7 @@ import torch
 
 from rali_edge.errors import MissingDependencyError, ModelFormatError, RaliEdgeError
 
-# ---------------------------------------------------------------- the request (facts.md)
+# ---------------------------------------------------------------- the request (Q-Insight's demo_score.py)
 
 SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "

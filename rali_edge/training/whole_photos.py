@@ -48,7 +48,7 @@ SET_VERSION = 1  # bump when the files or labels change, so that an old set is n
 JPEG_QUALITY = 95
 LABEL_WINDOW = 512
 SEED = 0
-# The issue's goals (issue 18): the mean within-photo rank over these three, and every other one.
+# The built-in model's goals: the mean within-photo rank over these three, and every other one.
 MAIN_DISTORTIONS = ("blur", "noise", "jpeg")
 GOAL_MAIN, GOAL_OTHER = 0.85, 0.8
 
