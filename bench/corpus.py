@@ -188,7 +188,7 @@ def main() -> None:
         "",
         f"Command: `python bench/corpus.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"ray {ray.__version__}, rali-edge {rali_edge.__version__}, {time.strftime('%Y-%m-%d')}.  ",
+        f"ray {ray.__version__}, rali-edge {rali_edge.__version__}.  ",
         "Images: the bundled photographs re-saved as ~1 MP JPEGs (quality 90), decode included. Local: "
         "`Scorer.score_files` (decoding threads, one per core). Ray: `score_paths` on a local cluster "
         f"(decoding tasks, 1 scoring actor), rows read back in input order. Medians of {args.repeats} run(s), the paths alternating.",
