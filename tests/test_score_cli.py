@@ -50,6 +50,17 @@ def test_empty_folder_and_unmatched_glob_say_so(small_model, photos, tmp_path):
     assert [r["path"] for r in json.loads(result.stdout)] == [str(photos[0])]
 
 
+def test_nothing_to_score_is_a_usage_error_before_the_model_loads(tmp_path, monkeypatch):
+    loaded = []
+    monkeypatch.setattr("rali_edge.cli.common.load_scorer", lambda **kw: loaded.append(kw))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run("score", empty, str(tmp_path / "*.png"))
+    assert result.exit_code == 2 and loaded == [] and "Traceback" not in result.output
+    assert "nothing to score" in result.output and "no images in this folder" in result.output
+    assert "no file matches this pattern" in result.output and "score  path" not in result.output
+
+
 def test_bad_inputs_are_reported_and_others_scored(small_model, tmp_path):
     from bad_images import write_bad_images
 

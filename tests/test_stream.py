@@ -492,8 +492,9 @@ def test_folder_reads_in_natural_order_and_skips_bad_images(tmp_path):
     result = run_streams([parse_source(str(tmp_path))], lambda fs: [float(f[0, 0, 0]) for f in fs], sink,
                          StreamOptions(summary_every=0), log=lines.append)
     assert [r["score"] for r in sink.frames()] == [1.0, 2.0, 10.0]
-    assert [r["frame"] for r in sink.frames()] == [0, 1, 3]  # f5.png (index 2) skipped
-    assert result.streams[0]["skipped"] == 1 and any("f5.png" in line for line in lines)
+    assert [r["frame"] for r in sink.frames()] == [0, 1, 3]  # f5.png (index 2) could not be decoded
+    assert result.streams[0]["undecodable"] == 1 and any("f5.png" in line for line in lines)
+    assert any("could not be decoded" in line for line in lines) and not any("skipped" in line for line in lines)
 
 
 def test_video_file_reader_resumes_at_a_frame(tmp_path):

@@ -72,9 +72,11 @@ def score_command(paths, batch_size, fmt, output, resume, lists, workers, ray_ad
     if not paths and not lists:
         raise click.UsageError("give PATHS (files, folders, globs) or --from-list FILE")
     found = find_images(paths)
+    listed = [p for f in lists for p in paths_from_list(f)]
+    if not found.paths and not listed:  # nothing at all to score: a usage error, before the model loads
+        raise click.UsageError("nothing to score: " + "; ".join(found.unmatched or ["the lists name no file"]))
     for message in found.unmatched:
         click.echo(f"error: {message}", err=True)
-    listed = [p for f in lists for p in paths_from_list(f)]
     writer = Output(output, SCORES, format_for(output, fmt), resume=resume, table=score_table)  # usage errors first
     if output and not fmt and writer.fmt == "table":
         click.echo(f"note: -o {output}: its suffix names no format, so it gets the table for people; for scripts "

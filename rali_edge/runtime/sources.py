@@ -12,7 +12,7 @@ OpenCV (cv2) reads everything but folders and single images (those use Pillow, a
 dependency), so image folders work without OpenCV. cv2 is imported only when needed.
 
 Every reader hands out RGB uint8 HxWx3 frames. Reading is split in `grab()` and `retrieve()`
-like cv2.VideoCapture, so frames skipped by `--every`/`--fps` are never colour-converted
+like cv2.VideoCapture, so frames passed over by `--every`/`--fps` are never colour-converted
 (V4L2 cameras: never MJPEG-decoded either).
 """
 
@@ -205,7 +205,7 @@ class VideoReader:
         return True
 
     def retrieve(self) -> np.ndarray | None:
-        """The grabbed frame as RGB, or None when it cannot be decoded (the frame is skipped)."""
+        """The grabbed frame as RGB, or None when it cannot be decoded (counted as undecodable)."""
         ok, frame = self._cap.retrieve()
         if not ok or frame is None:
             self.last_error = "a grabbed frame could not be decoded"
@@ -228,7 +228,7 @@ def to_rgb(frame: np.ndarray, cv2) -> np.ndarray:
 class ImageFolderReader:
     """Images of a folder in natural name order, read with Pillow (no OpenCV needed).
 
-    An image that cannot be decoded is skipped (retrieve() gives None), like a corrupt frame in a video."""
+    An image that cannot be decoded is left out (retrieve() gives None), like a corrupt frame in a video."""
 
     def __init__(self, spec: SourceSpec, start_frame: int = 0):
         self.spec = spec
@@ -242,7 +242,7 @@ class ImageFolderReader:
         self.paths = paths
         self.nominal_fps = None
         self.timestamp = None  # images have no media time
-        self.last_error: str | None = None  # why the last skipped image was skipped
+        self.last_error: str | None = None  # why the last image could not be decoded
         self._next = start_frame
         self._current: Path | None = None
 

@@ -155,7 +155,7 @@ class StreamState:
         self.scored = 0
         self.dropped = 0
         self.dropped_since_record = 0
-        self.skipped = 0  # frames that could not be decoded
+        self.undecodable = 0  # selected frames that could not be decoded
         self.reconnects = 0
         self.score_sum = 0.0
         self.status = "starting"  # running | reconnecting | ended | failed | stopped
@@ -177,7 +177,7 @@ class StreamState:
             "frames_in": self.frames_in,
             "scored": self.scored,
             "dropped": self.dropped,
-            "skipped": self.skipped,
+            "undecodable": self.undecodable,
             "reconnects": self.reconnects,
             "mean_score": self.score_sum / self.scored if self.scored else None,
         }
@@ -279,8 +279,8 @@ class StreamRuntime:
                         if opts.loop and played > 0:  # (an empty file would loop forever)
                             selector.reset()
                             continue
-                        if taken == 0 and state.skipped:  # frames, but none decodable: a bad file or folder
-                            self._set_status(state, "failed", f"no frame could be decoded ({state.skipped} skipped)")
+                        if taken == 0 and state.undecodable:  # frames, but none decodable: a bad file or folder
+                            self._set_status(state, "failed", f"none of its {state.undecodable} frames could be decoded")
                             return
                         self._set_status(state, "ended")
                         return
@@ -299,11 +299,11 @@ class StreamRuntime:
                     image = reader.retrieve()
                     if image is None:
                         with self.cond:
-                            state.skipped += 1
-                            n = state.skipped
+                            state.undecodable += 1
+                            n = state.undecodable
                         if n <= 3 or n % 100 == 0:  # a camera sending garbage must not flood stderr
                             why = getattr(reader, "last_error", "") or "undecodable"
-                            self.log(f"stream {state.id} ({spec.text}): frame {index} skipped ({n} so far): {why}")
+                            self.log(f"stream {state.id} ({spec.text}): frame {index} could not be decoded ({n} so far): {why}")
                         continue
                     failures = 0
                     if not self._put(state, Frame(state.id, index, ts, time.monotonic(), image)):
@@ -450,7 +450,7 @@ class StreamRuntime:
                     mean = s.score_sum / s.scored if s.scored else float("nan")
                     lines.append(
                         f"stream {s.id} [{s.status}] {s.spec.text}: {s.frames_in} in, {s.scored} scored, "
-                        f"{s.dropped} dropped, {s.skipped} skipped, {s.reconnects} reconnects, mean score {mean:.3f}"
+                        f"{s.dropped} dropped, {s.undecodable} undecodable, {s.reconnects} reconnects, mean score {mean:.3f}"
                         + (f" ({s.detail})" if s.status == "failed" else "")
                     )
                     continue
@@ -460,7 +460,7 @@ class StreamRuntime:
                 lines.append(
                     f"stream {s.id} [{state}] {s.spec.text}: in {(s.frames_in - in0) / dt:.1f} fps, "
                     f"scored {n_scored / dt:.1f} fps, dropped {s.dropped}, mean score {mean:.3f}"
-                    + (f", skipped {s.skipped}" if s.skipped else "")
+                    + (f", undecodable {s.undecodable}" if s.undecodable else "")
                 )
                 s.window = (now, s.frames_in, s.scored, s.score_sum)
         return lines
