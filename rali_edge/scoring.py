@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from rali_edge.engines.backends import BACKENDS, default_backend
-from rali_edge.errors import EngineMismatchError, MissingDependencyError, ModelFormatError, RaliEdgeError, UsageError
+from rali_edge.errors import EngineMismatchError, ImageError, MissingDependencyError, ModelFormatError, RaliEdgeError, UsageError
 from rali_edge.images import open_image
 from rali_edge.head import rali_head_torch
 from rali_edge.model import DTYPES, RaliModel
@@ -197,16 +197,16 @@ class Scorer:
 
     # -- images ----------------------------------------------------------------------------
     def score(self, inputs, batch_size: int = 16) -> list[float]:
-        """Paths, PIL images, HxWx3 uint8 arrays (a list of them, or one) or a [B*V,3,H,W] tensor of
-        preprocessed pixels (from `self.preprocess`, V views per image) -> one float per image. A bad image raises ImageError; use
-        `score_files` to go on past bad files."""
-        if isinstance(inputs, torch.Tensor):
-            return self._score_batched(inputs, batch_size)
-        if not isinstance(inputs, (list, tuple)) and not (isinstance(inputs, np.ndarray) and inputs.ndim == 4):
-            inputs = [inputs]  # one path, image or HxWx3 array
+        """One image or a list of them -> one float per image. An image is a path (or URI), a PIL
+        image, an HxWx3 uint8 RGB array, or a torch tensor of RGB pixels as pyiqa takes them:
+        [3, H, W], or [B, 3, H, W] for B images, float in [0, 1] or uint8. Each is preprocessed as
+        the model says (its views), `batch_size` images per encoder call. Preprocessed views
+        (what `self.preprocess` makes) go to `score_pixels`. A bad image, or anything else, raises
+        ImageError saying what is accepted; `score_files` goes on past bad files."""
+        images = _as_images(inputs)
         scores: list[float] = []
-        for start in range(0, len(inputs), batch_size):
-            batch = [open_image(x) for x in inputs[start : start + batch_size]]
+        for start in range(0, len(images), batch_size):
+            batch = [open_image(x) for x in images[start : start + batch_size]]
             scores += self.score_pixels(self.preprocess(batch)).tolist()
         return scores
 
@@ -269,9 +269,34 @@ class Scorer:
                     r.score = next(it)
         yield from pending
 
-    def _score_batched(self, pixels: torch.Tensor, batch_size: int) -> list[float]:
-        rows = batch_size * self.preprocess.view_count  # whole images per chunk
-        return [s for chunk in pixels.split(rows) for s in self.score_pixels(chunk).tolist()]
+
+
+def _as_images(inputs) -> list:
+    """Scorer.score's argument as a list of single images, image tensors as HxWx3 uint8 arrays."""
+    if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
+        return [tensor_image(t) for t in inputs]
+    if isinstance(inputs, np.ndarray) and inputs.ndim == 4:  # a batch of HxWx3 arrays
+        return list(inputs)
+    if not isinstance(inputs, (list, tuple)):
+        inputs = [inputs]
+    return [tensor_image(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+
+
+def tensor_image(t: torch.Tensor) -> np.ndarray:
+    """An RGB image tensor, [3, H, W], float in [0, 1] or uint8 -> HxWx3 uint8 (floats rounded)."""
+    views = "; preprocessed views go to Scorer.score_pixels"
+    if t.ndim != 3 or t.shape[0] != 3:
+        raise ImageError(f"<tensor>: image tensors are [3, H, W] or [B, 3, H, W] RGB, not {list(t.shape)}{views}")
+    t = t.detach().cpu()
+    if t.is_floating_point():
+        low, high = (float(t.min()), float(t.max())) if t.numel() else (0.0, 0.0)
+        if low < 0 or high > 1:
+            raise ImageError(f"<tensor>: float image tensors hold values in [0, 1], these run from {low:.3g} to "
+                             f"{high:.3g}{views}")
+        t = (t * 255).round().to(torch.uint8)
+    elif t.dtype != torch.uint8:
+        raise ImageError(f"<tensor>: image tensors are float in [0, 1] or uint8, not {t.dtype}")
+    return t.permute(1, 2, 0).contiguous().numpy()
 
 
 def default_workers() -> int:

@@ -151,9 +151,32 @@ def test_python_api_accepts_every_input_kind(small_model, photos):
     assert scorer.score([np.asarray(im) for im in pil]) == pytest.approx(by_path, abs=1e-6)
     assert scorer.score(str(photos[0])) == pytest.approx(by_path[:1], abs=1e-6)
     pixels = scorer.preprocess(pil)
-    assert scorer.score(pixels) == pytest.approx(by_path, abs=1e-6)
-    assert isinstance(scorer.score(pixels[:1])[0], float)
+    assert scorer.score_pixels(pixels).tolist() == pytest.approx(by_path, abs=1e-6)
     assert torch.is_tensor(pixels) and pixels.shape[0] == len(photos)
+    # Image tensors, as pyiqa takes them: [3, H, W] or [B, 3, H, W], float in [0, 1] or uint8.
+    as_uint8 = [torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in pil]
+    assert scorer.score(as_uint8) == pytest.approx(by_path, abs=1e-6)
+    assert scorer.score([t.float() / 255 for t in as_uint8]) == pytest.approx(by_path, abs=1e-6)
+    same_size = [t[:, :200, :200] for t in as_uint8]
+    assert scorer.score(torch.stack(same_size).float() / 255) == pytest.approx(scorer.score(same_size), abs=1e-6)
+    assert isinstance(scorer.score(as_uint8[0])[0], float)
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("views", "float image tensors hold values in [0, 1]"),  # normalised pixels are not an image
+    ("gray", "image tensors are [3, H, W] or [B, 3, H, W] RGB, not [1, 32, 32]"),
+    ("ints", "float in [0, 1] or uint8, not torch.int64"),
+    ("object", "cannot read an image from a dict"),
+])
+def test_python_api_refuses_what_is_not_an_image_and_says_what_is(small_model, photos, bad, words):
+    from rali_edge.errors import ImageError
+
+    scorer = rali_edge.load(small_model)
+    given = {"views": lambda: scorer.preprocess([str(photos[0])]), "gray": lambda: torch.rand(1, 32, 32),
+             "ints": lambda: torch.ones(3, 32, 32, dtype=torch.int64), "object": lambda: {"image": 1}}[bad]()
+    with pytest.raises(ImageError) as refused:
+        scorer.score(given)
+    assert words in str(refused.value)
 
 
 def test_ray_scoring_gets_every_model_option(small_model, photos, monkeypatch):

@@ -84,7 +84,7 @@ def test_every_scoring_path_pools_the_same_views(grid_model, tmp_path):
     # Frames resize their resized view with torch, at most 2 uint8 levels from Pillow's
     # (preprocess.py): on these noise images that moves the pooled score by ~4e-5.
     np.testing.assert_allclose(scorer.score_arrays(photos), expected, atol=2e-4)
-    np.testing.assert_allclose(scorer.score(scorer.preprocess(paths), batch_size=2), expected, atol=1e-5)
+    np.testing.assert_allclose(scorer.score_pixels(scorer.preprocess(paths)).tolist(), expected, atol=1e-5)
 
 
 def test_pooled_weights_give_the_pooled_score(grid_model):
