@@ -36,7 +36,6 @@ by ~1e-6 (summation order); bf16's 8-bit mantissa usually moves scores further.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -210,6 +209,8 @@ def _measure(model_path: Path, manifest, device: str, dtype: str, progress, try_
             cache.evict(cache.entry_path(manifest, c.backend, c.precision, device))
     reference.note = "reference"
     progress.note(verdict.summary())
+    if verdict.choice[0] != "torch":
+        progress.note(f"engine: {cache.entry_path(manifest, *verdict.choice, device)}")
     return verdict
 
 
@@ -239,7 +240,7 @@ def _trial(model_path: Path, manifest, device: str, c: Candidate, progress) -> N
                 report = compare_eager(model_path, device, c.precision, EXACT)
         else:
             engine = cache.cached_engine(model_path, manifest, c.backend, c.precision, device, progress,
-                                         max_score_diff=EXACT)
+                                         max_score_diff=EXACT, announce=False)
             from rali_edge.engines.naming import read_sidecar
 
             report = _report(read_sidecar(engine).fidelity)
@@ -267,8 +268,11 @@ def resolve(model_path: Path, manifest, device: str, dtype: str, use_cache: bool
     for this model here."""
     unwritable = use_cache and cache.unwritable()
     if unwritable:  # as --no-cache: auto still runs, on what needs no engine
-        print(f"note: {unwritable}; running as --no-cache does (set {cache.CACHE_ENV} to a writable folder)",
-              file=sys.stderr)
+        if progress is None:
+            from rali_edge.engines.builder import Progress
+
+            progress = Progress()
+        progress.note(f"note: {unwritable}; running as --no-cache does (set {cache.CACHE_ENV} to a writable folder)")
         use_cache = False
     if not use_cache:
         if dtype == "int8":

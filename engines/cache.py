@@ -127,11 +127,12 @@ def evict(path: Path) -> None:
 
 
 def cached_engine(model_path: Path, manifest, backend_name: str, precision: str, device: str, progress=None,
-                  max_score_diff: float | None = None) -> Path:
+                  max_score_diff: float | None = None, announce: bool = True) -> Path:
     """The cached `backend_name` `precision` engine of this model on this machine, built (and
     fidelity-checked, at `max_score_diff`, default the build's) first if there is none that can
     be trusted. Raises FidelityCheckFailed when the build moves scores by more than that; an int8
-    build at the default limit is then refused, and remembered (PrecisionRefused: module doc)."""
+    build at the default limit is then refused, and remembered (PrecisionRefused: module doc).
+    `announce`: say where the engine is once it is there (not for a trial that may delete it)."""
     from rali_edge.engines import builder
     from rali_edge.engines.fidelity import DEFAULT_MAX_SCORE_DIFF
 
@@ -169,7 +170,8 @@ def cached_engine(model_path: Path, manifest, backend_name: str, precision: str,
             os.replace(sidecar, sidecar_path(path))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        progress.note(f"engine: {path}")
+        if announce:
+            progress.note(f"engine: {path}")
     return path
 
 

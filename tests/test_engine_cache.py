@@ -74,7 +74,9 @@ def test_first_use_builds_then_hits(auto, small_model, photos, capsys):
     first = rali_edge.load(small_model)
     assert (first.backend, first.dtype_name) == ("onnx", "fp32")
     assert first.engine.parent.parent == cache.cache_dir() and first.engine.is_file()
-    assert "building its onnx fp32 engine" in capsys.readouterr().err and auto == ["fp32"]
+    err = capsys.readouterr().err
+    assert "building its onnx fp32 engine" in err and auto == ["fp32"]
+    assert f"engine: {first.engine}\n" in err and ".build-" not in err  # the path the engine ends up at
     second = rali_edge.load(small_model)
     assert second.engine == first.engine and auto == ["fp32"]  # a hit: nothing built
     assert "first use" not in capsys.readouterr().err
@@ -262,6 +264,11 @@ def test_build_target_auto_tries_every_candidate_and_prints_them(auto, small_mod
     # bf16, tried although slower by the probe, is measured for accuracy too (the random small
     # model's bf16 moves its scores beyond 1e-3).
     assert "scores move" in rows["torch bf16"] and "0.50x" in rows["torch bf16"]
+    # One measurement, one number: `cache list` shows the very rows (and the sidecar's check agrees).
+    listed = CliRunner().invoke(main, ["cache", "list"]).output
+    assert all(f"  {row}\n" in listed for row in rows.values())
+    onnx_diff = float(rows["onnx fp32"].split()[4])
+    assert json.loads(sidecar_path(engine).read_text())["fidelity"]["max_abs_diff"] == pytest.approx(onnx_diff, abs=5e-5)
 
 
 @pytest.mark.slow
@@ -311,7 +318,8 @@ def test_an_engine_the_trial_times_slower_runs_eager_and_is_deleted(auto, small_
     assert onnx.passed is False and onnx.max_abs_diff < FP32_TOL and 0 < onnx.speedup < 10
     assert "on the fidelity images (needs 10.0x)" in onnx.note
     assert not list(cache.cache_dir().rglob("*.onnx"))
-    assert "auto runs eager PyTorch fp32" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "auto runs eager PyTorch fp32" in err and "engine: " not in err  # no path to an engine that is gone
     assert scorer.score(photos) == pytest.approx(torch_scores(small_model, photos), abs=FP32_TOL)
 
 
@@ -425,3 +433,15 @@ def test_a_cache_folder_that_cannot_be_written_runs_as_no_cache(auto, small_mode
     assert (scorer.backend, scorer.engine, auto) == ("torch", None, [])
     assert "cannot be written" in capsys.readouterr().err
     assert scorer.score(photos) == pytest.approx(torch_scores(small_model, photos), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_quiet_hides_what_auto_measures_and_builds(auto, small_model, photos):
+    args = ["score", "--model", str(small_model), "--format", "jsonl", *map(str, photos)]
+    quiet = CliRunner().invoke(main, [*args, "-q"])
+    assert quiet.exit_code == 0, quiet.output
+    assert auto == ["fp32"]  # it did measure and build, and said nothing about it
+    assert [line for line in quiet.stderr.splitlines() if "scored" not in line and "encoder busy" not in line] == []
+    CliRunner().invoke(main, ["cache", "clear"])
+    loud = CliRunner().invoke(main, args)
+    assert "first use of" in loud.stderr and "engine: " in loud.stderr

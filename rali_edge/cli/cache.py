@@ -41,8 +41,10 @@ def list_command(as_json):
             click.echo(f"unreadable {e.kind} (used again only after it is rebuilt or measured again)  {e.path}")
         elif e.kind == "refused":
             click.echo(f"refused  {e.path.name}: {info.get('message', '?')[:200]}")
-        elif e.kind == "verdict":
+        elif e.kind == "verdict":  # the candidates' rows as `build --target auto` prints them: one measurement
             click.echo(f"verdict  {verdict.summary()}  {e.path}")
+            for line in verdict.table():
+                click.echo(f"  {line}")
         else:
             diff = "?" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.4f}"
             click.echo(f"{e.size / 2**20:7.1f} MiB  {row['backend'] or '?':<8} {row['precision'] or '?':<5} "

@@ -117,8 +117,15 @@ def model_options(fn):
     return wrapper
 
 
-def load_scorer(model=None, device="cpu", dtype="auto", backend=None, engine=None, head="auto", no_cache=False):
+def load_scorer(model=None, device="cpu", dtype="auto", backend=None, engine=None, head="auto", no_cache=False,
+                quiet=False):
+    """rali_edge.load with the commands' options; `quiet`: no notes on stderr (auto's first use included)."""
     import rali_edge
 
+    progress = None
+    if quiet:
+        from rali_edge.engines.builder import Progress
+
+        progress = Progress(quiet=True)
     return rali_edge.load(model, device=device, dtype=dtype, backend=backend, engine=engine, head=head,
-                          cache=not no_cache)
+                          cache=not no_cache, progress=progress)

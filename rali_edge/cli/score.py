@@ -49,7 +49,8 @@ Examples:
 @click.option("--ray-gpus", type=click.FloatRange(min=0), default=0, show_default=True,
               help="With --ray: GPUs per actor (then --device defaults to cuda on the actors).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
-@click.option("--quiet", "-q", is_flag=True, help="No note on stderr about the built-in demonstration model.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No notes on stderr: the built-in model's, and what auto measures and builds on first use.")
 def score_command(paths, batch_size, fmt, output, resume, lists, workers, ray_address, ray_actors, ray_gpus, progress,
                   quiet, **model_kwargs):
     """Score the quality of images (1 = very poor, 5 = excellent).
@@ -92,7 +93,7 @@ def score_command(paths, batch_size, fmt, output, resume, lists, workers, ray_ad
     start, failed, code = time.perf_counter(), 0, EXIT_OK
     stats = PipelineStats()
     try:
-        with _results(files, batch_size, workers, ray_address, ray_actors, ray_gpus, model_kwargs, stats) as results, \
+        with _results(files, batch_size, workers, ray_address, ray_actors, ray_gpus, model_kwargs, stats, quiet) as results, \
                 click.progressbar(length=len(files), label="scoring", file=sys.stderr, hidden=not show) as bar:
             for result in results:
                 writer.add(result.to_dict())
@@ -118,12 +119,13 @@ def score_command(paths, batch_size, fmt, output, resume, lists, workers, ray_ad
 
 
 @contextlib.contextmanager
-def _results(files, batch_size, workers, ray_address, ray_actors, ray_gpus, model_kwargs, stats):
+def _results(files, batch_size, workers, ray_address, ray_actors, ray_gpus, model_kwargs, stats, quiet):
     """The FileResults of `files` in input order: from this process's pipeline, or from Ray."""
     from rali_edge.cli.common import load_scorer
 
     if ray_address is None:
-        yield load_scorer(**model_kwargs).score_files(files, batch_size=batch_size, workers=workers, stats=stats)
+        yield load_scorer(**model_kwargs, quiet=quiet).score_files(files, batch_size=batch_size, workers=workers,
+                                                                   stats=stats)
         return
     from rali_edge.distributed import ray_session, score_paths
 
