@@ -53,6 +53,19 @@ def check_summary(s, count):
     assert s["min_ms"] >= 0
 
 
+def test_plots_skipped_for_want_of_matplotlib_are_said_on_the_terminal(small_model, image_dir, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    out = tmp_path / "report"
+    result = run_profile("--model", str(small_model), "--batch-sizes", "1", "--iters", "1", "--warmup", "0",
+                         "--power", "none", "--images", image_dir, "--report", str(out))
+    assert result.exit_code == 0, result.output
+    assert "note: plots skipped: matplotlib is not installed (pip install 'rali-edge[profile]')" in result.output
+    assert any("matplotlib is not installed" in n for n in load_report(out)["notes"])
+    assert not list(out.glob("*.png"))
+
+
 def test_cpu_profile_writes_the_full_report(small_model, image_dir, tmp_path):
     out = tmp_path / "report"
     result = run_profile("--model", str(small_model), "--device", "cpu", "--batch-sizes", "3,1",

@@ -171,11 +171,14 @@ def _print_and_write(profile: dict, report_dir: str | None) -> None:
 
     click.echo(report.summary_text(profile))  # first: a report that cannot be written does not lose it
     if report_dir:
+        noted = len(profile.get("notes", []))
         try:
             files = report.write_report(profile, report_dir)
         except OSError as e:
             raise OutputError(f"writing the report into {report_dir}: {e.strerror or e} (the summary above is "
                               "complete)") from None
+        for note in profile["notes"][noted:]:  # what the report says of itself (plots skipped...), here too
+            click.echo(f"note: {note}", err=True)
         click.echo(f"report: {', '.join(files)} in {report_dir}", err=True)
 
 
