@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
+import queue
 import re
 import signal
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 
@@ -31,8 +35,15 @@ from rali_edge.errors import MissingDependencyError, ScoringError, UsageError
 
 DEFAULT_ACTORS = 1
 DEFAULT_BATCH = 16  # images per decoding task and per call of an actor
-DECODE_CPUS = 0.5  # a decoding task: JPEG decoding, or a wait on object storage
-ACTOR_CPUS = 1  # a scoring actor (its encoder's threads; on a GPU, its feeding thread)
+# What each asks of Ray's logical CPUs, at most: a decoding task (JPEG decoding, or a wait on object
+# storage) and a scoring actor (its encoder's threads; on a GPU, its feeding thread). Less when the
+# cluster is small: `_requests`.
+DECODE_CPUS = 0.5
+ACTOR_CPUS = 1.0
+# A run that gets no row back for this long stops, and says what it asked of the cluster and what
+# is free there, instead of waiting forever. Long enough for every actor's first model load,
+# engine build included (an ONNX ViT-L: a minute or two on a CPU).
+STALL_S = 600.0
 
 
 def _ray():
@@ -59,19 +70,69 @@ def ray_session(address: str):
     # ray.init puts its own SIGTERM handler (sys.exit) in place of the caller's: the CLI's makes
     # SIGTERM stop a run as Ctrl-C does, keeping its rows, so it is put back.
     term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    with _without_ray_log_lines():
+        try:
+            ray.init(address=None if address == "local" else address, include_dashboard=False,
+                     log_to_driver=False, logging_level="ERROR", configure_logging=True)
+        except ConnectionError as e:
+            hint = "start one with `ray start --head`, or use --ray local" if address == "auto" else "is it running?"
+            raise UsageError(f"--ray {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0][:160]}); "
+                             f"{hint}") from None
+        finally:
+            if term is not None:
+                signal.signal(signal.SIGTERM, term)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+# A line of Ray's C++ core, as its logging library writes it on this process's stderr:
+# "[2026-12-06 23:17:32,582 E 21291 21291] core_worker.cc:2465: ...".
+RAY_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] \w+\.cc:\d+: ")
+
+
+@contextlib.contextmanager
+def _without_ray_log_lines():
+    """Drop the lines Ray's C++ core writes on stderr while a session is open (a harmless "E" line
+    about actor restarts on every run, among others): rali-edge says what goes wrong in its own
+    words, and Ray's logs stay in its session folder (/tmp/ray/session_latest/logs). Everything
+    else written to stderr passes, in order. Only where stderr is a file descriptor."""
     try:
-        ray.init(address=None if address == "local" else address, include_dashboard=False,
-                 log_to_driver=False, logging_level="ERROR", configure_logging=True)
-    except ConnectionError as e:
-        hint = "start one with `ray start --head`, or use --ray local" if address == "auto" else "is it running?"
-        raise UsageError(f"--ray {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0][:160]}); {hint}") from None
-    finally:
-        if term is not None:
-            signal.signal(signal.SIGTERM, term)
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, fd)
+    os.close(write_end)
+
+    def forward():
+        pending = b""
+        while chunk := os.read(read_end, 65536):
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            kept = b"".join(line + b"\n" for line in lines if not RAY_LOG_LINE.match(line))
+            if pending and not pending.startswith(b"["):  # a progress bar's \r, a prompt: at once
+                kept, pending = kept + pending, b""
+            if kept:
+                os.write(saved, kept)
+        if pending:
+            os.write(saved, pending)
+        os.close(read_end)
+        os.close(saved)
+
+    # A daemon: Ray's own processes inherit the pipe and may hold it open after the session.
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
     try:
         yield
     finally:
-        ray.shutdown()
+        sys.stderr.flush()
+        os.dup2(saved, fd)  # the pipe's last writer here is gone: the thread drains it, closes it and ends
+        thread.join(timeout=2)
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -106,25 +167,50 @@ def score_dataset(ds, model=None, path_column: str = "path", *, backend: str = "
     if path_column not in ds.schema().names:
         raise UsageError(f"the dataset has no column {path_column!r} (its columns: {', '.join(ds.schema().names)})")
     ray = _ray()
+    actor_cpus, decode_cpus = _requests(ray.cluster_resources(), actors, gpus_per_actor)
     preprocess = read_manifest(model_path(model)).preprocess
     device = device or ("cuda" if gpus_per_actor else "cpu")
-    # Decoding tasks ask for less CPU than an actor, which also keeps Ray from fusing them into the
-    # actors (it fuses operators whose resource requests are equal): decoding then runs on every
-    # free core beside the actors, not serially inside each one.
     decoded = ds.map_batches(_decode_batch, fn_kwargs={"preprocess": preprocess, "path_column": path_column},
-                             batch_size=batch_size, batch_format="numpy", num_cpus=DECODE_CPUS)
+                             batch_size=batch_size, batch_format="numpy", num_cpus=decode_cpus)
     return decoded.map_batches(
         _ScoreActor, fn_constructor_kwargs=dict(model=model, backend=backend, dtype=dtype, head=head, device=device, cache=cache,
                                                 threads=threads_per_actor or max(1, _node_cpus(ray) // actors)),
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=ACTOR_CPUS, num_gpus=gpus_per_actor or None)
+        num_cpus=actor_cpus, num_gpus=gpus_per_actor or None)
 
 
-def score_paths(paths: Iterable[str], model=None, **options) -> Iterator:
+def _requests(cluster: dict, actors: int, gpus_per_actor: float) -> tuple[float, float]:
+    """(logical CPUs per scoring actor, per decoding task) on a cluster of `cluster`'s resources.
+
+    The actors together leave room for a decoding task, whatever their count: actors that took
+    every CPU would wait forever for images no task could decode (Ray's CPUs are counts for the
+    scheduler, not cores: an actor's threads still use the cores it shares). A decoding task asks
+    for less than an actor, never the same, which keeps Ray from fusing decoding into the actors
+    (it fuses operators whose requests are equal): it then runs on the free cores beside them.
+    A request the cluster cannot meet (more GPUs than it has) is refused at once."""
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if gpus_per_actor and actors * gpus_per_actor > gpus + 1e-9:
+        raise UsageError(f"--ray-actors {actors} with --ray-gpus {gpus_per_actor:g} ask for {actors * gpus_per_actor:g} "
+                         f"GPUs; the Ray cluster has {gpus:g} (and {cpus:g} CPUs): lower them, or add GPU nodes")
+    if cpus <= 0:
+        raise UsageError("the Ray cluster has no CPUs for decoding and scoring")
+    decode = min(DECODE_CPUS, cpus / 4)
+    actor = min(ACTOR_CPUS, (cpus - decode) / actors)
+    if abs(actor - decode) < 1e-3:
+        decode = actor / 2
+    return _down(actor), _down(decode)  # Ray takes 4 decimals: rounded down, they still fit
+
+
+def _down(x: float) -> float:
+    return math.floor(x * 1e4) / 1e4
+
+
+def score_paths(paths: Iterable[str], model=None, stall_s: float = STALL_S, **options) -> Iterator:
     """Paths -> FileResults in input order, scored on the connected Ray cluster (see ray_session);
     `options` as score_dataset's. Raises ScoringError if a row ever comes back out of order,
     missing or twice, which Ray's guarantees rule out: the check makes "one row per input" a fact
-    of every run, not an assumption."""
+    of every run, not an assumption; and when no row comes back for `stall_s` seconds, saying what
+    was asked of the cluster and what is free there."""
     ray = _ray()
     from rali_edge.scoring import FileResult
 
@@ -143,9 +229,12 @@ def score_paths(paths: Iterable[str], model=None, **options) -> Iterator:
         # One block per batch: Ray's default (200 blocks) would bundle blocks into batches of 16
         # and a remainder, and every remainder is an extra, small call of the encoder.
         batch_size = options.get("batch_size", DEFAULT_BATCH)
-        items = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=-(-len(paths) // batch_size))
-        ds = score_dataset(items, model, **options)
-        for row in ds.iter_rows():
+        blocks = -(-len(paths) // batch_size)
+        items = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
+        # No more actors than batches: the others would load a model to wait.
+        actors = min(options.pop("actors", DEFAULT_ACTORS), blocks)
+        ds = score_dataset(items, model, actors=actors, **options)
+        for row in _rows(ds, stall_s, lambda: _stalled(ray, stall_s, actors, options.get("gpus_per_actor", 0.0))):
             want = next(expected, None)
             if row["path"] != want:
                 raise ScoringError(f"Ray returned a row for {row['path']!r} where {want!r} was due: rows lost or duplicated")
@@ -158,6 +247,46 @@ def score_paths(paths: Iterable[str], model=None, **options) -> Iterator:
     missing = next(expected, None)
     if missing is not None:
         raise ScoringError(f"Ray returned no row for {missing!r} and the rest of the inputs")
+
+
+def _rows(ds, stall_s: float, stalled) -> Iterator[dict]:
+    """`ds.iter_rows()`, pulled in a thread of its own so that a wait can time out: ScoringError
+    (`stalled()`'s message) when no row comes for `stall_s` seconds."""
+    rows: queue.Queue = queue.Queue(maxsize=1024)
+    end = object()
+
+    def pull():
+        try:
+            for row in ds.iter_rows():
+                rows.put(row)
+            rows.put(end)
+        except BaseException as e:  # noqa: BLE001 - handed over to the caller's thread
+            rows.put(e)
+
+    threading.Thread(target=pull, daemon=True).start()
+    while True:
+        try:
+            row = rows.get(timeout=stall_s)
+        except queue.Empty:
+            raise ScoringError(stalled()) from None
+        if row is end:
+            return
+        if isinstance(row, BaseException):
+            raise row
+        yield row
+
+
+def _stalled(ray, stall_s: float, actors: int, gpus_per_actor: float) -> str:
+    cluster, free = ray.cluster_resources(), ray.available_resources()
+    actor_cpus, decode_cpus = _requests(cluster, actors, gpus_per_actor)
+
+    def have(resources):
+        return f"{resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs"
+
+    return (f"no row came back from Ray for {stall_s:.0f} s: {actors} scoring actors ask for {actor_cpus:g} CPUs"
+            f"{f' and {gpus_per_actor:g} GPUs' if gpus_per_actor else ''} each and decoding tasks for "
+            f"{decode_cpus:g} CPUs; the cluster has {have(cluster)}, of which {have(free)} are free (another job "
+            f"holding them? `ray status` shows what waits); the rows before are kept")
 
 
 def _our_error(e: Exception) -> Exception:

@@ -183,3 +183,75 @@ def test_starting_ray_keeps_the_callers_sigterm_handler(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "kept"
+
+
+# ------------------------------------------------------------------ what the actors ask of a cluster
+@pytest.mark.parametrize("cpus", [1, 2, 4, 16])
+@pytest.mark.parametrize("actors", [1, 2, 3, 4, 8])
+def test_actors_always_leave_room_for_a_decoding_task(cpus, actors):
+    from rali_edge.distributed import _requests
+
+    actor, decode = _requests({"CPU": float(cpus)}, actors, 0.0)
+    assert 0 < decode and 0 < actor <= 1.0
+    assert actors * actor + decode <= cpus + 1e-6  # every actor and a decoding task fit at once
+    assert actor != decode  # different requests: Ray does not fuse decoding into the actors
+
+
+def test_more_gpus_than_the_cluster_has_are_refused_at_once():
+    from rali_edge.distributed import _requests
+    from rali_edge.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"ask for 4 GPUs; the Ray cluster has 2 \(and 16 CPUs\)"):
+        _requests({"CPU": 16.0, "GPU": 2.0}, 4, 1.0)
+    assert _requests({"CPU": 16.0, "GPU": 2.0}, 4, 0.5)[0] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("actors", [1, 2, 4])
+def test_ray_local_runs_to_the_end_with_any_number_of_actors_on_two_cores(actors, small_model, photos, tmp_path):
+    """As a user runs it on a 2-core machine: `--ray local --ray-actors N` once asked for N cores for
+    its actors and left none for decoding, and waited forever in silence. One row per image, and
+    none of Ray's own log lines on stderr."""
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for i in range(40):  # more batches than actors
+        (folder / f"{i}.jpg").write_bytes(photos[i % len(photos)].read_bytes() if photos[i % len(photos)].suffix == ".jpg"
+                                          else _as_jpeg(photos[i % len(photos)]))
+    out = tmp_path / "scores.csv"
+    env = {**os.environ}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "rali_edge.cli", "score", str(folder), "--model", str(small_model),
+                           "--backend", "torch", "--ray", "local", "--ray-actors", str(actors), "--batch-size", "4",
+                           "-q", "-o", str(out)], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    rows = out.read_text().splitlines()[1:]
+    assert len(rows) == 40 and len({r.split(",")[0] for r in rows}) == 40
+    assert "core_worker" not in done.stderr and ".cc:" not in done.stderr and "40 scored" in done.stderr
+
+
+def _as_jpeg(path) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_a_run_that_gets_no_row_says_why_instead_of_waiting_forever(cluster, small_model, photos):
+    """Another job holds every CPU of the cluster: nothing can be decoded or scored. The run stops
+    after its stall time, saying what it asked for and what is free."""
+    from rali_edge.errors import ScoringError
+
+    @ray.remote(num_cpus=2)
+    class Hog:
+        def ready(self):
+            return True
+
+    hog = Hog.remote()
+    ray.get(hog.ready.remote())
+    try:
+        with pytest.raises(ScoringError, match=r"no row came back from Ray for 5 s: .* of which 0 CPUs"):
+            list(score_paths([str(p) for p in photos], small_model, backend="torch", stall_s=5))
+    finally:
+        ray.kill(hog)
