@@ -27,6 +27,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -249,9 +250,15 @@ def score_paths(paths: Iterable[str], model=None, stall_s: float = STALL_S, **op
         raise ScoringError(f"Ray returned no row for {missing!r} and the rest of the inputs")
 
 
+class _Stop(BaseException):
+    """Raised inside the thread that pulls a dataset's rows, to end it (see _rows)."""
+
+
 def _rows(ds, stall_s: float, stalled) -> Iterator[dict]:
     """`ds.iter_rows()`, pulled in a thread of its own so that a wait can time out: ScoringError
-    (`stalled()`'s message) when no row comes for `stall_s` seconds."""
+    (`stalled()`'s message) when no row comes for `stall_s` seconds. However this ends, the pull
+    ends too: Ray Data shuts its execution down when its iteration is interrupted, as on Ctrl-C;
+    a run left going would outlive the cluster (Ray then ends the process, a minute later)."""
     rows: queue.Queue = queue.Queue(maxsize=1024)
     end = object()
 
@@ -260,20 +267,41 @@ def _rows(ds, stall_s: float, stalled) -> Iterator[dict]:
             for row in ds.iter_rows():
                 rows.put(row)
             rows.put(end)
+        except _Stop:
+            pass
         except BaseException as e:  # noqa: BLE001 - handed over to the caller's thread
             rows.put(e)
 
-    threading.Thread(target=pull, daemon=True).start()
-    while True:
-        try:
-            row = rows.get(timeout=stall_s)
-        except queue.Empty:
-            raise ScoringError(stalled()) from None
-        if row is end:
-            return
-        if isinstance(row, BaseException):
-            raise row
-        yield row
+    thread = threading.Thread(target=pull, daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                row = rows.get(timeout=stall_s)
+            except queue.Empty:
+                raise ScoringError(stalled()) from None
+            if row is end:
+                return
+            if isinstance(row, BaseException):
+                raise row
+            yield row
+    finally:
+        _stop(thread, rows)
+
+
+def _stop(thread: threading.Thread, rows: queue.Queue, timeout_s: float = 30.0) -> None:
+    """End the pulling thread: _Stop raised in it at its next Python instruction (Ray Data waits for
+    rows in a Python loop), its queue drained so that a put it waits in returns."""
+    import ctypes
+
+    if not thread.is_alive():
+        return
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Stop))
+    deadline = time.monotonic() + timeout_s
+    while thread.is_alive() and time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):
+            rows.get_nowait()
+        thread.join(0.05)
 
 
 def _stalled(ray, stall_s: float, actors: int, gpus_per_actor: float) -> str:
