@@ -163,7 +163,7 @@ def decide(model_path: Path, manifest, device: str, dtype: str, progress=None, t
         if kept is not None and kept.stamp == here and not try_all:
             return kept
         if progress is None:
-            from rali_edge.engines.builder import Progress
+            from rali_edge.engines.progress import Progress
 
             progress = Progress()
         verdict = _measure(model_path, manifest, device, dtype, progress, try_all)
@@ -269,7 +269,7 @@ def resolve(model_path: Path, manifest, device: str, dtype: str, use_cache: bool
     unwritable = use_cache and cache.unwritable()
     if unwritable:  # as --no-cache: auto still runs, on what needs no engine
         if progress is None:
-            from rali_edge.engines.builder import Progress
+            from rali_edge.engines.progress import Progress
 
             progress = Progress()
         progress.note(f"note: {unwritable}; running as --no-cache does (set {cache.CACHE_ENV} to a writable folder)")

@@ -133,7 +133,6 @@ def cached_engine(model_path: Path, manifest, backend_name: str, precision: str,
     be trusted. Raises FidelityCheckFailed when the build moves scores by more than that; an int8
     build at the default limit is then refused, and remembered (PrecisionRefused: module doc).
     `announce`: say where the engine is once it is there (not for a trial that may delete it)."""
-    from rali_edge.engines import builder
     from rali_edge.engines.fidelity import DEFAULT_MAX_SCORE_DIFF
 
     path = entry_path(manifest, backend_name, precision, device)
@@ -147,6 +146,8 @@ def cached_engine(model_path: Path, manifest, backend_name: str, precision: str,
         if note and note.get("cache") == here:
             raise PrecisionRefused(f"{note['message']} (remembered in {refused}; `rali-edge cache clear` forgets it)")
         evict(path)
+        from rali_edge.engines import builder  # only to build: a hit imports no builder
+
         progress = progress or builder.Progress()
         progress.note(f"first use of {manifest.name} here: building its {backend_name} {precision} engine, then "
                       f"checking it on the fidelity images; seconds for small models, minutes for ViT-L. "

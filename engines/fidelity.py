@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from rali_edge.errors import RaliEdgeError, UsageError
-from rali_edge.evaluation import srcc
 from rali_edge.images import describe_suffixes, images_in, sample_images
 
 DEFAULT_MAX_SCORE_DIFF = 0.02
@@ -81,6 +80,8 @@ def fidelity_images(calib_dir: str | Path | None = None) -> list[Path]:
 def compare(reference: dict[str, float], engine: dict[str, float], max_score_diff: float,
             reference_name: str = "fp32 PyTorch", skipped: int = 0) -> FidelityReport:
     """Compare two {image: score} maps over the images both scored."""
+    from rali_edge.evaluation import srcc
+
     common = [k for k in reference if k in engine]
     if not common:
         raise RaliEdgeError("fidelity check: no image could be scored")

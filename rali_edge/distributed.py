@@ -395,7 +395,7 @@ def _node_cpus(ray) -> int:
 
 
 def _quiet_progress():
-    from rali_edge.engines.builder import Progress
+    from rali_edge.engines.progress import Progress
 
     return Progress(quiet=True)
 

@@ -394,7 +394,7 @@ def load(
     built engine (`engine=PATH`, see `rali-edge build`), checked against this model; an engine
     given without a backend runs with the backend its sidecar names, and `engine` may be a folder
     that holds one. dtype "int8" is an ONNX Runtime engine (CPU). `progress`: an
-    engines.builder.Progress for what auto measures and builds on first use (default: stderr).
+    engines.progress.Progress for what auto measures and builds on first use (default: stderr).
     """
     backend = backend or default_backend()
     _check_options(device, dtype, backend)

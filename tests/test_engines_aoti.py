@@ -75,7 +75,7 @@ def test_check_engine_command(package, small_model, photos):
 
 
 @pytest.mark.slow
-def test_package_of_another_torch_or_model_is_refused(package, small_model, tmp_path):
+def test_package_of_another_torch_or_model_is_refused(package, small_model, photos, tmp_path):
     from small_model import make_small_model
 
     copy = tmp_path / package[0].name
@@ -88,7 +88,7 @@ def test_package_of_another_torch_or_model_is_refused(package, small_model, tmp_
     other = make_small_model(tmp_path / "other", seed=1)
     with pytest.raises(EngineMismatchError, match="built for another model: rali-test-0"):
         rali_edge.load(other, backend="aoti", engine=package[0])
-    result = run("score", "--model", other, "--backend", "aoti", "--engine", package[0], tmp_path)
+    result = run("score", "--model", other, "--backend", "aoti", "--engine", package[0], photos[0])
     assert result.exit_code == 3 and "another model" in result.output and "Traceback" not in result.output
 
 

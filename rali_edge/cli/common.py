@@ -124,7 +124,7 @@ def load_scorer(model=None, device="cpu", dtype="auto", backend=None, engine=Non
 
     progress = None
     if quiet:
-        from rali_edge.engines.builder import Progress
+        from rali_edge.engines.progress import Progress
 
         progress = Progress(quiet=True)
     return rali_edge.load(model, device=device, dtype=dtype, backend=backend, engine=engine, head=head,

@@ -79,8 +79,11 @@ exits 0. Exit codes: 0 done, 1 a file source could not be read (others were scor
               help="Seconds between summary lines on stderr (0: only the final summary).")
 @click.option("--loop", is_flag=True, help="Restart files and folders at their end (demos, soak tests).")
 @click.option("--realtime", is_flag=True, help="Read files at their own frame rate, as a camera would deliver them.")
+@click.option("--http", "http_address", metavar="[HOST:]PORT",
+              help="Serve /metrics (Prometheus), /streams (JSON) and a live page at / while streaming "
+                   "(HOST defaults to 127.0.0.1: this machine only). Needs pip install 'rali-edge[http]'.")
 def stream_command(sources, every, fps, policy, max_batch, out_path, append, fmt, alert_below, alert_frames, on_alert,
-                   duration, max_frames, summary_every, loop, realtime, **model_kwargs):
+                   duration, max_frames, summary_every, loop, realtime, http_address, **model_kwargs):
     """Score video streams frame by frame: cameras, RTSP/HTTP, GStreamer, video files, folders.
 
     One reader thread per SOURCE; the scorer takes the pending frame of every source and scores
@@ -106,6 +109,11 @@ def stream_command(sources, every, fps, policy, max_batch, out_path, append, fmt
         raise click.UsageError(f"--out {out_path}: a stream writes jsonl or csv, line by line; give one of those "
                                "suffixes, or --format")
     output = Output(out_path, RECORDS, fmt, append=append, key="type")  # a file to refuse: before the model loads
+    if http_address:
+        from rali_edge.runtime.monitor import _prometheus, parse_address
+
+        address = parse_address(http_address)
+        _prometheus()  # missing: exit 4 now, before a model loads
     options = StreamOptions(
         policy=policy, max_batch=max_batch, every=every or 1, fps=fps, frames=max_frames, duration=duration,
         loop=loop, realtime=realtime, alert_below=alert_below, alert_frames=alert_frames, on_alert=on_alert,
@@ -123,11 +131,20 @@ def stream_command(sources, every, fps, policy, max_batch, out_path, append, fmt
         warm_up(score_batch)
         outputs.append(output)
         sink = SafeSink(output, stop)
+        runtime = StreamRuntime(specs, score_batch, sink, options, stop=stop)
+        monitor = None
         try:
+            if http_address:
+                from rali_edge.runtime.monitor import Monitor
+
+                monitor = runtime.monitor = Monitor(runtime, address)
+                click.echo(f"serving {monitor.start()} (Prometheus metrics at /metrics, JSON at /streams)", err=True)
             start = time.monotonic()
-            result = StreamRuntime(specs, score_batch, sink, options, stop=stop).run()
+            result = runtime.run()
             elapsed = time.monotonic() - start
         finally:
+            if monitor is not None:
+                monitor.close()
             sink.close()
     finally:
         restore()

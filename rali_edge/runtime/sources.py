@@ -18,6 +18,8 @@ like cv2.VideoCapture, so frames passed over by `--every`/`--fps` are never colo
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import time
@@ -115,16 +117,28 @@ def _v4l2_options(query: str, text: str) -> dict:
 
 
 def require_cv2():
-    """Import OpenCV or explain how to get it."""
+    """Import OpenCV, or say why it cannot be imported and what to do (MissingDependencyError)."""
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # OpenCV's own warnings would drown the summaries
+    said = io.StringIO()
     try:
-        import cv2
+        with contextlib.redirect_stderr(said):  # numpy's page-long ABI warning: said in one line below
+            import cv2
     except ImportError as e:
-        raise MissingDependencyError(
-            f"OpenCV is needed to read videos, cameras and network streams ({e}). Install it with: "
-            f"{INSTALL_HINT}   (on Jetson, use JetPack's OpenCV instead: it has GStreamer for CSI cameras)"
-        ) from None
+        raise MissingDependencyError(_why_no_cv2(e, said.getvalue())) from None
     return cv2
+
+
+def _why_no_cv2(e: ImportError, printed: str) -> str:
+    if e.name == "cv2":
+        return (f"OpenCV is needed to read videos, cameras and network streams, and this Python has none. Install "
+                f"it with: {INSTALL_HINT}   (on Jetson and for GStreamer pipelines, use the system's OpenCV instead, "
+                "python3-opencv: it has GStreamer; a venv needs --system-site-packages to see it)")
+    if "numpy" in f"{e} {printed}".lower():
+        return (f"OpenCV is installed but cannot be imported: it was built against numpy 1.x, and this environment "
+                f"has numpy {np.__version__} ({Path(np.__file__).parent}). A system OpenCV (JetPack's, Debian's or "
+                "Ubuntu's python3-opencv) needs the system's numpy 1.x: remove the newer one from this environment "
+                "(pip uninstall numpy, in a venv made with --system-site-packages), or pip install 'numpy<2'")
+    return f"OpenCV is installed but cannot be imported ({type(e).__name__}: {e})"
 
 
 def check_available(spec: SourceSpec) -> None:
@@ -140,6 +154,26 @@ def check_available(spec: SourceSpec) -> None:
             "Ubuntu's python3-opencv or an OpenCV built with -DWITH_GSTREAMER=ON. Check with: "
             "python3 -c \"import cv2; print(cv2.getBuildInformation())\" | grep GStreamer"
         )
+    if spec.kind == "gstreamer":
+        _check_pipeline(spec)
+
+
+def _check_pipeline(spec: SourceSpec) -> None:
+    """A pipeline GStreamer cannot parse (a typo, an element that is not installed) is a usage
+    error, not a camera to wait for: parsed with GStreamer's own parser where its Python bindings
+    (python3-gi, beside a system OpenCV) are there; elements are made, nothing is opened."""
+    try:
+        import gi
+
+        gi.require_version("Gst", "1.0")
+        from gi.repository import GLib, Gst
+    except (ImportError, ValueError):
+        return  # OpenCV will say when it opens it
+    Gst.init(None)
+    try:
+        Gst.parse_launch(spec.target)
+    except GLib.Error as e:
+        raise SourceError(f"GStreamer cannot read the pipeline {spec.text!r}: {e.message}") from None
 
 
 def _cameras() -> str:

@@ -204,6 +204,7 @@ class StreamRuntime:
         stop: threading.Event | None = None,
         log: Callable[[str], None] | None = None,
         open_reader: Callable = open_source,
+        monitor=None,
     ):
         if not sources:
             raise ValueError("no sources")
@@ -214,6 +215,7 @@ class StreamRuntime:
         self.stop = stop or threading.Event()
         self.log = log or _stderr_line
         self.open_reader = open_reader
+        self.monitor = monitor  # told of each scored frame (runtime/monitor.py, --http); set before run()
         capacity = self.options.queue_frames or self.options.max_batch
         self.states = [StreamState(i, spec, self.options.policy or spec.default_policy, capacity) for i, spec in enumerate(sources)]
         self.cond = threading.Condition()
@@ -370,19 +372,20 @@ class StreamRuntime:
                 if math.isfinite(score):
                     state.score_sum += score
                 dropped, state.dropped_since_record = state.dropped_since_record, 0
-            self.sink.write(
-                {
-                    "type": "frame",
-                    "stream": state.id,
-                    "source": state.spec.text,
-                    "frame": frame.index,
-                    "source_ts": frame.source_ts,
-                    "wall_time": now_wall,
-                    "score": score,
-                    "latency_ms": (now_mono - frame.captured) * 1000.0,
-                    "dropped": dropped,
-                }
-            )
+            record = {
+                "type": "frame",
+                "stream": state.id,
+                "source": state.spec.text,
+                "frame": frame.index,
+                "source_ts": frame.source_ts,
+                "wall_time": now_wall,
+                "score": score,
+                "latency_ms": (now_mono - frame.captured) * 1000.0,
+                "dropped": dropped,
+            }
+            self.sink.write(record)
+            if self.monitor is not None:
+                self.monitor.scored(state, frame, record)
             self._check_alert(state, frame, score, now_wall)
 
     def _check_alert(self, state: StreamState, frame: Frame, score: float, now_wall: float) -> None:
