@@ -242,6 +242,39 @@ def test_reader_that_raises_is_reopened_where_it_stopped_and_others_continue():
     assert any("reconnecting" in line and "device unplugged" in line for line in logs)
 
 
+def test_a_live_reader_stuck_in_a_read_is_replaced_and_the_stream_goes_on():
+    """A live source whose read never returns (a GStreamer pipeline after its camera came back,
+    as seen on a real RTSP server): after stall_s a new reader opens it again and scoring goes on;
+    the stuck reader, when it finally returns, leaves without touching the stream."""
+    release = threading.Event()
+    opened = []
+
+    class StuckReader(FakeReader):
+        def grab(self):
+            if self.pos == 5:
+                release.wait()  # blocked, as a read that never returns
+                return True
+            return super().grab()
+
+    def open_reader(spec, start):
+        opened.append(start)
+        return (StuckReader if len(opened) == 1 else FakeReader)(0, 10**6, 0, live=True, delay=0.01)
+
+    sink, logs = ListSink(), []
+    result = run_streams(
+        [SourceSpec("cam", "network", "rtsp://cam")], identity_scorer([]), sink,
+        StreamOptions(summary_every=0, backoff=FAST_BACKOFF, stall_s=0.5, duration=2.5, policy="all"),
+        open_reader=open_reader, log=logs.append,
+    )
+    release.set()  # the stuck read returns now: its reader must leave quietly
+    time.sleep(0.2)
+    assert len(opened) == 2 and result.streams[0]["reconnects"] == 1
+    assert any("no frame for" in line and "opening it again" in line for line in logs)
+    frames = [r["frame"] for r in sink.frames(0)]
+    assert frames[:5] == list(range(5)) and len(frames) > 20  # scored before and after the stall
+    assert len(set(frames)) == len(frames)  # no frame index twice
+
+
 def test_file_that_becomes_unreadable_fails_after_retries_and_others_finish():
     attempts = []
 

@@ -23,6 +23,7 @@ COMMANDS = {
     "check-engine": ("build", "Check an engine's scores against fp32 PyTorch."),
     "profile": ("profile", "Latency, throughput, power and energy per image, against the MLLM baseline."),
     "stream": ("stream", "Score live camera streams, video files or image folders."),
+    "serve": ("serve", "Serve scores over HTTP (REST, KServe v2 / Triton), batching across requests."),
     "cache": ("cache", "List or clear the engines --backend auto built on first use."),
 }
 

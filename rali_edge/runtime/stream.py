@@ -90,6 +90,9 @@ class StreamOptions:
     summary_every: float = 10.0  # seconds between summary lines; 0 or less: only the final one
     backoff: Backoff = field(default_factory=Backoff)
     file_retries: int = 3  # reopen attempts in a row for a failing file or folder before giving up
+    # A live source whose reader has waited this long in one open or read (a GStreamer pipeline that
+    # never returns after its camera came back, say) is opened again in a new reader thread.
+    stall_s: float = 20.0
 
     def validate(self) -> None:
         if self.policy is not None and self.policy not in POLICIES:
@@ -161,6 +164,11 @@ class StreamState:
         self.status = "starting"  # running | reconnecting | ended | failed | stopped
         self.detail = ""
         self.finished = False  # the reader will put no more frames
+        # Which reader thread is this source's (a stalled one is replaced: the old one, when its
+        # read ever returns, sees that it is not current and leaves), and since when it waits in
+        # an open or a read (None while it is not in one).
+        self.generation = 0
+        self.waiting_since: float | None = None
         # consecutive scores below / at-or-above the alert threshold
         self.below = 0
         self.above = 0
@@ -253,7 +261,7 @@ class StreamRuntime:
             self.cond.notify_all()
             return True
 
-    def _read_loop(self, state: StreamState) -> None:
+    def _read_loop(self, state: StreamState, generation: int = 0) -> None:
         opts, spec = self.options, state.spec
         selector = FrameSelector(opts.every, opts.fps)
         reader = None
@@ -263,16 +271,25 @@ class StreamRuntime:
         pace = None  # (wall, media) origin for --realtime
         opened = False  # a file that never opens is bad input: no retries for it
         try:
-            while not self.stop.is_set():
+            while not self.stop.is_set() and state.generation == generation:
                 try:
                     if reader is None:
+                        state.waiting_since = time.monotonic()
                         reader = self.open_reader(spec, position)
+                        state.waiting_since = None
+                        if state.generation != generation:
+                            break  # replaced while it opened
                         opened = True
                         if failures:
                             with self.cond:
                                 state.reconnects += 1
                         self._set_status(state, "running")
-                    if not reader.grab():
+                    state.waiting_since = time.monotonic()
+                    grabbed = reader.grab()
+                    state.waiting_since = None
+                    if state.generation != generation:
+                        break  # replaced while it read
+                    if not grabbed:
                         if spec.live:
                             raise EOFError("the stream stopped sending frames")
                         _close(reader)
@@ -315,8 +332,11 @@ class StreamRuntime:
                         self._set_status(state, "ended")
                         return
                 except Exception as e:  # noqa: BLE001  any reader fault: reopen, never crash the run
+                    state.waiting_since = None
                     _close(reader)
                     reader = None
+                    if state.generation != generation:
+                        break
                     failures += 1
                     if not spec.live and not opened:
                         self._set_status(state, "failed", _describe(e))
@@ -328,14 +348,42 @@ class StreamRuntime:
                     self._set_status(state, "reconnecting", f"{_describe(e)}; retry {failures} in {delay:.1f} s")
                     if self.stop.wait(delay):
                         break
-            self._set_status(state, "stopped")
+            if state.generation == generation:
+                self._set_status(state, "stopped")
         finally:
             _close(reader)
+            if state.generation == generation:  # a replaced reader leaves the source to its successor
+                with self.cond:
+                    state.finished = True
+                    if state.status not in ("ended", "failed"):
+                        state.status = "stopped"
+                    self.cond.notify_all()
+
+    def _stalled(self, now: float) -> bool:
+        return any(s.spec.live and not s.finished and s.waiting_since is not None
+                   and now - s.waiting_since >= self.options.stall_s for s in self.states)
+
+    def _replace_stalled_readers(self) -> None:
+        """A live source whose reader has waited in one open or read for stall_s gets a new reader
+        thread; the old one is left where it waits (a read cannot be interrupted from outside
+        safely) and leaves when it returns, if ever."""
+        now = time.monotonic()
+        for state in self.states:
+            since = state.waiting_since
+            if not state.spec.live or state.finished or since is None or now - since < self.options.stall_s:
+                continue
             with self.cond:
-                state.finished = True
-                if state.status not in ("ended", "failed"):
-                    state.status = "stopped"
-                self.cond.notify_all()
+                state.generation += 1
+                state.waiting_since = None
+                state.reconnects += 1
+            self._set_status(state, "reconnecting", f"no frame for {now - since:.0f} s; opening it again")
+            self._start_reader(state)
+
+    def _start_reader(self, state: StreamState) -> None:
+        thread = threading.Thread(target=self._read_loop, args=(state, state.generation),
+                                  name=f"rali-reader-{state.id}.{state.generation}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
 
     # ---------------------------------------------------------------- scorer
 
@@ -473,9 +521,7 @@ class StreamRuntime:
     def run(self) -> RunResult:
         opts = self.options
         for state in self.states:
-            thread = threading.Thread(target=self._read_loop, args=(state,), name=f"rali-reader-{state.id}", daemon=True)
-            self._threads.append(thread)
-            thread.start()
+            self._start_reader(state)
         start = time.monotonic()
         deadline = None if opts.duration is None else start + opts.duration
         next_summary = start + opts.summary_every if opts.summary_every > 0 else math.inf
@@ -491,13 +537,14 @@ class StreamRuntime:
                         if deadline is not None and now >= deadline:
                             self.stop.set()
                             continue
-                        if now >= next_summary:
+                        if now >= next_summary or self._stalled(now):
                             break
                         self.cond.wait(min(0.5, next_summary - now, (deadline or math.inf) - now))
                     batch = self._take()
                     done = not batch and (self.stop.is_set() or all(s.finished for s in self.states))
                 if batch:
                     self._score(batch)
+                self._replace_stalled_readers()
                 if time.monotonic() >= next_summary and not self.stop.is_set():  # (the final summary follows)
                     for line in self.summary_lines():
                         self.log(line)
