@@ -142,3 +142,32 @@ def test_every_photo_is_held_out_of_training():
             assert name in data.HELDOUT_SOURCES
     licences = (SAMPLES / "LICENSES.md").read_text()  # the samples' photographs are among them
     assert all(name in licences for name in TINY)
+
+
+@pytest.fixture(scope="module")
+def peers_python(tmp_path_factory):
+    """An environment of its own with the classical peers, made as rali_edge/training/peers.py says."""
+    import subprocess
+    import sys
+
+    venv = tmp_path_factory.mktemp("peers") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    done = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "brisque==0.2.0", "libsvm-official", "pypiqe",
+                           "numpy<2.4", "opencv-python-headless", "pillow"], capture_output=True, text=True, timeout=900)
+    if done.returncode:
+        pytest.skip(f"could not install brisque and pypiqe: {done.stderr.strip().splitlines()[-1:]}")
+    return str(venv / "bin" / "python")
+
+
+@pytest.mark.slow
+def test_peers_score_the_same_files_and_the_comparison_is_printed(tiny_set, tmp_path, capsys, peers_python):
+    out = tmp_path / "summary.json"
+    assert wp.main(["--model", "default", "--set", str(tiny_set.parent), "--peers", peers_python, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| distortion | rali-edge: within | rali-edge: pooled | BRISQUE: within | BRISQUE: pooled | PIQE: within" in printed
+    summary = json.loads(out.read_text())
+    for peer in ("brisque", "piqe"):
+        blur = summary["peers"][peer]["per_distortion"]["blur"]
+        assert -1.0 <= blur["within_photo_mean"] <= 1.0 and set(blur["within_photo"]) == set(TINY)
+    # The peers' scores are turned so that higher is better: blur at level 5 ranks below clean.
+    assert summary["peers"]["brisque"]["per_distortion"]["blur"]["within_photo_mean"] > 0

@@ -269,6 +269,46 @@ def report_lines(summary: dict) -> list[str]:
     return lines
 
 
+# --- the peers: BRISQUE and PIQE on the same files --------------------------------------------
+PEERS = ("brisque", "piqe")  # lower is better on both: their scores are negated before ranking
+
+
+def peer_scores(rows: list[dict], python: str, workers: int = 2, log=print) -> dict[str, list[float]]:
+    """{peer: one score per row, higher is better}: rali_edge/training/peers.py run in `python`,
+    an environment with brisque and pypiqe (peers.py says how to make one)."""
+    import subprocess
+
+    worker = Path(__file__).with_name("peers.py")
+    log(f"scoring {len(rows)} files with BRISQUE and PIQE in {python} ({workers} processes; minutes per 100 files)")
+    done = subprocess.run([python, str(worker), "--workers", str(workers)], input="\n".join(r["file"] for r in rows),
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RaliEdgeError(f"the peers could not run in {python}: {done.stderr.strip().splitlines()[-1:]} "
+                            f"(make it as rali_edge/training/peers.py says)")
+    results = {r["path"]: r for r in map(json.loads, done.stdout.splitlines())}
+    out = {}
+    for peer in PEERS:
+        values = [results[row["file"]][peer] for row in rows]
+        failed = [row["file"] for row, v in zip(rows, values) if v is None]
+        if failed:
+            raise RaliEdgeError(f"{peer} failed on {len(failed)} files, e.g. {failed[0]}: "
+                                f"{results[failed[0]].get(peer + '_error')}")
+        out[peer] = [-v for v in values]
+    return out
+
+
+def comparison_lines(summaries: dict[str, dict]) -> list[str]:
+    """Markdown: per distortion, the within-photo rank and the pooled SRCC of each scorer."""
+    names = list(summaries)
+    kinds = list(next(iter(summaries.values()))["per_distortion"])
+    head = ["| distortion | " + " | ".join(f"{n}: within | {n}: pooled" for n in names) + " |",
+            "|---|" + "---:|---:|" * len(names)]
+    rows = [f"| {k} | " + " | ".join(f"{s['per_distortion'][k]['within_photo_mean']:.3f} | "
+                                     f"{s['per_distortion'][k]['pooled_srcc']:.3f}" for s in summaries.values()) + " |"
+            for k in kinds]
+    return head + rows
+
+
 def credit_lines() -> list[str]:
     """The photographs' origins and licences, for TRAINING.md."""
 
@@ -300,6 +340,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--update-report", type=Path, metavar="MODEL_DIR", default=None,
                         help="store the results in MODEL_DIR/training.json and rewrite MODEL_DIR/TRAINING.md")
+    parser.add_argument("--peers", metavar="PYTHON", default=None,
+                        help="also score the same files with BRISQUE and PIQE in PYTHON, an environment with brisque "
+                             "and pypiqe (rali_edge/training/peers.py says how to make it), and print the comparison")
     args = parser.parse_args(argv)
     folder = args.set or default_set_dir()
 
@@ -312,6 +355,17 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n".join(report_lines(summary)))
+    if args.peers:
+        rows = read_set(folder / "labels.csv")
+        try:
+            scores = peer_scores(rows, args.peers, args.workers, log)
+        except RaliEdgeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 4
+        summary["peers"] = {peer: summarize(rows, values) for peer, values in scores.items()}
+        print("\nAgainst the classical peers on the same files (within: mean rank of score against level inside "
+              "each photograph; pooled: SRCC against the labels over all photographs):\n")
+        print("\n".join(comparison_lines({"rali-edge": summary, **{p.upper(): s for p, s in summary["peers"].items()}})))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")
     if args.update_report:
