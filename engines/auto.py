@@ -206,7 +206,9 @@ def _measure(model_path: Path, manifest, device: str, dtype: str, progress, try_
             verdict.choice = c.key
     for c in runnable:  # engines built for a trial they lost free their disk
         if c.backend != "torch" and c.key != verdict.choice and c.passed is not None:
-            cache.evict(cache.entry_path(manifest, c.backend, c.precision, device))
+            entry = cache.entry_path(manifest, c.backend, c.precision, device)
+            with cache.locked(entry):
+                cache.evict(entry)
     reference.note = "reference"
     progress.note(verdict.summary())
     if verdict.choice[0] != "torch":
@@ -247,6 +249,9 @@ def _trial(model_path: Path, manifest, device: str, c: Candidate, progress) -> N
     except FidelityCheckFailed as e:
         c.passed, c.note = False, f"scores move too far ({e.short})"
         return
+    except Exception as e:  # noqa: BLE001 - a build or a device that fails: this candidate loses, eager fp32 runs
+        c.passed, c.note = False, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        return
     c.max_abs_diff = report.max_abs_diff
     c.speedup = report.reference_s / report.engine_s if report.engine_s and report.reference_s else None
     if not report.passed:
@@ -281,8 +286,11 @@ def resolve(model_path: Path, manifest, device: str, dtype: str, use_cache: bool
         return "torch", "fp32" if dtype == "auto" else dtype, None, None
     verdict = decide(model_path, manifest, device, dtype, progress)
     backend, precision = verdict.choice
+    # An engine auto chose passed its trial at EXACT: gone since (a cache cleared by hand), it is
+    # built and checked at EXACT again; one run as asked (int8) at the build's own limit.
+    limit = EXACT if verdict.measured else None
     engine = None if backend == "torch" else cache.cached_engine(model_path, manifest, backend, precision, device,
-                                                                 progress)
+                                                                 progress, max_score_diff=limit)
     return backend, precision, engine, verdict
 
 

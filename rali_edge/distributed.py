@@ -119,11 +119,17 @@ def _without_ray_log_lines():
             if pending and not pending.startswith(b"["):  # a progress bar's \r, a prompt: at once
                 kept, pending = kept + pending, b""
             if kept:
-                os.write(saved, kept)
+                _write(saved, kept)
         if pending:
-            os.write(saved, pending)
+            _write(saved, pending)
         os.close(read_end)
         os.close(saved)
+
+    def _write(target: int, data: bytes) -> None:
+        try:  # stderr's reader gone (`2>&1 | head`): drop the lines, keep draining the pipe
+            os.write(target, data)
+        except OSError:
+            pass
 
     # A daemon: Ray's own processes inherit the pipe and may hold it open after the session.
     thread = threading.Thread(target=forward, daemon=True)
@@ -261,15 +267,19 @@ def _rows(ds, stall_s: float, stalled) -> Iterator[dict]:
     a run left going would outlive the cluster (Ray then ends the process, a minute later)."""
     rows: queue.Queue = queue.Queue(maxsize=1024)
     end = object()
+    iterating = threading.Event()  # _Stop is sent only while the pull is inside Ray Data's iteration
 
     def pull():
         try:
+            iterating.set()
             for row in ds.iter_rows():
                 rows.put(row)
+            iterating.clear()
             rows.put(end)
         except _Stop:
             pass
         except BaseException as e:  # noqa: BLE001 - handed over to the caller's thread
+            iterating.clear()
             rows.put(e)
 
     thread = threading.Thread(target=pull, daemon=True)
@@ -286,17 +296,18 @@ def _rows(ds, stall_s: float, stalled) -> Iterator[dict]:
                 raise row
             yield row
     finally:
-        _stop(thread, rows)
+        _stop(thread, rows, iterating)
 
 
-def _stop(thread: threading.Thread, rows: queue.Queue, timeout_s: float = 30.0) -> None:
+def _stop(thread: threading.Thread, rows: queue.Queue, iterating: threading.Event, timeout_s: float = 30.0) -> None:
     """End the pulling thread: _Stop raised in it at its next Python instruction (Ray Data waits for
     rows in a Python loop), its queue drained so that a put it waits in returns."""
     import ctypes
 
     if not thread.is_alive():
         return
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Stop))
+    if iterating.is_set():
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Stop))
     deadline = time.monotonic() + timeout_s
     while thread.is_alive() and time.monotonic() < deadline:
         with contextlib.suppress(queue.Empty):

@@ -217,7 +217,7 @@ class Output:
 
     def _open(self) -> None:
         if self.fmt == "parquet":
-            self.out = _ParquetParts(Path(self.path), self.fields)
+            self.out = _ParquetParts(Path(self.path), self.fields, fresh=not self.continues)
             return
         if self._complete is not None and Path(self.path).stat().st_size != self._complete:
             with open(self.path, "r+b") as f:  # a last line cut off by a kill: its row is written again
@@ -295,7 +295,9 @@ class _ParquetParts:
     """The parquet output: a folder of part-NNNNNN.parquet files (see PART_ROWS), each written under a
     temporary name and renamed when complete, so that a reader never sees a half-written part."""
 
-    def __init__(self, folder: Path, fields: Fields):
+    def __init__(self, folder: Path, fields: Fields, fresh: bool = True):
+        """`fresh`: the parts an earlier run left are replaced, as a file output is rewritten
+        (resume and append continue them)."""
         pa, self.pq = _pyarrow()
         types = {str: pa.string(), float: pa.float64(), int: pa.int64()}
         self.schema = pa.schema([(f.name, types[f.type]) for f in fields])
@@ -304,6 +306,9 @@ class _ParquetParts:
         folder.mkdir(exist_ok=True)
         for stale in folder.glob(".part-*.tmp"):  # a part a killed run was writing: its rows are written again
             stale.unlink()
+        if fresh:
+            for part in folder.glob(PART_GLOB):
+                part.unlink()
         self.next = 1 + max((int(p.stem.split("-")[1]) for p in folder.glob(PART_GLOB)), default=-1)
         self.rows: list[dict] = []
         self.last = time.monotonic()

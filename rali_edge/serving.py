@@ -49,7 +49,9 @@ class ServeOptions:
     max_queue: int = 256  # images waiting to be scored; past it, 503
     max_bytes: int = 32 << 20  # a request's body
     max_images: int = 64  # per request
-    read_timeout_s: float = 30.0  # between two chunks of a request's body
+    read_timeout_s: float = 30.0  # between two chunks of a request's body (and a URL's whole read)
+    body_timeout_s: float = 120.0  # a request's whole body
+    max_connections: int = 512  # open connections; past it uvicorn answers 503
     decode_threads: int = 0  # 0: one per core
     allow_urls: tuple[str, ...] = ()  # schemes of URLs a client may ask the server to fetch (e.g. https)
     api_key: str | None = None
@@ -157,8 +159,14 @@ class Batcher:
             batch = [await self.queue.get()]
             deadline = batch[0].queued_at + self.options.max_delay_ms / 1000
             while len(batch) < self.options.max_batch:
+                if not self.queue.empty():  # what is there joins at once, however late the batch is
+                    batch.append(self.queue.get_nowait())
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
                 try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - time.monotonic())))
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
                 except asyncio.TimeoutError:
                     break
             batch = [item for item in batch if not item.future.done()]  # its client has gone: costs nothing
@@ -201,12 +209,12 @@ class Service:
         self.batcher: Batcher | None = None
         threads = options.decode_threads or len(os.sched_getaffinity(0))
         self.decoders = ThreadPoolExecutor(max(1, threads), thread_name_prefix="rali-edge-decode")
+        self.fetchers = ThreadPoolExecutor(4, thread_name_prefix="rali-edge-fetch")  # --allow-urls
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Start batching (the scorer was warmed up by `warm_up` before the port opened)."""
         self.batcher = Batcher(self._score_views, self.options, self.metrics)
         self.batcher.start()
-        await loop.run_in_executor(None, self._warm_up)  # ready means warm: the first request pays nothing
         self.ready = True
 
     async def stop(self) -> None:
@@ -214,9 +222,19 @@ class Service:
         if self.batcher is not None:
             await self.batcher.stop()
         self.decoders.shutdown(wait=False, cancel_futures=True)
+        self.fetchers.shutdown(wait=False, cancel_futures=True)
 
-    def _warm_up(self) -> None:
-        self._score_views(self._views(_grey_png(), "warm-up"))
+    def warm_up(self) -> None:
+        """One image scored before the port opens: ready means warm, and a scorer that cannot score
+        is one line and exit code 3, not a server that answers 500."""
+        from rali_edge.errors import ModelLoadError, RaliEdgeError
+
+        try:
+            self._score_views(self._views(_grey_png(), "warm-up"))
+        except RaliEdgeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an engine or a device failing on its first batch
+            raise ModelLoadError(f"the model cannot score ({type(e).__name__}: {str(e)[:300]})") from None
 
     def _score_views(self, pixels: np.ndarray) -> list[float]:
         import torch
@@ -230,8 +248,6 @@ class Service:
 
     async def score_images(self, images: list[tuple[str, bytes]]) -> list[dict]:
         """(name, bytes) each -> {"name", "score"} or {"name", "error", "status"} each, in order."""
-        if not self.ready:
-            raise HTTPProblem(503, "the model is still loading; try again shortly", {"Retry-After": "2"})
         if not images:
             raise HTTPProblem(400, "no image in the request: send multipart files (field `file`) or one image as the body")
         most = min(self.options.max_images, self.options.max_queue)  # more could never be taken: not "busy"
@@ -270,20 +286,55 @@ class Service:
             self.metrics.errors.labels(kind).inc()
             return HTTPProblem(image_status(e), str(e))
 
-    def fetch(self, url: str) -> bytes:
-        """A URL's bytes, for the schemes the server allows (`allow_urls`), else 400."""
+    def check_url(self, url: str) -> None:
+        """400 unless the server fetches URLs of this scheme (`allow_urls`)."""
         from urllib.parse import urlparse
 
         scheme = urlparse(url).scheme.lower()
         if scheme not in self.options.allow_urls:
             allowed = ", ".join(self.options.allow_urls) or "none: start the server with --allow-urls SCHEME"
             raise HTTPProblem(400, f"{url!r}: URLs of scheme {scheme or '(none)'!r} are not fetched (allowed: {allowed})")
-        from rali_edge.storage import read_bytes
 
+    async def fetch(self, urls: list[str]) -> list[tuple[str, bytes]]:
+        """The URLs' bytes, fetched at once in a small pool of their own (the decoders never wait
+        on a remote), each at most max_bytes, all within read_timeout_s."""
+        for url in urls:
+            self.check_url(url)
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.options.read_timeout_s
+        reads = [loop.run_in_executor(self.fetchers, self._fetch_one, url, deadline) for url in urls]
         try:
-            return read_bytes(url)
+            data = await asyncio.wait_for(asyncio.gather(*reads), self.options.read_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPProblem(408, f"the URLs did not arrive within {self.options.read_timeout_s:g} s") from None
+        return list(zip(urls, data))
+
+    def _fetch_one(self, url: str, deadline: float) -> bytes:
+        """One read, no retries (a client is waiting): at most max_bytes, until the deadline."""
+        limit, chunks, size = self.options.max_bytes, [], 0
+        try:
+            if url.lower().startswith(("http://", "https://")):
+                import urllib.request  # redirects only to http, https or ftp: never to a file
+
+                opened = urllib.request.urlopen(url, timeout=self.options.read_timeout_s)
+            else:
+                from rali_edge.storage import filesystem
+
+                fs, path = filesystem(url)
+                opened = fs.open(path, "rb")
+            with opened as source:
+                while chunk := source.read(min(1 << 20, limit + 1 - size)):
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > limit:
+                        raise HTTPProblem(413, f"{url}: over {limit} bytes")
+                    if time.monotonic() > deadline:
+                        raise HTTPProblem(408, f"{url}: did not arrive within {self.options.read_timeout_s:g} s")
+        except HTTPProblem:
+            raise
         except Exception as e:  # noqa: BLE001 - the remote's failure is the client's answer
             raise HTTPProblem(422, f"{url}: cannot fetch ({type(e).__name__}: {str(e)[:200]})") from None
+        return b"".join(chunks)
 
 
 def _grey_png() -> bytes:
@@ -385,18 +436,20 @@ class Limits:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.options.max_bytes:
+        if declared.isascii() and declared.isdigit() and int(declared) > self.options.max_bytes:
             return await _plain(send, 413, f"the body is {int(declared)} bytes; at most {self.options.max_bytes}")
-        seen, complete = 0, False
+        seen, complete, deadline = 0, False, time.monotonic() + self.options.body_timeout_s
 
         async def limited():
             nonlocal seen, complete
             if complete:  # the body is in: what comes now is the client going away, whenever it does
                 return await receive()
+            wait = min(self.options.read_timeout_s, deadline - time.monotonic())
             try:
-                message = await asyncio.wait_for(receive(), self.options.read_timeout_s)
+                message = await asyncio.wait_for(receive(), max(wait, 0.0))
             except asyncio.TimeoutError:
-                raise _Cut(408, f"the body did not arrive in time (nothing for {self.options.read_timeout_s:g} s)") from None
+                raise _Cut(408, f"the body did not arrive in time (at most {self.options.read_timeout_s:g} s between "
+                                f"chunks, {self.options.body_timeout_s:g} s in all)") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
@@ -491,7 +544,7 @@ def create_app(service: Service):
             if not hmac.compare_digest(given.encode(), f"Bearer {options.api_key}".encode()):
                 response = JSONResponse({"error": "give the API key: Authorization: Bearer KEY"}, 401,
                                         headers={"WWW-Authenticate": "Bearer"})
-                service.metrics.requests.labels(request.url.path, "401").inc()
+                service.metrics.requests.labels("unauthorized", "401").inc()  # not the path: clients choose it
                 return response
         response = await call_next(request)
         route = request.scope.get("route")
@@ -527,14 +580,19 @@ def create_app(service: Service):
         """Images as multipart files (field `file`, repeatable), or one image as the body, or (with
         --allow-urls) `{"urls": [...]}`. One result per image, in order: {"name", "score"} or
         {"name", "error"}. 200 when at least one image was scored; else the first image's status."""
-        images = await _images(request)
-        results = await answered_unless_gone(request, service.score_images(images))
+        images, urls = await _images(request)
+
+        async def fetched_and_scored():
+            return await service.score_images(images + (await service.fetch(urls) if urls else []))
+
+        results = await answered_unless_gone(request, fetched_and_scored())
         if not isinstance(results, list):
             return results
         status = 200 if any("score" in r for r in results) else results[0]["status"]
         return JSONResponse([{k: v for k, v in r.items() if k != "status"} for r in results], status)
 
-    async def _images(request: Request) -> list[tuple[str, bytes]]:
+    async def _images(request: Request) -> tuple[list[tuple[str, bytes]], list[str]]:
+        """(the images sent, the URLs to fetch)."""
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "multipart/form-data":
             try:
@@ -546,7 +604,7 @@ def create_app(service: Service):
             files = form.getlist("file")
             if not all(hasattr(f, "read") for f in files):
                 raise HTTPProblem(400, "the field `file` must hold files")
-            return [(f.filename or f"file {i}", await f.read()) for i, f in enumerate(files)]
+            return [(f.filename or f"file {i}", await f.read()) for i, f in enumerate(files)], []
         body = await _read(request.body())
         if kind == "application/json":
             try:
@@ -556,9 +614,10 @@ def create_app(service: Service):
                 raise HTTPProblem(400, 'a JSON body is {"urls": ["https://..."]}') from None
             if len(urls) > options.max_images:
                 raise HTTPProblem(413, f"{len(urls)} images in one request; at most {options.max_images}")
-            loop = asyncio.get_running_loop()
-            return [(u, await loop.run_in_executor(service.decoders, service.fetch, u)) for u in urls]
-        return [("body", body)]
+            for url in urls:
+                service.check_url(url)
+            return [], urls
+        return [("body", body)], []
 
     @app.get("/healthz", summary="The process answers", responses=_answers())
     async def healthz():
@@ -612,7 +671,7 @@ def create_app(service: Service):
     async def infer(request: Request):
         body = await _read(request.body())
         length = request.headers.get("inference-header-content-length")
-        if length is not None and not (length.isdigit() and int(length) <= len(body)):
+        if length is not None and not (length.isascii() and length.isdigit() and int(length) <= len(body)):
             raise HTTPProblem(400, "Inference-Header-Content-Length does not fit the body")
         elements, binary = parse_infer(body, int(length) if length is not None else None)
         results = await answered_unless_gone(request, service.score_images(
@@ -633,6 +692,19 @@ def create_app(service: Service):
     return Limits(app, options)
 
 
+def check_port(host: str, port: int) -> None:
+    """A port this process cannot listen on is a usage error, found before the model loads."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise UsageError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+
+
 def run(scorer, options: ServeOptions, host: str = "127.0.0.1", port: int = 8000,
         log: Callable[[str], None] = print) -> None:
     """Serve `scorer` (a loaded rali_edge Scorer) until SIGTERM or Ctrl-C: then no new connection
@@ -640,13 +712,15 @@ def run(scorer, options: ServeOptions, host: str = "127.0.0.1", port: int = 8000
     import uvicorn
 
     service = Service(scorer, options)
+    service.warm_up()
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level="warning", access_log=False,
-                            timeout_keep_alive=5, timeout_graceful_shutdown=30, lifespan="on")
+                            timeout_keep_alive=5, timeout_graceful_shutdown=30, lifespan="on",
+                            limit_concurrency=options.max_connections)
     server = uvicorn.Server(config)
     log(f"serving http://{host}:{port}/ (POST /score, KServe v2 at /v2/models/{MODEL_NAME}/infer, /metrics, "
         "OpenAPI at /docs)")
     server.run()
 
 
-__all__ = ["API_KEY_ENV", "MODEL_NAME", "Batcher", "HTTPProblem", "ServeOptions", "Service", "create_app",
+__all__ = ["API_KEY_ENV", "MODEL_NAME", "Batcher", "HTTPProblem", "ServeOptions", "Service", "check_port", "create_app",
            "infer_response", "parse_infer", "require_serving", "run"]

@@ -206,6 +206,8 @@ def test_parquet_output_is_a_folder_of_complete_parts_that_resume_continues(smal
     assert run("score", "--model", small_model, "-o", cli_out, *photos).exit_code == 0
     rows = pq.read_table(cli_out).to_pylist()
     assert [r["path"] for r in rows] == [str(p) for p in photos] and all(r["score"] is not None for r in rows)
+    assert run("score", "--model", small_model, "-o", cli_out, *photos).exit_code == 0  # again: replaced, as a file is
+    assert len(pq.read_table(cli_out)) == len(photos)
     again = run("score", "--model", small_model, "--from-list", cli_out, "--format", "jsonl")
     assert [json.loads(line)["path"] for line in again.stdout.splitlines()] == [str(p) for p in photos]
 

@@ -241,6 +241,26 @@ def test_scoring_errors_answer_500_to_their_request_only():
     assert isinstance(bad, HTTPProblem) and bad.status == 500
 
 
+def test_images_already_waiting_join_a_batch_however_late_it_is():
+    """Past its first image's deadline (an encoder slower than --max-delay-ms), a batch still takes
+    every image already queued: under load, batching must not fall to one image per call."""
+    calls = []
+
+    def score_views(pixels):
+        calls.append(len(pixels))
+        return [0.0] * len(pixels)
+
+    async def scenario():
+        batcher = Batcher(score_views, ServeOptions(max_batch=8, max_delay_ms=0), Metrics())
+        futures = [batcher.submit(np.zeros((1, 3, 2, 2), np.float32)) for _ in range(5)]
+        batcher.start()
+        await asyncio.gather(*futures)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert calls == [5]
+
+
 def test_openapi_describes_what_the_server_does_fuzzed_with_schemathesis(server):
     schemathesis = Path(sys.executable).parent / "schemathesis"
     if not schemathesis.exists():
@@ -262,6 +282,10 @@ def test_api_key_urls_and_sigterm(small_model, files, tmp_path):
         assert server.get("/healthz")[0] == 200 and server.get("/readyz")[0] == 200  # probes need no key
         status, body, head = server.score([files[0]])
         assert status == 401 and head.get("www-authenticate") == "Bearer"
+        for path in ("/a1", "/a2", "/metrics"):
+            assert server.get(path)[0] == 401
+        counted = server.get("/metrics", {"Authorization": "Bearer sesame"})[1].decode()
+        assert 'route="/a1"' not in counted and 'route="unauthorized"' in counted  # clients choose no label
         assert server.score([files[0]], {"Authorization": "Bearer wrong"})[0] == 401
         key = {"Authorization": "Bearer sesame"}
         assert server.score([files[0]], key)[0] == 200

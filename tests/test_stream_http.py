@@ -80,6 +80,15 @@ def running(tmp_path_factory):
     process.wait(timeout=120)
 
 
+def test_passwords_in_sources_are_not_served():
+    from rali_edge.runtime.monitor import redacted
+
+    assert redacted("rtsp://admin:s3cret@10.0.0.5:554/stream1") == "rtsp://admin:***@10.0.0.5:554/stream1"
+    assert redacted("rtsp://10.0.0.5/stream1") == "rtsp://10.0.0.5/stream1"
+    pipeline = "rtspsrc location=rtsp://u:p@cam/x latency=0 ! appsink"
+    assert "p@" not in redacted(pipeline) and "u:***@cam" in redacted(pipeline)
+
+
 def test_streams_as_json(running):
     base, _, _ = running
     body, kind = get(f"{base}/streams")

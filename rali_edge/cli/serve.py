@@ -51,9 +51,10 @@ def serve_command(host, port, max_batch, max_delay_ms, max_queue, max_bytes, max
     model cannot be loaded, 4 a missing library (pip install 'rali-edge[serve]').
     """
     from rali_edge.cli.common import load_scorer
-    from rali_edge.serving import ServeOptions, require_serving, run
+    from rali_edge.serving import ServeOptions, check_port, require_serving, run
 
     require_serving()
+    check_port(host, port)  # a busy port: exit 2 now, not after minutes of loading
     options = ServeOptions(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, max_bytes=max_bytes,
                            max_images=max_images, read_timeout_s=read_timeout,
                            allow_urls=tuple(s.lower().rstrip(":/") for s in allow_urls), api_key=api_key or None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import threading
 import time
 from collections import deque
@@ -34,6 +35,11 @@ HISTORY_POINTS = 1200  # at most a point every half second over them
 THUMBNAIL_WIDTH = 320
 SCORE_BUCKETS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def redacted(source: str) -> str:
+    """A source as the monitor shows it: a URL's password (rtsp://user:PASSWORD@cam) replaced."""
+    return re.sub(r"(://[^/@:\s]*:)[^/@\s]*@", r"\1***@", source)
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -87,7 +93,7 @@ class Monitor:
     # -- the runtime's side ----------------------------------------------------------------
     def scored(self, state, frame, record: dict) -> None:
         """One scored frame (called by the scoring loop: cheap)."""
-        labels = (str(state.id), state.spec.text)
+        labels = (str(state.id), redacted(state.spec.text))
         score = record["score"]
         if math.isfinite(score):
             self.score_hist.labels(*labels).observe(score)
@@ -110,7 +116,8 @@ class Monitor:
             with self.lock:
                 history = [(t, v) for t, v in seen.history if now - t <= HISTORY_S]
                 latest, index = seen.score, seen.frame_index
-            out.append({**s, "alerting": alerting, "alert_below": self.runtime.options.alert_below,
+            out.append({**s, "source": redacted(s["source"]), "alerting": alerting,
+                        "alert_below": self.runtime.options.alert_below,
                         "latest_score": latest, "frame": index, "history": history})
         return out
 
@@ -216,7 +223,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, page, "text/html; charset=utf-8")
         if path.startswith("/frame/") and path.endswith(".jpg"):
             stream = path[len("/frame/"):-len(".jpg")]
-            if stream.isdigit() and int(stream) < len(self.monitor.seen):
+            if stream.isascii() and stream.isdigit() and int(stream) < len(self.monitor.seen):
                 jpeg = self.monitor.thumbnail(int(stream))
                 if jpeg is not None:
                     return self._send(200, jpeg, "image/jpeg")

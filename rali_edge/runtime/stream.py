@@ -168,7 +168,8 @@ class StreamState:
         # read ever returns, sees that it is not current and leaves), and since when it waits in
         # an open or a read (None while it is not in one).
         self.generation = 0
-        self.waiting_since: float | None = None
+        self.waiting: tuple[int, float] | None = None  # (the waiting reader's generation, since when)
+        self.stalls = 0  # readers replaced since this source's last frame: each waits twice as long
         # consecutive scores below / at-or-above the alert threshold
         self.below = 0
         self.above = 0
@@ -274,9 +275,9 @@ class StreamRuntime:
             while not self.stop.is_set() and state.generation == generation:
                 try:
                     if reader is None:
-                        state.waiting_since = time.monotonic()
+                        self._waiting(state, generation, True)
                         reader = self.open_reader(spec, position)
-                        state.waiting_since = None
+                        self._waiting(state, generation, False)
                         if state.generation != generation:
                             break  # replaced while it opened
                         opened = True
@@ -284,9 +285,9 @@ class StreamRuntime:
                             with self.cond:
                                 state.reconnects += 1
                         self._set_status(state, "running")
-                    state.waiting_since = time.monotonic()
+                    self._waiting(state, generation, True)
                     grabbed = reader.grab()
-                    state.waiting_since = None
+                    self._waiting(state, generation, False)
                     if state.generation != generation:
                         break  # replaced while it read
                     if not grabbed:
@@ -325,6 +326,7 @@ class StreamRuntime:
                             self.log(f"stream {state.id} ({spec.text}): frame {index} could not be decoded ({n} so far): {why}")
                         continue
                     failures = 0
+                    state.stalls = 0
                     if not self._put(state, Frame(state.id, index, ts, time.monotonic(), image)):
                         break
                     taken += 1
@@ -332,7 +334,7 @@ class StreamRuntime:
                         self._set_status(state, "ended")
                         return
                 except Exception as e:  # noqa: BLE001  any reader fault: reopen, never crash the run
-                    state.waiting_since = None
+                    self._waiting(state, generation, False)
                     _close(reader)
                     reader = None
                     if state.generation != generation:
@@ -359,27 +361,47 @@ class StreamRuntime:
                         state.status = "stopped"
                     self.cond.notify_all()
 
+    @staticmethod
+    def _waiting(state: StreamState, generation: int, now_waiting: bool) -> None:
+        """Mark (or clear) the current reader's wait in an open or a read; a replaced reader's
+        wait is not the source's any more, and changes nothing."""
+        if state.generation == generation:
+            state.waiting = (generation, time.monotonic()) if now_waiting else None
+
+    def _stall_limit(self, state: StreamState) -> float:
+        # Doubled for each reader replaced since the last frame (at most an hour): a pipeline whose
+        # open never returns gets a handful of replacements an hour, not three a minute.
+        return min(self.options.stall_s * 2 ** state.stalls, 3600.0)
+
+    def _stalled_since(self, state: StreamState, now: float) -> float | None:
+        waiting = state.waiting
+        if (not state.spec.live or state.finished or waiting is None or waiting[0] != state.generation
+                or now - waiting[1] < self._stall_limit(state)):
+            return None
+        return waiting[1]
+
     def _stalled(self, now: float) -> bool:
-        return any(s.spec.live and not s.finished and s.waiting_since is not None
-                   and now - s.waiting_since >= self.options.stall_s for s in self.states)
+        return any(self._stalled_since(s, now) is not None for s in self.states)
 
     def _replace_stalled_readers(self) -> None:
-        """A live source whose reader has waited in one open or read for stall_s gets a new reader
-        thread; the old one is left where it waits (a read cannot be interrupted from outside
-        safely) and leaves when it returns, if ever."""
+        """A live source whose reader has waited in one open or read for its stall limit gets a new
+        reader thread; the old one is left where it waits (a read cannot be interrupted from
+        outside safely) and leaves when it returns, if ever."""
         now = time.monotonic()
         for state in self.states:
-            since = state.waiting_since
-            if not state.spec.live or state.finished or since is None or now - since < self.options.stall_s:
+            since = self._stalled_since(state, now)
+            if since is None:
                 continue
             with self.cond:
                 state.generation += 1
-                state.waiting_since = None
+                state.waiting = None
+                state.stalls += 1
                 state.reconnects += 1
             self._set_status(state, "reconnecting", f"no frame for {now - since:.0f} s; opening it again")
             self._start_reader(state)
 
     def _start_reader(self, state: StreamState) -> None:
+        self._threads = [t for t in self._threads if t.is_alive()]  # replaced readers that left
         thread = threading.Thread(target=self._read_loop, args=(state, state.generation),
                                   name=f"rali-reader-{state.id}.{state.generation}", daemon=True)
         self._threads.append(thread)
@@ -556,8 +578,9 @@ class StreamRuntime:
             stopped_by_request = self.stop.is_set()  # (a natural end never sets it)
         finally:
             self.stop.set()
+            deadline = time.monotonic() + 2.0  # readers stuck in a read are daemons: not waited for
             for thread in self._threads:
-                thread.join(timeout=2.0)  # a reader stuck in a network read is a daemon: not waited for
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
             self._hooks.close()
         for line in self.summary_lines(final=True):
             self.log(line)
