@@ -4,11 +4,12 @@ The server runs as users run it (`python -m rali_edge.cli serve`, default backen
 cache); clients are threads of this process sending one 1 MP JPEG per request (the raw body) over
 keep-alive connections:
 
-1. the ceiling: `Scorer.score_files` over the images in this process (the server stopped meanwhile);
-2. closed loop: 1, 4, 16 and 64 clients, each sending its next request when the last is answered:
-   images/s, p50/p99 latency, mean batch size (from /metrics);
-3. open loop at half the 16 clients' rate: p50/p99 when the server is not saturated;
-4. (--soak N) N requests at 16 clients, the server's RSS sampled: flat after warm-up.
+1. closed loop: 1, 4, 16 and 64 clients, each sending its next request when the last is answered:
+   images/s, p50/p99 latency, mean batch size (from /metrics); `--rounds` rounds, each client
+   count right after a run of the ceiling, `Scorer.score_files` over the same images in this
+   process (the server idle meanwhile), so that both see the same machine; medians of the rounds;
+2. open loop at half the 16 clients' rate: p50/p99 when the server is not saturated;
+3. (--soak N) N requests at 16 clients, the server's RSS sampled: flat after warm-up.
 
     python bench/serve.py --out bench/results/serve-cpu.md                       # the built-in model
     python bench/serve.py --vitl --requests 24 --out bench/results/serve-cpu-vitl.md   # ViT-L/14-336 size
@@ -32,6 +33,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,7 +142,7 @@ def closed_loop(server: Server, bodies: list[bytes], clients: int, requests: int
     wall = time.perf_counter() - start
     sum1, count1 = server.batch_totals()
     return {"clients": clients, "requests": requests, "images_per_s": requests / wall, **_percentiles(latencies),
-            "mean_batch": (sum1 - sum0) / max(count1 - count0, 1)}
+            "mean_batch": (sum1 - sum0) / max(count1 - count0, 1), "latencies": latencies}
 
 
 def open_loop(server: Server, bodies: list[bytes], rate: float, requests: int) -> dict:
@@ -167,8 +169,8 @@ def _percentiles(latencies: list[float]) -> dict:
                                                                                        int(0.99 * len(ordered)))]}
 
 
-def ceiling(model: str, paths: list[Path], cache: Path, repeats: int = 2) -> float:
-    """Images/s of Scorer.score_files over `paths`, as `rali-edge score` runs it (the best of `repeats`)."""
+def ceiling(model: str, paths: list[Path], cache: Path) -> Callable[[], float]:
+    """One run of Scorer.score_files over `paths`, as `rali-edge score` runs it: images/s."""
     os.environ["RALI_EDGE_CACHE"] = str(cache)
     os.environ.pop("RALI_EDGE_BACKEND", None)
     import rali_edge
@@ -176,12 +178,22 @@ def ceiling(model: str, paths: list[Path], cache: Path, repeats: int = 2) -> flo
     scorer = rali_edge.load(model)
     files = [str(p) for p in paths]
     list(scorer.score_files(files[:2]))  # warm
-    best = 0.0
-    for _ in range(repeats):
+
+    def run() -> float:
         start = time.perf_counter()
         list(scorer.score_files(files))
-        best = max(best, len(files) / (time.perf_counter() - start))
-    return best
+        return len(files) / (time.perf_counter() - start)
+
+    return run
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The rounds of one client count: median images/s, the latencies of every round pooled."""
+    latencies = [x for r in runs for x in r.pop("latencies")]
+    return {"clients": runs[0]["clients"], "requests": sum(r["requests"] for r in runs),
+            "images_per_s": statistics.median(r["images_per_s"] for r in runs),
+            "rounds": [round(r["images_per_s"], 2) for r in runs], **_percentiles(latencies),
+            "mean_batch": statistics.mean(r["mean_batch"] for r in runs)}
 
 
 def main() -> int:
@@ -190,6 +202,7 @@ def main() -> int:
     ap.add_argument("--vitl", action="store_true", help="a random ViT-L/14-336 model (bench/e2e.py's) instead")
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--requests", type=int, default=192, help="requests per closed-loop phase")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every client count, each after a ceiling run")
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-delay-ms", type=float, default=10.0)
@@ -209,15 +222,21 @@ def main() -> int:
         paths = one_megapixel_jpegs(tmp, args.images)
         bodies = [p.read_bytes() for p in paths]
         cache = tmp / "engine-cache"
-        ceiling_rate = ceiling(model, paths, cache)
-        print(f"score_files: {ceiling_rate:.2f} images/s", file=sys.stderr)
+        run_ceiling = ceiling(model, paths, cache)
         server = Server(model, cache, args.max_batch, args.max_delay_ms)
-        rows, soak = [], []
+        runs: dict[int, list[dict]] = {}
+        ceiling_runs, soak = [], []
         try:
             Client(server.port).score(bodies[0])  # warm
-            for clients in map(int, args.clients.split(",")):
-                rows.append(closed_loop(server, bodies, clients, args.requests))
-                print(json.dumps(rows[-1]), file=sys.stderr)
+            for _ in range(args.rounds):
+                for clients in map(int, args.clients.split(",")):
+                    ceiling_runs.append(run_ceiling())
+                    runs.setdefault(clients, []).append(closed_loop(server, bodies, clients, args.requests))
+                    print(json.dumps({"score_files": round(ceiling_runs[-1], 2),
+                                      **{k: v for k, v in runs[clients][-1].items() if k != "latencies"}}),
+                          file=sys.stderr)
+            rows = [median_row(r) for r in runs.values()]
+            ceiling_rate = statistics.median(ceiling_runs)
             at16 = next((r for r in rows if r["clients"] == 16), rows[-1])
             half = open_loop(server, bodies, at16["images_per_s"] / 2, max(args.requests // 2, 16))
             print(json.dumps(half), file=sys.stderr)
@@ -232,11 +251,11 @@ def main() -> int:
         finally:
             server.stop()
 
-    report(args, model, ceiling_rate, rows, half, soak)
+    report(args, model, ceiling_rate, ceiling_runs, rows, half, soak)
     return 0
 
 
-def report(args, model, ceiling_rate, rows, half, soak) -> None:
+def report(args, model, ceiling_rate, ceiling_runs, rows, half, soak) -> None:
     import torch
 
     table = ["| clients | images/s | vs score_files | p50 ms | p99 ms | mean batch |", "|---:|---:|---:|---:|---:|---:|"]
@@ -250,7 +269,9 @@ def report(args, model, ceiling_rate, rows, half, soak) -> None:
         f"torch {torch.__version__}; server and clients on this machine.",
         f"- Images: {args.images} JPEGs of 1155 x 866 (1 MP), one per request, as the raw body; "
         f"--max-batch {args.max_batch}, --max-delay-ms {args.max_delay_ms:g}, the default backend.",
-        f"- Ceiling: `Scorer.score_files` over the same files in this process: **{ceiling_rate:.2f} images/s**.", "",
+        f"- Ceiling: `Scorer.score_files` over the same files in this process, run before each client count of "
+        f"each of {args.rounds} rounds: median **{ceiling_rate:.2f} images/s** (runs: "
+        f"{min(ceiling_runs):.1f} to {max(ceiling_runs):.1f}). Rows: medians of the rounds; latencies pooled.", "",
         *table, "",
         f"Open loop at half the 16 clients' rate ({half['rate_per_s']:.2f} requests/s, {half['requests']} requests): "
         f"p50 {half['p50_ms']:.0f} ms, p99 {half['p99_ms']:.0f} ms ({half['p99_ms'] / half['p50_ms']:.2f}x).",
@@ -263,7 +284,7 @@ def report(args, model, ceiling_rate, rows, half, soak) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps({"ceiling": ceiling_rate, "closed": rows, "half": half,
+        args.out.with_suffix(".json").write_text(json.dumps({"ceiling": ceiling_rate, "ceiling_runs": ceiling_runs, "closed": rows, "half": half,
                                                              "soak": soak}, indent=1) + "\n")
 
 

@@ -179,7 +179,8 @@ class Batcher:
             self.metrics.queue_wait.observe(now - item.queued_at)
         loop = asyncio.get_running_loop()
         try:
-            scores = await loop.run_in_executor(self.scorer, self.score_views, np.concatenate([i.views for i in batch]))
+            # stacked in the scoring thread: megabytes of views copied on the event loop would hold up every request
+            scores = await loop.run_in_executor(self.scorer, lambda: self.score_views(np.concatenate([i.views for i in batch])))
         except Exception:  # noqa: BLE001 - one bad image must not fail the others: each alone
             if len(batch) > 1:
                 for item in batch:
@@ -722,5 +723,50 @@ def run(scorer, options: ServeOptions, host: str = "127.0.0.1", port: int = 8000
     server.run()
 
 
+
+# ---------------------------------------------------------------------------------- Ray Serve
+def _replica_app(load_options: dict, options: ServeOptions):
+    """The app one Ray Serve replica runs: the model loaded once, warmed up, and the same routes,
+    limits and batching as `rali-edge serve` in one process (evaluated on the replica)."""
+    from rali_edge.scoring import load
+
+    service = Service(load(**load_options), options)
+    service.warm_up()
+    return create_app(service)
+
+
+def run_on_ray(load_options: dict, options: ServeOptions, address: str, replicas: int, gpus_per_replica: float = 0.0,
+               host: str = "127.0.0.1", port: int = 8000, log: Callable[[str], None] = print) -> None:
+    """The same app as a Ray Serve deployment of `replicas` replicas (each loads the model once;
+    `gpus_per_replica` GPUs each) on the cluster `address` names (rali_edge.distributed.ray_session),
+    served at host:port by Ray Serve's proxy, until SIGTERM or Ctrl-C."""
+    import signal
+    import threading
+
+    from rali_edge.distributed import ray_session
+
+    try:
+        from ray import serve
+    except ImportError:
+        raise MissingDependencyError("serve --ray needs Ray Serve: pip install 'rali-edge[serve,ray]'") from None
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ray_session(address):
+            serve.start(http_options={"host": host, "port": port})
+            def build_app():  # a function (not a partial): Ray Serve runs functions on the replica, as builders
+                return _replica_app(load_options, options)
+
+            deployment = serve.deployment(serve.ingress(build_app)(), name="rali", num_replicas=replicas,
+                                          ray_actor_options={"num_gpus": gpus_per_replica or 0, "num_cpus": 1})
+            serve.run(deployment.bind(), name="rali", route_prefix="/")
+            log(f"serving http://{host}:{port}/ on Ray Serve: {replicas} replicas (SIGTERM or Ctrl-C to stop)")
+            stop.wait()
+            serve.shutdown()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 __all__ = ["API_KEY_ENV", "MODEL_NAME", "Batcher", "HTTPProblem", "ServeOptions", "Service", "check_port", "create_app",
-           "infer_response", "parse_infer", "require_serving", "run"]
+           "infer_response", "parse_infer", "require_serving", "run", "run_on_ray"]

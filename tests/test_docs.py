@@ -76,11 +76,18 @@ def _write_video(path: Path, stills: list[Path], frames_each: int = 5) -> None:
     writer.release()
 
 
+@pytest.fixture(scope="module")
+def engine_cache(tmp_path_factory):
+    """One engine cache for every page, as one user's machine has: what auto measured and built
+    for one page's examples is reused by the next."""
+    return tmp_path_factory.mktemp("engine-cache")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
-def test_every_example_runs(page, tmp_path):
+def test_every_example_runs(page, tmp_path, engine_cache):
     make_workspace(tmp_path)
-    env = {**os.environ, "RALI_EDGE_CACHE": str(tmp_path / ".cache"),
+    env = {**os.environ, "RALI_EDGE_CACHE": str(engine_cache),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RALI_EDGE_BACKEND", None)  # the examples run as users run them: backend auto
     for kind, code in blocks(page):

@@ -6,7 +6,6 @@ own OpenAPI description with schemathesis, time-bounded."""
 
 import asyncio
 import http.client
-import io
 import json
 import os
 import signal
@@ -16,14 +15,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -303,3 +300,73 @@ def test_api_key_urls_and_sigterm(small_model, files, tmp_path):
     finally:
         server.stop()
         static.terminate()
+
+
+def _replica_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "ServeReplica" in title and "rali" in title:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_ray_serve_gives_the_same_scores_and_a_killed_replica_loses_no_acknowledged_request(small_model, files, expected,
+                                                                                           tmp_path):
+    pytest.importorskip("ray.serve")
+    port = free_port()
+    env = {**os.environ, "RALI_EDGE_BACKEND": "torch"}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "serve.log"  # a file, not a pipe: Ray forwards its workers' output, which would fill a pipe
+    process = subprocess.Popen([sys.executable, "-m", "rali_edge.cli", "serve", "--model", str(small_model), "--ray",
+                                "local", "--replicas", "2", "--port", str(port)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    server = Server.__new__(Server)
+    server.port, server.process = port, process
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if server.get("/readyz")[0] == 200 and len(_replica_pids()) == 2:
+                    break
+            except OSError:
+                pass
+            assert process.poll() is None, log.read_text()[-3000:]
+            time.sleep(1)
+        else:
+            pytest.fail(f"Ray Serve never got ready:\n{log.read_text()[-3000:]}")
+        status, results, _ = server.score(files)
+        assert status == 200 and [r["score"] for r in results] == pytest.approx(expected, abs=1e-5)
+
+        answers, killed = [], []
+
+        def client(i):
+            for j in range(12):
+                k = (i + j) % len(files)
+                try:
+                    status, data, _ = server.request("POST", "/score", files[k][1])
+                    answers.append((k, status, json.loads(data) if status == 200 else data[:200]))
+                except (OSError, http.client.HTTPException) as e:  # cut off as the replica died: not acknowledged
+                    answers.append((k, None, str(e)))
+                if i == 0 and j == 3 and not killed:
+                    killed.append(_replica_pids()[0])
+                    os.kill(killed[0], signal.SIGKILL)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert killed and len(answers) == 36  # every client ran to its end
+        acknowledged = [(k, body) for k, status, body in answers if status == 200]
+        for k, body in acknowledged:  # every request answered 200 carries its own image's score
+            assert body[0]["score"] == pytest.approx(expected[k], abs=1e-5)
+        assert len(acknowledged) >= len(answers) // 2 and answers[-1][1] == 200  # and it kept serving
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0

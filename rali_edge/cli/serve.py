@@ -39,8 +39,14 @@ Examples:
               help="Fetch URLs of this scheme that clients send as {\"urls\": [...]} (repeatable; default: none).")
 @click.option("--api-key", envvar="RALI_EDGE_API_KEY", show_envvar=True,
               help="Require Authorization: Bearer KEY on every route but the health checks.")
+@click.option("--ray", "ray_address", metavar="ADDRESS",
+              help="Serve on a Ray cluster with Ray Serve (auto, local, HOST:PORT): the same app in --replicas "
+                   "replicas, each loading the model once.")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1), help="With --ray: replicas.")
+@click.option("--ray-gpus", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="With --ray: GPUs per replica (then --device defaults to cuda).")
 def serve_command(host, port, max_batch, max_delay_ms, max_queue, max_bytes, max_images, read_timeout, allow_urls,
-                  api_key, **model_kwargs):
+                  api_key, ray_address, replicas, ray_gpus, **model_kwargs):
     """Serve quality scores over HTTP: POST /score (multipart files or one image as the body),
     the KServe v2 / Triton HTTP protocol at /v2/models/rali/infer, /healthz, /readyz, /metrics
     (Prometheus) and the OpenAPI description at /openapi.json (/docs to try it).
@@ -51,7 +57,7 @@ def serve_command(host, port, max_batch, max_delay_ms, max_queue, max_bytes, max
     model cannot be loaded, 4 a missing library (pip install 'rali-edge[serve]').
     """
     from rali_edge.cli.common import load_scorer
-    from rali_edge.serving import ServeOptions, check_port, require_serving, run
+    from rali_edge.serving import ServeOptions, check_port, require_serving, run, run_on_ray
 
     require_serving()
     check_port(host, port)  # a busy port: exit 2 now, not after minutes of loading
@@ -60,6 +66,15 @@ def serve_command(host, port, max_batch, max_delay_ms, max_queue, max_bytes, max
                            allow_urls=tuple(s.lower().rstrip(":/") for s in allow_urls), api_key=api_key or None)
     if host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
         click.echo(f"note: serving on {host} without --api-key: anyone who reaches it can use it", err=True)
+    if ray_address:
+        if model_kwargs.get("engine"):
+            raise click.UsageError("--ray builds or reuses engines on each node (backend auto): leave out --engine")
+        device = model_kwargs["device"] if model_kwargs["device"] != "cpu" or not ray_gpus else "cuda"
+        load_options = dict(model=model_kwargs["model"], device=device, dtype=model_kwargs["dtype"],
+                            backend=model_kwargs["backend"], head=model_kwargs["head"], cache=not model_kwargs["no_cache"])
+        run_on_ray(load_options, options, ray_address, replicas, ray_gpus, host, port,
+                   log=lambda line: click.echo(line, err=True))
+        return
     scorer = load_scorer(**model_kwargs, quiet=False)
     # uvicorn takes SIGTERM and SIGINT while it serves, finishes the requests in flight, then raises
     # the signal again: SIGTERM (a service manager stopping it) is then ignored and serve exits 0;
