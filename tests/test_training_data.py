@@ -126,3 +126,21 @@ def test_every_photograph_loads_and_has_a_licence():
         assert name in data.TRAIN_SOURCES
     assert not set(data.NOT_PHOTOGRAPHS) & set(data.TRAIN_SOURCES)
     assert not set(data.HELDOUT_SOURCES) & set(data.TRAIN_SOURCES)
+
+
+def test_native_crops_are_cut_at_the_photographs_own_resolution():
+    y, x = np.mgrid[0:300, 0:400]
+    img = np.stack([y % 256, x % 256, (y // 256) * 16 + x // 256], axis=-1).astype(np.uint8)  # each pixel names its place
+    crop = data.native_crop(img, np.random.default_rng(3), 180)
+    top, left = int(crop[0, 0, 0]) + 256 * (int(crop[0, 0, 2]) // 16), int(crop[0, 0, 1]) + 256 * (int(crop[0, 0, 2]) % 16)
+    assert crop.shape == (180, 180, 3) and np.array_equal(crop, img[top:top + 180, left:left + 180])
+
+
+def test_no_native_fraction_leaves_the_training_stream_as_it_was():
+    for i in range(6):
+        before, after = data.training_sample(0, i, ("coffee",)), data.training_sample(0, i, ("coffee",), native_fraction=0.0)
+        assert np.array_equal(before.image, after.image) and before.label == after.label
+    # All native: photograph crops change (they are no longer resized), dead-leaves ones do not.
+    changed = [not np.array_equal(data.training_sample(0, i, ("coffee",)).image,
+                                  data.training_sample(0, i, ("coffee",), native_fraction=1.0).image) for i in range(12)]
+    assert any(changed)

@@ -93,6 +93,22 @@ def test_within_photo_rank_orders_levels_per_photograph():
     assert noise["a"] == pytest.approx(srcc([0, -1, -2, -3, -4, -5], [5, 1.0, 2.0, 1.5, 0.5, 0.0]))
 
 
+def test_size_bands_split_by_the_long_side_and_the_comparison_keeps_shared_distortions():
+    assert [wp.size_band({"width": w, "height": h}) for w, h in ((451, 300), (999, 1200), (3999, 10), (6028, 3391))] == [
+        "under 1000 px", "1000-3999 px", "1000-3999 px", "4000 px and over"]
+
+    def summary(kinds, by_size):
+        return {"per_distortion": {k: {"within_photo_mean": 0.5, "pooled_srcc": 0.25, "within_photo_by_size": by_size}
+                                   for k in kinds}}
+
+    lines = wp.comparison_lines({"ours": summary(("blur", "noise", "contrast"), {"under 1000 px": 0.9}),
+                                 "PEER": summary(("blur", "noise"), {"under 1000 px": 0.7, "4000 px and over": 0.6})})
+    text = "\n".join(lines)
+    assert "| blur | 0.500 | 0.250 | 0.500 | 0.250 |" in text and "contrast" not in text
+    assert "| blur | under 1000 px | 0.900 | 0.700 |" in text
+    assert "| noise | 4000 px and over | nan | 0.600 |" in text  # a band one scorer has no photograph in
+
+
 def test_evaluate_scores_through_score_files_and_summarises(tiny_set, tmp_path):
     model = make_small_model(tmp_path / "m", native_grid=2)
     summary = wp.evaluate(model, tiny_set, log=lambda _: None)
@@ -105,6 +121,7 @@ def test_evaluate_scores_through_score_files_and_summarises(tiny_set, tmp_path):
         got = summary["per_distortion"][kind]
         assert got["within_photo_mean"] == pytest.approx(np.mean(list(ranks.values())), abs=1e-4)
         assert got["within_photo_min"] == pytest.approx(min(ranks.values()), abs=1e-4)
+        assert got["within_photo_by_size"] == {"under 1000 px": got["within_photo_mean"]}  # both under 1000 px
     assert summary["main_distortions"] == ["blur", "noise"]
     assert summary["photos"] == {"chelsea": "451x300", "coffee": "600x400"}
     text = "\n".join(wp.report_lines(summary))
@@ -165,6 +182,7 @@ def test_peers_score_the_same_files_and_the_comparison_is_printed(tiny_set, tmp_
     assert wp.main(["--model", "default", "--set", str(tiny_set.parent), "--peers", peers_python, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| distortion | rali-edge: within | rali-edge: pooled | BRISQUE: within | BRISQUE: pooled | PIQE: within" in printed
+    assert "| blur | under 1000 px |" in printed
     summary = json.loads(out.read_text())
     for peer in ("brisque", "piqe"):
         blur = summary["peers"][peer]["per_distortion"]["blur"]

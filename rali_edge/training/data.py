@@ -128,15 +128,16 @@ MAX_SHORT_SIDE = 512
 
 
 @lru_cache(maxsize=None)
-def load_source(name: str) -> np.ndarray:
-    """The photograph as an RGB uint8 array (grey ones repeated over three channels)."""
+def load_source(name: str, full_size: bool = False) -> np.ndarray:
+    """The photograph as an RGB uint8 array (grey ones repeated over three channels), the Debian
+    ones shrunk to MAX_SHORT_SIDE unless `full_size`."""
     if name not in SOURCES:
         raise ValueError(f"unknown source image {name!r}; choose one of {', '.join(SOURCES)}")
     package = SOURCES[name].package
     if package in PHOTO_FILES:
         with Image.open(PHOTO_FILES[package](name)) as f:
             photo = f.convert("RGB")
-        if package == "debian" and min(photo.size) > MAX_SHORT_SIDE:
+        if package == "debian" and min(photo.size) > MAX_SHORT_SIDE and not full_size:
             k = MAX_SHORT_SIDE / min(photo.size)
             photo = photo.resize((round(photo.size[0] * k), round(photo.size[1] * k)), Image.Resampling.LANCZOS)
         img = np.asarray(photo)
@@ -264,14 +265,27 @@ def training_source(seed: int, index: int, sources: tuple[str, ...] = TRAIN_SOUR
     return _draw_source(_rng(seed, index), sources)
 
 
-def training_sample(seed: int, index: int, sources: tuple[str, ...] = TRAIN_SOURCES) -> Sample:
-    """Sample `index` of the training stream: a random source, crop, colour, flip, distortion and level."""
+def native_crop(img: np.ndarray, rng: np.random.Generator, work: int) -> np.ndarray:
+    """A random `work` x `work` crop at the photograph's own resolution: the pixels a view of a
+    whole photograph sees, softer than those of a shrunk one."""
+    h, w = img.shape[:2]
+    y, x = rng.integers(0, h - work + 1), rng.integers(0, w - work + 1)
+    return np.ascontiguousarray(img[y : y + work, x : x + work])
+
+
+def training_sample(seed: int, index: int, sources: tuple[str, ...] = TRAIN_SOURCES, native_fraction: float = 0.0) -> Sample:
+    """Sample `index` of the training stream: a random source, crop, colour, flip, distortion and
+    level. A `native_fraction` of the photograph crops are cut at the photograph's full size (the
+    rest from it shrunk to MAX_SHORT_SIDE, as the shipped model was trained); 0 leaves the stream
+    as it was."""
     rng = _rng(seed, index)
     source = _draw_source(rng, sources)
     work = int(rng.integers(WORK_SIZE[0], WORK_SIZE[1] + 1))
     if rng.random() < DEAD_LEAVES_FRACTION:
         palette = load_source(source).reshape(-1, 3)  # the colours of a random training photograph
         clean, source = dead_leaves(work, rng, palette), f"dead_leaves({source} colours)"
+    elif native_fraction > 0 and rng.random() < native_fraction:
+        clean = native_crop(load_source(source, full_size=True), rng, work)
     else:
         clean = random_crop(load_source(source), rng, work)
     clean = normalise_tones(colour_augment(clean, rng), rng)
@@ -310,8 +324,8 @@ def _heldout_job(args) -> list[Sample]:
 
 
 def _training_chunk(args) -> list[Sample]:
-    seed, start, stop = args
-    return [training_sample(seed, i) for i in range(start, stop)]
+    seed, start, stop, native_fraction = args
+    return [training_sample(seed, i, native_fraction=native_fraction) for i in range(start, stop)]
 
 
 def fetch_photos(names: tuple[str, ...] = TRAIN_SOURCES) -> None:
@@ -322,10 +336,10 @@ def fetch_photos(names: tuple[str, ...] = TRAIN_SOURCES) -> None:
             debian_photos.photo_path(name)
 
 
-def training_samples(seed: int, count: int, workers: int = 1, chunk: int = 256) -> list[Sample]:
+def training_samples(seed: int, count: int, workers: int = 1, chunk: int = 256, native_fraction: float = 0.0) -> list[Sample]:
     """`count` training samples; the same list for any number of `workers` (processes)."""
     fetch_photos()
-    jobs = [(seed, start, min(start + chunk, count)) for start in range(0, count, chunk)]
+    jobs = [(seed, start, min(start + chunk, count), native_fraction) for start in range(0, count, chunk)]
     return [s for part in _map(_training_chunk, jobs, workers) for s in part]
 
 

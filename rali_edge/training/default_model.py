@@ -72,6 +72,9 @@ class Recipe:
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: int = 200
+    # The fraction of photograph crops cut at the photograph's full size, not from it shrunk to
+    # data.MAX_SHORT_SIDE (data.training_sample).
+    native_fraction: float = 0.0
     train_prototypes: int = 32  # of the differentiable head used while training the encoder
     class_weight: float = 1.0  # of the cross-entropy on the distortion class (see NUM_CLASSES)
     # Distillation: a trained model's folder whose embeddings of the training crops the encoder
@@ -304,7 +307,8 @@ def evaluate(model_dir: Path, seed: int = Recipe.seed, crops: int = Recipe.heldo
 def load_data(recipe: Recipe, pre: Preprocessor, workers: int, data_cache: Path | None, log):
     """(training pixels uint8 [N, 3, H, W], labels [N], distortion classes [N], held-out samples,
     whether the training data came from `data_cache`)."""
-    cached = data_cache / f"train-v{data.DATA_VERSION}-{recipe.seed}-{recipe.train_samples}.npz" if data_cache else None
+    native = f"-native{recipe.native_fraction:g}" if recipe.native_fraction else ""
+    cached = data_cache / f"train-v{data.DATA_VERSION}-{recipe.seed}-{recipe.train_samples}{native}.npz" if data_cache else None
     from_cache = cached is not None and cached.is_file()
     if from_cache:
         with np.load(cached) as z:
@@ -313,7 +317,8 @@ def load_data(recipe: Recipe, pre: Preprocessor, workers: int, data_cache: Path 
         log(f"training samples read from {cached}")
     else:
         log(f"making {recipe.train_samples} training samples from {', '.join(data.TRAIN_SOURCES)} ({workers} processes)")
-        train_samples = data.training_samples(recipe.seed, recipe.train_samples, workers=workers)
+        train_samples = data.training_samples(recipe.seed, recipe.train_samples, workers=workers,
+                                              native_fraction=recipe.native_fraction)
         train_pixels = to_uint8_pixels(train_samples, pre)
         train_labels = torch.tensor([s.label for s in train_samples], dtype=torch.float32)
         train_classes = torch.tensor([distortion_class(s) for s in train_samples])
@@ -630,6 +635,8 @@ def main(argv=None):
     parser.add_argument("--train-samples", type=int, default=Recipe.train_samples)
     parser.add_argument("--epochs", type=int, default=Recipe.epochs)
     parser.add_argument("--heldout-crops", type=int, default=Recipe.heldout_crops)
+    parser.add_argument("--native-fraction", type=float, default=Recipe.native_fraction,
+                        help="fraction of photograph crops cut at the photograph's full size, not shrunk")
     parser.add_argument("--rewrite-report", action="store_true", help="only rewrite OUT/TRAINING.md from OUT/training.json")
     parser.add_argument("--skip-whole-photos", action="store_true",
                         help="leave out the whole-photograph evaluation (whole_photos.py; its set takes 15 minutes to build once)")
@@ -656,6 +663,7 @@ def main(argv=None):
     if unknown:
         parser.error(f"--encoder: unknown keys {unknown}; known: {sorted(f.name for f in fields(EncoderConfig))}")
     recipe = Recipe(seed=args.seed, train_samples=args.train_samples, epochs=args.epochs, heldout_crops=args.heldout_crops, lr=args.lr,
+                    native_fraction=args.native_fraction,
                     teacher=args.teacher, distill_weight=args.distill_weight, encoder={**Recipe().encoder, **args.encoder})
 
     def log(msg):

@@ -201,6 +201,16 @@ def within_photo_rank(rows: list[dict], scores: list[float], kind: str) -> dict[
             for photo, pairs in by_photo.items() if len(pairs) > 2}
 
 
+# Sizes by the long side, for "at every size": small web pictures, photographs of 1-12 MP, and
+# those of a camera's full size (3, 7 and 5 photographs of the set).
+SIZE_BANDS = ((0, 1000, "under 1000 px"), (1000, 4000, "1000-3999 px"), (4000, 10**9, "4000 px and over"))
+
+
+def size_band(row: dict) -> str:
+    long_side = max(int(row["width"]), int(row["height"]))
+    return next(name for low, high, name in SIZE_BANDS if low <= long_side < high)
+
+
 def summarize(rows: list[dict], scores: list[float]) -> dict:
     kinds = list(dict.fromkeys(r["distortion"] for r in rows if r["distortion"] != "clean"))
     overall = correlations(scores, [r["mos"] for r in rows])
@@ -213,6 +223,7 @@ def summarize(rows: list[dict], scores: list[float]) -> dict:
             "within_photo_min": round(float(min(ranks.values())), 4),
             "pooled_srcc": round(srcc([scores[i] for i in keep], [rows[i]["mos"] for i in keep]), 4),
             "within_photo": {p: round(v, 4) for p, v in ranks.items()},
+            "within_photo_by_size": _mean_by_size(rows, ranks),
         }
     photos = list(dict.fromkeys(r["photo"] for r in rows))
     main = {k: per_kind[k]["within_photo_mean"] for k in MAIN_DISTORTIONS if k in per_kind}
@@ -225,6 +236,15 @@ def summarize(rows: list[dict], scores: list[float]) -> dict:
         "main_mean": round(float(np.mean(list(main.values()))), 4) if main else None,
         "clean_scores": {r["photo"]: round(s, 4) for r, s in zip(rows, scores) if r["distortion"] == "clean"},
     }
+
+
+def _mean_by_size(rows: list[dict], ranks: dict[str, float]) -> dict[str, float]:
+    """Size band -> the mean within-photo rank of its photographs."""
+    band = {r["photo"]: size_band(r) for r in rows}
+    by_size: dict[str, list[float]] = {}
+    for photo, value in ranks.items():
+        by_size.setdefault(band[photo], []).append(value)
+    return {name: round(float(np.mean(by_size[name])), 4) for _, _, name in SIZE_BANDS if name in by_size}
 
 
 def evaluate(model: str | Path | None, labels: Path, batch_size: int = 16, workers: int = 2, log=print) -> dict:
@@ -298,15 +318,25 @@ def peer_scores(rows: list[dict], python: str, workers: int = 2, log=print) -> d
 
 
 def comparison_lines(summaries: dict[str, dict]) -> list[str]:
-    """Markdown: per distortion, the within-photo rank and the pooled SRCC of each scorer."""
+    """Markdown: per distortion the within-photo rank and the pooled SRCC of each scorer, then the
+    within-photo rank per size band; only the distortions every scorer was measured on."""
     names = list(summaries)
-    kinds = list(next(iter(summaries.values()))["per_distortion"])
+    kinds = [k for k in next(iter(summaries.values()))["per_distortion"]
+             if all(k in s["per_distortion"] for s in summaries.values())]
     head = ["| distortion | " + " | ".join(f"{n}: within | {n}: pooled" for n in names) + " |",
             "|---|" + "---:|---:|" * len(names)]
     rows = [f"| {k} | " + " | ".join(f"{s['per_distortion'][k]['within_photo_mean']:.3f} | "
                                      f"{s['per_distortion'][k]['pooled_srcc']:.3f}" for s in summaries.values()) + " |"
             for k in kinds]
-    return head + rows
+    bands = [name for _, _, name in SIZE_BANDS
+             if any(name in s["per_distortion"][k]["within_photo_by_size"] for s in summaries.values() for k in kinds)]
+    by_size = ["", "Within-photo rank by the photograph's long side:", "",
+               "| distortion | size | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for k in kinds:
+        for band in bands:
+            by_size.append(f"| {k} | {band} | " + " | ".join(
+                f"{s['per_distortion'][k]['within_photo_by_size'].get(band, float('nan')):.3f}" for s in summaries.values()) + " |")
+    return head + rows + by_size
 
 
 def credit_lines() -> list[str]:
@@ -343,6 +373,9 @@ def main(argv=None) -> int:
     parser.add_argument("--peers", metavar="PYTHON", default=None,
                         help="also score the same files with BRISQUE and PIQE in PYTHON, an environment with brisque "
                              "and pypiqe (rali_edge/training/peers.py says how to make it), and print the comparison")
+    parser.add_argument("--peer-distortions", default=",".join(MAIN_DISTORTIONS), metavar="LIST",
+                        help="the distortions the peers score, with the clean photographs (comma-separated, or 'all'; "
+                             "default %(default)s: the peers take seconds per large photograph)")
     args = parser.parse_args(argv)
     folder = args.set or default_set_dir()
 
@@ -357,6 +390,9 @@ def main(argv=None) -> int:
     print("\n".join(report_lines(summary)))
     if args.peers:
         rows = read_set(folder / "labels.csv")
+        if args.peer_distortions != "all":
+            kinds = {"clean", *args.peer_distortions.split(",")}
+            rows = [r for r in rows if r["distortion"] in kinds]
         try:
             scores = peer_scores(rows, args.peers, args.workers, log)
         except RaliEdgeError as e:
