@@ -5,6 +5,7 @@ of 0.1-20 MP) is built by the module's CLI; its numbers are in the default model
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -189,3 +190,17 @@ def test_peers_score_the_same_files_and_the_comparison_is_printed(tiny_set, tmp_
         assert -1.0 <= blur["within_photo_mean"] <= 1.0 and set(blur["within_photo"]) == set(TINY)
     # The peers' scores are turned so that higher is better: blur at level 5 ranks below clean.
     assert summary["peers"]["brisque"]["per_distortion"]["blur"]["within_photo_mean"] > 0
+
+    # A second model compared on the same files reuses the peers' scores without running them
+    # (no peers environment needed); a rebuilt file is scored again.
+    cache = tiny_set.parent / "peers-scores.jsonl"
+    assert len(cache.read_text().splitlines()) == len(wp.read_set(tiny_set))
+    again = tmp_path / "again.json"
+    assert wp.main(["--model", "default", "--set", str(tiny_set.parent), "--peers", "/no/such/python", "--json", str(again)]) == 0
+    assert json.loads(again.read_text())["peers"] == summary["peers"]
+    rebuilt = tiny_set.parent / "coffee" / "blur-3.jpg"
+    rebuilt.write_bytes(rebuilt.read_bytes())
+    os.utime(rebuilt, ns=(rebuilt.stat().st_atime_ns, rebuilt.stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    assert wp.main(["--model", "default", "--set", str(tiny_set.parent), "--peers", "/no/such/python"]) == 4
+    assert "the peers could not run in /no/such/python" in capsys.readouterr().err

@@ -293,28 +293,65 @@ def report_lines(summary: dict) -> list[str]:
 PEERS = ("brisque", "piqe")  # lower is better on both: their scores are negated before ranking
 
 
-def peer_scores(rows: list[dict], python: str, workers: int = 2, log=print) -> dict[str, list[float]]:
+def peer_scores(rows: list[dict], python: str, workers: int = 2, log=print, cache: Path | None = None) -> dict[str, list[float]]:
     """{peer: one score per row, higher is better}: rali_edge/training/peers.py run in `python`,
-    an environment with brisque and pypiqe (peers.py says how to make one)."""
+    an environment with brisque and pypiqe (peers.py says how to make one). With `cache` (a JSONL
+    file), files scored before are read from it and new ones added: the peers take seconds per
+    large photograph and their scores do not depend on the model being compared."""
     import subprocess
 
-    worker = Path(__file__).with_name("peers.py")
-    log(f"scoring {len(rows)} files with BRISQUE and PIQE in {python} ({workers} processes; minutes per 100 files)")
-    done = subprocess.run([python, str(worker), "--workers", str(workers)], input="\n".join(r["file"] for r in rows),
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise RaliEdgeError(f"the peers could not run in {python}: {done.stderr.strip().splitlines()[-1:]} "
-                            f"(make it as rali_edge/training/peers.py says)")
-    results = {r["path"]: r for r in map(json.loads, done.stdout.splitlines())}
+    known = _read_peer_cache(cache)
+    todo = [row["file"] for row in rows if _peer_key(row["file"]) not in known]
+    if todo:
+        worker = Path(__file__).with_name("peers.py")
+        log(f"scoring {len(todo)} files with BRISQUE and PIQE in {python} ({workers} processes; minutes per 100 files)")
+        try:
+            done = subprocess.run([python, str(worker), "--workers", str(workers)], input="\n".join(todo),
+                                  capture_output=True, text=True)
+            problem = done.stderr.strip().splitlines()[-1:] if done.returncode else None
+        except OSError as e:
+            problem = e.strerror or str(e)
+        if problem:
+            raise RaliEdgeError(f"the peers could not run in {python}: {problem} "
+                                f"(make it as rali_edge/training/peers.py says)")
+        fresh = [json.loads(line) for line in done.stdout.splitlines()]
+        for result in fresh:
+            known[_peer_key(result["path"])] = result
+        if cache is not None:
+            with open(cache, "a") as f:
+                f.writelines(json.dumps({**r, "key": list(_peer_key(r["path"]))}) + "\n" for r in fresh
+                             if all(r[peer] is not None for peer in PEERS))
+    else:
+        log(f"BRISQUE and PIQE scores of all {len(rows)} files read from {cache}")
     out = {}
     for peer in PEERS:
-        values = [results[row["file"]][peer] for row in rows]
+        values = [known[_peer_key(row["file"])][peer] for row in rows]
         failed = [row["file"] for row, v in zip(rows, values) if v is None]
         if failed:
             raise RaliEdgeError(f"{peer} failed on {len(failed)} files, e.g. {failed[0]}: "
-                                f"{results[failed[0]].get(peer + '_error')}")
+                                f"{known[_peer_key(failed[0])].get(peer + '_error')}")
         out[peer] = [-v for v in values]
     return out
+
+
+def _peer_key(path: str) -> tuple:
+    """A file as the peers' cache knows it: its path, size and modification time (a rebuilt file
+    is scored again)."""
+    st = os.stat(path)
+    return (str(path), st.st_size, st.st_mtime_ns)
+
+
+def _read_peer_cache(cache: Path | None) -> dict:
+    if cache is None or not cache.is_file():
+        return {}
+    known = {}
+    for line in cache.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+            known[tuple(entry["key"])] = entry
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a killed run: that file is scored again
+    return known
 
 
 def comparison_lines(summaries: dict[str, dict]) -> list[str]:
@@ -372,7 +409,8 @@ def main(argv=None) -> int:
                         help="store the results in MODEL_DIR/training.json and rewrite MODEL_DIR/TRAINING.md")
     parser.add_argument("--peers", metavar="PYTHON", default=None,
                         help="also score the same files with BRISQUE and PIQE in PYTHON, an environment with brisque "
-                             "and pypiqe (rali_edge/training/peers.py says how to make it), and print the comparison")
+                             "and pypiqe (rali_edge/training/peers.py says how to make it), and print the comparison; "
+                             "their scores are kept in the set's peers-scores.jsonl for the next model compared")
     parser.add_argument("--peer-distortions", default=",".join(MAIN_DISTORTIONS), metavar="LIST",
                         help="the distortions the peers score, with the clean photographs (comma-separated, or 'all'; "
                              "default %(default)s: the peers take seconds per large photograph)")
@@ -394,7 +432,7 @@ def main(argv=None) -> int:
             kinds = {"clean", *args.peer_distortions.split(",")}
             rows = [r for r in rows if r["distortion"] in kinds]
         try:
-            scores = peer_scores(rows, args.peers, args.workers, log)
+            scores = peer_scores(rows, args.peers, args.workers, log, cache=folder / "peers-scores.jsonl")
         except RaliEdgeError as e:
             print(f"error: {e}", file=sys.stderr)
             return 4
