@@ -107,7 +107,7 @@ def test_size_bands_split_by_the_long_side_and_the_comparison_keeps_shared_disto
     text = "\n".join(lines)
     assert "| blur | 0.500 | 0.250 | 0.500 | 0.250 |" in text and "contrast" not in text
     assert "| blur | under 1000 px | 0.900 | 0.700 |" in text
-    assert "| noise | 4000 px and over | nan | 0.600 |" in text  # a band one scorer has no photograph in
+    assert "| noise | 4000 px and over | - | 0.600 |" in text  # a band one scorer has no photograph in
 
 
 def test_evaluate_scores_through_score_files_and_summarises(tiny_set, tmp_path):
@@ -170,7 +170,7 @@ def peers_python(tmp_path_factory):
 
     venv = tmp_path_factory.mktemp("peers") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    done = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "brisque==0.2.0", "libsvm-official", "pypiqe",
+    done = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "brisque==0.2.0", "libsvm-official", "pypiqe==1.2",
                            "numpy<2.4", "opencv-python-headless", "pillow"], capture_output=True, text=True, timeout=900)
     if done.returncode:
         pytest.skip(f"could not install brisque and pypiqe: {done.stderr.strip().splitlines()[-1:]}")
@@ -191,16 +191,83 @@ def test_peers_score_the_same_files_and_the_comparison_is_printed(tiny_set, tmp_
     # The peers' scores are turned so that higher is better: blur at level 5 ranks below clean.
     assert summary["peers"]["brisque"]["per_distortion"]["blur"]["within_photo_mean"] > 0
 
-    # A second model compared on the same files reuses the peers' scores without running them
-    # (no peers environment needed); a rebuilt file is scored again.
-    cache = tiny_set.parent / "peers-scores.jsonl"
-    assert len(cache.read_text().splitlines()) == len(wp.read_set(tiny_set))
+    # The scores are kept in the set for this environment: a second model compared reuses them.
+    assert len(next(tiny_set.parent.glob("peers-scores-*.jsonl")).read_text().splitlines()) == len(wp.read_set(tiny_set))
     again = tmp_path / "again.json"
-    assert wp.main(["--model", "default", "--set", str(tiny_set.parent), "--peers", "/no/such/python", "--json", str(again)]) == 0
+    assert wp.main(["--model", "default", "--set", str(tiny_set.parent), "--peers", peers_python, "--json", str(again)]) == 0
+    assert "BRISQUE and PIQE scores of all" in capsys.readouterr().err
     assert json.loads(again.read_text())["peers"] == summary["peers"]
-    rebuilt = tiny_set.parent / "coffee" / "blur-3.jpg"
-    rebuilt.write_bytes(rebuilt.read_bytes())
+
+
+STUB_PEERS = """#!/bin/sh
+# A stand-in for the peers' interpreter, to test what whole_photos does with its answers: the
+# real peers run in the slow test above. $2 is peers.py's first argument.
+echo "$*" >> "$STUB_CALLS"
+if [ "$2" = "--versions" ]; then echo "${STUB_VERSIONS:-stub 1}" | sed 's/.*/{"brisque": "&"}/'; exit 0; fi
+if [ -n "$STUB_EXIT" ]; then exit "$STUB_EXIT"; fi
+while read -r path; do
+  [ -n "$path" ] && echo "{\\"path\\": \\"$path\\", \\"brisque\\": $(wc -c < "$path"), \\"piqe\\": 1.5}"
+done
+"""
+
+
+@pytest.fixture
+def stub_peers(tmp_path, monkeypatch):
+    stub = tmp_path / "stub-python"
+    stub.write_text(STUB_PEERS)
+    stub.chmod(0o755)
+    calls = tmp_path / "calls"
+    monkeypatch.setenv("STUB_CALLS", str(calls))
+    return stub, calls
+
+
+def scoring_calls(calls) -> int:
+    return sum("--workers" in line for line in calls.read_text().splitlines()) if calls.exists() else 0
+
+
+def test_peer_scores_are_kept_per_file_and_environment_and_reused(tiny_set, tmp_path, stub_peers, monkeypatch):
+    stub, calls = stub_peers
+    set_dir = tmp_path / "set"
+    shutil.copytree(tiny_set.parent, set_dir)
+    for old in set_dir.glob("peers-scores-*"):
+        old.unlink()
+    rows = wp.read_set(set_dir / "labels.csv")
+    first = wp.peer_scores(rows, str(stub), log=lambda _: None, cache_dir=set_dir)
+    assert first["brisque"] == [-float(os.path.getsize(r["file"])) for r in rows]  # negated: higher is better
+    assert scoring_calls(calls) == 1
+    # Reused: nothing scored again, also from the set moved elsewhere.
+    moved = tmp_path / "moved"
+    set_dir.rename(moved)
+    assert wp.peer_scores(wp.read_set(moved / "labels.csv"), str(stub), log=lambda _: None, cache_dir=moved) == first
+    assert scoring_calls(calls) == 1
+    # A rebuilt file is scored again, alone; a cache line of another shape is ignored.
+    rebuilt = moved / "coffee" / "blur-3.jpg"
     os.utime(rebuilt, ns=(rebuilt.stat().st_atime_ns, rebuilt.stat().st_mtime_ns + 10**9))
-    capsys.readouterr()
-    assert wp.main(["--model", "default", "--set", str(tiny_set.parent), "--peers", "/no/such/python"]) == 4
-    assert "the peers could not run in /no/such/python" in capsys.readouterr().err
+    cache = next(moved.glob("peers-scores-*.jsonl"))
+    with open(cache, "a") as f:
+        f.write('{"key": ["coffee/blur-4.jpg", 1, 2], "brisque": "x"}\n{"path": "cut sh')
+    log = []
+    wp.peer_scores(wp.read_set(moved / "labels.csv"), str(stub), log=log.append, cache_dir=moved)
+    assert scoring_calls(calls) == 2 and "scoring 1 files" in log[0]
+    # Another peers environment does not reuse them.
+    monkeypatch.setenv("STUB_VERSIONS", "0.3.0")
+    wp.peer_scores(wp.read_set(moved / "labels.csv"), str(stub), log=lambda _: None, cache_dir=moved)
+    assert scoring_calls(calls) == 3 and len(list(moved.glob("peers-scores-*.jsonl"))) == 2
+
+
+def test_peers_that_fail_or_are_missing_are_one_line_and_exit_4(tiny_set, stub_peers, monkeypatch, capsys):
+    stub, _ = stub_peers
+    monkeypatch.setenv("STUB_EXIT", "3")  # killed with nothing on stderr
+    monkeypatch.setenv("STUB_VERSIONS", "failing")
+    args = ["--model", "default", "--set", str(tiny_set.parent)]
+    assert wp.main([*args, "--peers", str(stub)]) == 4
+    assert "the peers could not run in" in capsys.readouterr().err.splitlines()[-1]
+    assert wp.main([*args, "--peers", "/no/such/python"]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: the peers could not run in /no/such/python") and "Traceback" not in "\n".join(err)
+
+
+def test_unknown_peer_distortions_are_refused_before_scoring(capsys):
+    with pytest.raises(SystemExit) as e:
+        wp.main(["--peers", "x", "--peer-distortions", "blur,jpg"])
+    assert e.value.code == 2 and "unknown jpg" in capsys.readouterr().err

@@ -659,6 +659,8 @@ def main(argv=None):
     if args.rewrite_report:
         write_report(json.loads((args.out / "training.json").read_text()), report)
         return 0
+    if not 0 <= args.native_fraction <= 1:
+        parser.error(f"--native-fraction: {args.native_fraction} is not between 0 and 1")
     unknown = sorted(set(args.encoder) - {f.name for f in fields(EncoderConfig)})
     if unknown:
         parser.error(f"--encoder: unknown keys {unknown}; known: {sorted(f.name for f in fields(EncoderConfig))}")

@@ -5,11 +5,13 @@ Run by `python -m rali_edge.training.whole_photos --peers PYTHON` in PYTHON, an 
 its own (they are evaluation tools, never rali-edge's dependencies; brisque fails on numpy 2.4):
 
     python3 -m venv ~/peers
-    ~/peers/bin/pip install brisque==0.2.0 libsvm-official pypiqe 'numpy<2.4' opencv-python-headless pillow
+    ~/peers/bin/pip install brisque==0.2.0 libsvm-official pypiqe==1.2 'numpy<2.4' opencv-python-headless pillow
 
 This file imports nothing of rali_edge: it reads file paths on stdin, one per line, and writes one
 JSON object per line, {"path", "brisque", "piqe"}, both on their own scales where lower is better
-(null where a metric failed on a file). --workers processes share the files.
+(null where a metric failed on a file). --workers processes share the files. --versions prints
+the versions of the packages that make the scores, so that scores kept from another environment
+are not reused.
 """
 
 import json
@@ -42,7 +44,22 @@ def _scores(path: str) -> dict:
     return out
 
 
+def versions() -> dict:
+    from importlib import metadata
+
+    found = {}
+    for package in ("brisque", "pypiqe", "libsvm-official", "numpy", "opencv-python-headless", "opencv-python", "pillow"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
 def main() -> int:
+    if "--versions" in sys.argv:
+        print(json.dumps(versions()))
+        return 0
     workers = int(sys.argv[sys.argv.index("--workers") + 1]) if "--workers" in sys.argv else 1
     paths = [line.strip() for line in sys.stdin if line.strip()]
     with ProcessPoolExecutor(workers) as pool:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import sys
@@ -201,8 +202,8 @@ def within_photo_rank(rows: list[dict], scores: list[float], kind: str) -> dict[
             for photo, pairs in by_photo.items() if len(pairs) > 2}
 
 
-# Sizes by the long side, for "at every size": small web pictures, photographs of 1-12 MP, and
-# those of a camera's full size (3, 7 and 5 photographs of the set).
+# Sizes by the long side: web pictures, photographs of a few megapixels (screens, phones' reduced
+# sizes), and those at a camera's full size; a model may rank one well and another badly.
 SIZE_BANDS = ((0, 1000, "under 1000 px"), (1000, 4000, "1000-3999 px"), (4000, 10**9, "4000 px and over"))
 
 
@@ -293,52 +294,97 @@ def report_lines(summary: dict) -> list[str]:
 PEERS = ("brisque", "piqe")  # lower is better on both: their scores are negated before ranking
 
 
-def peer_scores(rows: list[dict], python: str, workers: int = 2, log=print, cache: Path | None = None) -> dict[str, list[float]]:
+def peer_scores(rows: list[dict], python: str, workers: int = 2, log=print,
+                cache_dir: Path | None = None) -> dict[str, list[float]]:
     """{peer: one score per row, higher is better}: rali_edge/training/peers.py run in `python`,
-    an environment with brisque and pypiqe (peers.py says how to make one). With `cache` (a JSONL
-    file), files scored before are read from it and new ones added: the peers take seconds per
-    large photograph and their scores do not depend on the model being compared."""
-    import subprocess
-
+    an environment with brisque and pypiqe (peers.py says how to make one). With `cache_dir` (the
+    set's folder), scores are kept there per file, one file per peers environment, as each file is
+    scored: the peers take seconds per large photograph, a run stopped halfway keeps what it did,
+    and another model compared on the same set reuses them (they do not depend on the model)."""
+    versions = _peer_versions(python)
+    cache = cache_dir / f"peers-scores-{hashlib.sha256(json.dumps(versions, sort_keys=True).encode()).hexdigest()[:12]}.jsonl" \
+        if cache_dir is not None else None
     known = _read_peer_cache(cache)
-    todo = [row["file"] for row in rows if _peer_key(row["file"]) not in known]
+    keys = {row["file"]: _peer_key(row) for row in rows}
+    todo = [row["file"] for row in rows if keys[row["file"]] not in known]
     if todo:
-        worker = Path(__file__).with_name("peers.py")
         log(f"scoring {len(todo)} files with BRISQUE and PIQE in {python} ({workers} processes; minutes per 100 files)")
-        try:
-            done = subprocess.run([python, str(worker), "--workers", str(workers)], input="\n".join(todo),
-                                  capture_output=True, text=True)
-            problem = done.stderr.strip().splitlines()[-1:] if done.returncode else None
-        except OSError as e:
-            problem = e.strerror or str(e)
-        if problem:
-            raise RaliEdgeError(f"the peers could not run in {python}: {problem} "
-                                f"(make it as rali_edge/training/peers.py says)")
-        fresh = [json.loads(line) for line in done.stdout.splitlines()]
-        for result in fresh:
-            known[_peer_key(result["path"])] = result
-        if cache is not None:
-            with open(cache, "a") as f:
-                f.writelines(json.dumps({**r, "key": list(_peer_key(r["path"]))}) + "\n" for r in fresh
-                             if all(r[peer] is not None for peer in PEERS))
-    else:
+        for result in _run_peers(python, todo, workers):
+            entry = {**result, "key": list(keys[result["path"]]), "versions": versions}
+            known[keys[result["path"]]] = entry
+            if cache is not None and _complete(entry):
+                with open(cache, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+    elif rows:
         log(f"BRISQUE and PIQE scores of all {len(rows)} files read from {cache}")
     out = {}
     for peer in PEERS:
-        values = [known[_peer_key(row["file"])][peer] for row in rows]
+        values = [known[keys[row["file"]]][peer] for row in rows]
         failed = [row["file"] for row, v in zip(rows, values) if v is None]
         if failed:
             raise RaliEdgeError(f"{peer} failed on {len(failed)} files, e.g. {failed[0]}: "
-                                f"{known[_peer_key(failed[0])].get(peer + '_error')}")
+                                f"{known[keys[failed[0]]].get(peer + '_error')}")
         out[peer] = [-v for v in values]
     return out
 
 
-def _peer_key(path: str) -> tuple:
-    """A file as the peers' cache knows it: its path, size and modification time (a rebuilt file
-    is scored again)."""
-    st = os.stat(path)
-    return (str(path), st.st_size, st.st_mtime_ns)
+def _peers_failed(python: str, problem: str) -> RaliEdgeError:
+    return RaliEdgeError(f"the peers could not run in {python}: {problem} (make it as rali_edge/training/peers.py says)")
+
+
+def _peer_versions(python: str) -> dict:
+    """The peers environment's package versions (peers.py --versions): scores made by another
+    environment are not reused."""
+    import subprocess
+
+    worker = Path(__file__).with_name("peers.py")
+    try:
+        done = subprocess.run([python, str(worker), "--versions"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise _peers_failed(python, getattr(e, "strerror", None) or str(e)) from None
+    try:
+        versions = json.loads(done.stdout) if done.returncode == 0 else None
+    except ValueError:
+        versions = None
+    if not isinstance(versions, dict):
+        raise _peers_failed(python, (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1])
+    return versions
+
+
+def _run_peers(python: str, files: list[str], workers: int):
+    """peers.py's results, {"path", "brisque", "piqe"}, as each file is scored."""
+    import subprocess
+    import tempfile
+
+    worker = Path(__file__).with_name("peers.py")
+    with tempfile.TemporaryFile("w+") as errors:
+        try:
+            proc = subprocess.Popen([python, str(worker), "--workers", str(workers)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=errors, text=True)
+        except OSError as e:
+            raise _peers_failed(python, e.strerror or str(e)) from None
+        with proc:
+            proc.stdin.write("\n".join(files) + "\n")  # peers.py reads every path before it writes
+            proc.stdin.close()
+            for line in proc.stdout:
+                yield json.loads(line)
+        if proc.returncode:
+            errors.seek(0)
+            raise _peers_failed(python, (errors.read().strip().splitlines() or [f"exit status {proc.returncode}"])[-1])
+
+
+def _peer_key(row: dict) -> tuple:
+    """A file as the peers' cache knows it: its path inside the set, size and modification time
+    (a rebuilt file is scored again; a set moved elsewhere keeps its scores)."""
+    try:
+        st = os.stat(row["file"])
+    except OSError as e:
+        raise RaliEdgeError(f"{row['file']}: {e.strerror}; rebuild the set") from None
+    return (row["path"], st.st_size, st.st_mtime_ns)
+
+
+def _complete(entry: dict) -> bool:
+    return all(isinstance(entry.get(peer), (int, float)) for peer in PEERS)
 
 
 def _read_peer_cache(cache: Path | None) -> dict:
@@ -348,9 +394,10 @@ def _read_peer_cache(cache: Path | None) -> dict:
     for line in cache.read_text().splitlines():
         try:
             entry = json.loads(line)
-            known[tuple(entry["key"])] = entry
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by a killed run: that file is scored again
+            if _complete(entry):
+                known[tuple(entry["key"])] = entry
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # a line cut short by a killed run, or of another shape: that file is scored again
     return known
 
 
@@ -372,8 +419,12 @@ def comparison_lines(summaries: dict[str, dict]) -> list[str]:
     for k in kinds:
         for band in bands:
             by_size.append(f"| {k} | {band} | " + " | ".join(
-                f"{s['per_distortion'][k]['within_photo_by_size'].get(band, float('nan')):.3f}" for s in summaries.values()) + " |")
+                _cell(s["per_distortion"][k]["within_photo_by_size"].get(band)) for s in summaries.values()) + " |")
     return head + rows + by_size
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"  # "-": no photograph of that size
 
 
 def credit_lines() -> list[str]:
@@ -410,12 +461,16 @@ def main(argv=None) -> int:
     parser.add_argument("--peers", metavar="PYTHON", default=None,
                         help="also score the same files with BRISQUE and PIQE in PYTHON, an environment with brisque "
                              "and pypiqe (rali_edge/training/peers.py says how to make it), and print the comparison; "
-                             "their scores are kept in the set's peers-scores.jsonl for the next model compared")
+                             "their scores are kept in the set for the next model compared")
     parser.add_argument("--peer-distortions", default=",".join(MAIN_DISTORTIONS), metavar="LIST",
                         help="the distortions the peers score, with the clean photographs (comma-separated, or 'all'; "
                              "default %(default)s: the peers take seconds per large photograph)")
     args = parser.parse_args(argv)
     folder = args.set or default_set_dir()
+    peer_kinds = list(DISTORTIONS) if args.peer_distortions == "all" else args.peer_distortions.split(",")
+    unknown = [k for k in peer_kinds if k not in DISTORTIONS]
+    if unknown:
+        parser.error(f"--peer-distortions: unknown {', '.join(unknown)}; choose among {', '.join(DISTORTIONS)}, or all")
 
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -428,11 +483,9 @@ def main(argv=None) -> int:
     print("\n".join(report_lines(summary)))
     if args.peers:
         rows = read_set(folder / "labels.csv")
-        if args.peer_distortions != "all":
-            kinds = {"clean", *args.peer_distortions.split(",")}
-            rows = [r for r in rows if r["distortion"] in kinds]
+        rows = [r for r in rows if r["distortion"] in ("clean", *peer_kinds)]
         try:
-            scores = peer_scores(rows, args.peers, args.workers, log, cache=folder / "peers-scores.jsonl")
+            scores = peer_scores(rows, args.peers, args.workers, log, cache_dir=folder)
         except RaliEdgeError as e:
             print(f"error: {e}", file=sys.stderr)
             return 4
