@@ -270,7 +270,7 @@ def report(args, model, ceiling_rate, ceiling_runs, rows, half, soak) -> None:
         f"- Images: {args.images} JPEGs of 1155 x 866 (1 MP), one per request, as the raw body; "
         f"--max-batch {args.max_batch}, --max-delay-ms {args.max_delay_ms:g}, the default backend.",
         f"- Ceiling: `Scorer.score_files` over the same files in this process, run before each client count of "
-        f"each of {args.rounds} round{"s" if args.rounds != 1 else ""}: median **{ceiling_rate:.2f} images/s** (runs: "
+        f"each of {args.rounds} round{'s' if args.rounds != 1 else ''}: median **{ceiling_rate:.2f} images/s** (runs: "
         f"{min(ceiling_runs):.1f} to {max(ceiling_runs):.1f}). Rows: medians of the rounds; latencies pooled.", "",
         *table, "",
         f"Open loop at half the 16 clients' rate ({half['rate_per_s']:.2f} requests/s, {half['requests']} requests): "
