@@ -205,6 +205,7 @@ STUB_PEERS = """#!/bin/sh
 echo "$*" >> "$STUB_CALLS"
 if [ "$2" = "--versions" ]; then echo "${STUB_VERSIONS:-stub 1}" | sed 's/.*/{"brisque": "&"}/'; exit 0; fi
 if [ -n "$STUB_EXIT" ]; then exit "$STUB_EXIT"; fi
+if [ -n "$STUB_SKIP" ]; then read -r skipped; echo "a library's warning on standard output"; fi
 while read -r path; do
   [ -n "$path" ] && echo "{\\"path\\": \\"$path\\", \\"brisque\\": $(wc -c < "$path"), \\"piqe\\": 1.5}"
 done
@@ -262,6 +263,10 @@ def test_peers_that_fail_or_are_missing_are_one_line_and_exit_4(tiny_set, stub_p
     args = ["--model", "default", "--set", str(tiny_set.parent)]
     assert wp.main([*args, "--peers", str(stub)]) == 4
     assert "the peers could not run in" in capsys.readouterr().err.splitlines()[-1]
+    monkeypatch.delenv("STUB_EXIT")
+    monkeypatch.setenv("STUB_SKIP", "1")  # a file without an answer, and a line that is not one
+    assert wp.main([*args, "--peers", str(stub)]) == 4
+    assert "failed on 1 files" in capsys.readouterr().err.splitlines()[-1]
     assert wp.main([*args, "--peers", "/no/such/python"]) == 4
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: the peers could not run in /no/such/python") and "Traceback" not in "\n".join(err)

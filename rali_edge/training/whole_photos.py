@@ -319,11 +319,11 @@ def peer_scores(rows: list[dict], python: str, workers: int = 2, log=print,
         log(f"BRISQUE and PIQE scores of all {len(rows)} files read from {cache}")
     out = {}
     for peer in PEERS:
-        values = [known[keys[row["file"]]][peer] for row in rows]
+        values = [known.get(keys[row["file"]], {}).get(peer) for row in rows]
         failed = [row["file"] for row, v in zip(rows, values) if v is None]
         if failed:
-            raise RaliEdgeError(f"{peer} failed on {len(failed)} files, e.g. {failed[0]}: "
-                                f"{known[keys[failed[0]]].get(peer + '_error')}")
+            why = known.get(keys[failed[0]], {}).get(peer + "_error", "no answer from peers.py")
+            raise RaliEdgeError(f"{peer} failed on {len(failed)} files, e.g. {failed[0]}: {why}")
         out[peer] = [-v for v in values]
     return out
 
@@ -367,7 +367,10 @@ def _run_peers(python: str, files: list[str], workers: int):
             proc.stdin.write("\n".join(files) + "\n")  # peers.py reads every path before it writes
             proc.stdin.close()
             for line in proc.stdout:
-                yield json.loads(line)
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    continue  # something a library printed: that file, if any, has no score and is reported
         if proc.returncode:
             errors.seek(0)
             raise _peers_failed(python, (errors.read().strip().splitlines() or [f"exit status {proc.returncode}"])[-1])
