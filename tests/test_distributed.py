@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -21,6 +20,7 @@ pytest.importorskip("ray.data")
 import rali_edge  # noqa: E402
 from rali_edge.cli import main  # noqa: E402
 from rali_edge.distributed import score_dataset, score_paths  # noqa: E402
+from processes import pids_with  # noqa: E402
 
 ACTOR_TITLE = "_ScoreActor"  # in the scoring actors' process titles (ray::MapWorker(MapBatches(_ScoreActor)))
 
@@ -66,16 +66,7 @@ def test_same_scores_as_the_local_path_and_bad_files_as_error_rows(cluster, smal
 
 
 def _actor_pids() -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                title = (entry / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if ACTOR_TITLE in title and "MapWorker" in title:
-                pids.append(int(entry.name))
-    return pids
+    return pids_with(ACTOR_TITLE, "MapWorker")
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from rali_edge.serving import Batcher, HTTPProblem, Metrics, ServeOptions  # noqa: E402
+from processes import pids_with  # noqa: E402
 
 
 def free_port() -> int:
@@ -303,16 +304,7 @@ def test_api_key_urls_and_sigterm(small_model, files, tmp_path):
 
 
 def _replica_pids() -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                title = (entry / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if "ServeReplica" in title and "rali" in title:
-                pids.append(int(entry.name))
-    return pids
+    return pids_with("ServeReplica", "rali")
 
 
 @pytest.mark.slow
