@@ -68,6 +68,10 @@ class PreprocessConfig:
     # over it: noise and compression artefacts survive there, where a 5-25x shrink erases them.
     native_grid: int = 0
     resized_view: bool = True
+    # The native views' corners are moved up and left to multiples of this (1: where the grid
+    # puts them). 16 puts a JPEG's 8 x 8 blocks and 16 x 16 colour blocks, which start at the
+    # image's corner, at the same places in every view and in every patch of a 16-pixel ViT.
+    native_align: int = 1
 
     def __post_init__(self):
         self.mean, self.std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
@@ -80,6 +84,8 @@ class PreprocessConfig:
             problems.append("std must not be 0")
         if self.native_grid < 0 or (self.native_grid == 0 and not self.resized_view):
             problems.append("the model needs at least one view (native_grid >= 1 or resized_view)")
+        if self.native_align < 1:
+            problems.append("native_align must be at least 1")
         if self.resample not in {int(r) for r in Image.Resampling}:
             problems.append(f"unknown resample filter {self.resample}")
         if problems:
@@ -198,7 +204,7 @@ class Preprocessor:
             img = np.asarray(img) if is_array else img
             h, w = size[1], size[0]
         crops = []
-        for top, left in grid_origins((h, w), (ch, cw), g):
+        for top, left in grid_origins((h, w), (ch, cw), g, self.config.native_align):
             crops.append(img[top : top + ch, left : left + cw] if is_array else img.crop((left, top, left + cw, top + ch)))
         return crops
 
@@ -339,12 +345,13 @@ def rescale_normalize_lut(c: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def grid_origins(size: tuple[int, int], crop: tuple[int, int], g: int) -> list[tuple[int, int]]:
+def grid_origins(size: tuple[int, int], crop: tuple[int, int], g: int, align: int = 1) -> list[tuple[int, int]]:
     """(top, left) of g x g crops centred on the cells of a g x g grid over `size`, row by row,
-    clamped inside the image (which must be at least the crop's size)."""
+    clamped inside the image (which must be at least the crop's size), then moved up and left to
+    multiples of `align`."""
     (h, w), (ch, cw) = size, crop
-    tops = [min(max(round((i + 0.5) * h / g - ch / 2), 0), h - ch) for i in range(g)]
-    lefts = [min(max(round((j + 0.5) * w / g - cw / 2), 0), w - cw) for j in range(g)]
+    tops = [min(max(round((i + 0.5) * h / g - ch / 2), 0), h - ch) // align * align for i in range(g)]
+    lefts = [min(max(round((j + 0.5) * w / g - cw / 2), 0), w - cw) // align * align for j in range(g)]
     return [(t, l) for t in tops for l in lefts]
 
 

@@ -27,6 +27,19 @@ def test_grid_origins_spread_and_clamped():
     assert all(0 <= t <= 4 and 0 <= l <= 4 for t, l in grid_origins((60, 60), (56, 56), 3))
 
 
+def test_aligned_views_move_up_and_left_to_the_block_grid():
+    plain, aligned = grid_origins((1000, 1500), (128, 128), 4), grid_origins((1000, 1500), (128, 128), 4, align=16)
+    for (t, l), (ta, la) in zip(plain, aligned):
+        assert ta % 16 == 0 and la % 16 == 0 and 0 <= t - ta < 16 and 0 <= l - la < 16
+    cfg = PreprocessConfig(resize_shortest_edge=56, crop_height=56, crop_width=56, native_grid=3, resized_view=False,
+                           native_align=16)
+    img = _photo(200, 300)
+    for view, (t, l) in zip(Preprocessor(cfg).native_crops(img), grid_origins((200, 300), (56, 56), 3, 16)):
+        np.testing.assert_array_equal(view, img[t : t + 56, l : l + 56])
+    with pytest.raises(ModelFormatError, match="native_align"):
+        PreprocessConfig(native_grid=2, native_align=0)
+
+
 def test_views_are_native_crops_then_resized_view():
     cfg = PreprocessConfig(resize_shortest_edge=56, crop_height=56, crop_width=56, native_grid=2)
     pre, plain = Preprocessor(cfg), Preprocessor(PreprocessConfig(resize_shortest_edge=56, crop_height=56, crop_width=56))
