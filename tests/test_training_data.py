@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from rali_edge.distortions import DISTORTIONS
 from rali_edge.training import data
 
 
@@ -154,3 +155,24 @@ def test_no_native_fraction_leaves_the_training_stream_as_it_was():
     for i in range(12):
         before, native = data.training_sample(0, i, ("coffee",)), data.training_sample(0, i, ("coffee",), native_fraction=1.0)
         assert np.array_equal(before.image, native.image) == before.source.startswith("dead_leaves")
+
+
+def test_a_group_is_one_crop_and_its_five_levels_of_one_distortion():
+    groups = data.training_groups(0, 6, workers=1)
+    again = data.training_groups(0, 6, workers=2)  # the same groups for any number of processes
+    assert all(np.array_equal(a.image, b.image) and a.label == b.label for g, h in zip(groups, again) for a, b in zip(g, h))
+    for group in groups:
+        assert [s.level for s in group] == [0, 1, 2, 3, 4, 5] and group[0].kind == "clean"
+        assert len({s.kind for s in group[1:]}) == 1 and group[1].kind in DISTORTIONS
+        assert all(s.image.shape == (data.VIEW, data.VIEW, 3) for s in group)
+        # Labelled against the clean crop: the mildest level is labelled at least as well as the worst.
+        assert group[1].label >= group[5].label
+        assert not np.array_equal(group[0].image, group[5].image)
+
+
+def test_aligned_centre_puts_the_view_corner_on_the_block_grid():
+    img = np.arange(200 * 190 * 3, dtype=np.int64).reshape(200, 190, 3)
+    view = data.aligned_centre(img)
+    top, left = np.argwhere((img == view[0, 0]).all(-1))[0]
+    assert top % 16 == 0 and left % 16 == 0 and view.shape[:2] == (data.VIEW, data.VIEW)
+    assert abs(top - (200 - data.VIEW) / 2) < 16 and abs(left - (190 - data.VIEW) / 2) < 16

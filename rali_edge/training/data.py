@@ -360,3 +360,86 @@ def _one_thread():
 
 
 assert WORK_SIZE[0] >= MS_SSIM_MIN_SIZE and WORK_SIZE[0] >= VIEW
+
+
+# --- groups: one crop and its five levels of one distortion (stage 2, ranking.py) -------------
+# blur, noise and JPEG are the commonest defects of real photographs: half of the groups.
+GROUP_MAIN_KINDS = ("blur", "noise", "jpeg")
+GROUP_MAIN_FRACTION = 0.6
+# A group's clean crop: cut at the photograph's full size (the pixels a view of a whole
+# photograph sees), or that and then enlarged 1-2x (the softer pixels of a 4000-6000 pixel
+# photograph, which no training photograph has), or as stage 1 cuts it (shrunk, or dead leaves).
+GROUP_NATIVE_FRACTION = 0.3
+GROUP_SOFT_FRACTION = 0.25
+GROUP_SOFT_ZOOM = (1.0, 2.5)
+# Half of the groups are then saved as JPEG, as cameras and editors deliver photographs, at one
+# quality in this range for all six: the clean crop too carries its delivery's artefacts.
+DELIVERY_FRACTION = 0.5
+DELIVERY_QUALITY = (88, 98)
+# The view's corner inside the distorted crop: a multiple of 16, so that the JPEG blocks fall as
+# they do in a whole photograph's views (PreprocessConfig.native_align).
+VIEW_ALIGN = 16
+
+
+def aligned_centre(img: np.ndarray, size: int = VIEW, align: int = VIEW_ALIGN) -> np.ndarray:
+    top, left = ((img.shape[0] - size) // 2) // align * align, ((img.shape[1] - size) // 2) // align * align
+    return np.ascontiguousarray(img[top : top + size, left : left + size])
+
+
+def soft_crop(img: np.ndarray, rng: np.random.Generator, work: int) -> np.ndarray:
+    """A full-size crop enlarged by a random factor in GROUP_SOFT_ZOOM to `work` x `work`."""
+    side = max(8, round(work / rng.uniform(*GROUP_SOFT_ZOOM)))
+    crop = native_crop(img, rng, min(side, *img.shape[:2]))
+    return np.asarray(Image.fromarray(crop).resize((work, work), Image.Resampling.LANCZOS))
+
+
+def _deliver(img: np.ndarray, quality: int | None) -> np.ndarray:
+    if quality is None:
+        return img
+    from rali_edge.distortions import _encode_decode
+
+    return _encode_decode(img, format="JPEG", quality=quality)
+
+
+def training_group(seed: int, index: int, sources: tuple[str, ...] = TRAIN_SOURCES) -> list[Sample]:
+    """Group `index`: a clean crop and its five levels of one distortion (clean first), labelled
+    as stage 1 labels (MS-SSIM against the clean crop before delivery), each view cut at an
+    aligned centre. A stream of its own (seeded apart from training_sample's)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 2, index]))
+    source = _draw_source(rng, sources)
+    work = int(rng.integers(WORK_SIZE[0], WORK_SIZE[1] + 1))
+    u = rng.random()
+    if u < GROUP_NATIVE_FRACTION:
+        clean = native_crop(load_source(source, full_size=True), rng, work)
+    elif u < GROUP_NATIVE_FRACTION + GROUP_SOFT_FRACTION:
+        clean = soft_crop(load_source(source, full_size=True), rng, work)
+    elif u < GROUP_NATIVE_FRACTION + GROUP_SOFT_FRACTION + DEAD_LEAVES_FRACTION / 2:
+        clean, source = dead_leaves(work, rng, load_source(source).reshape(-1, 3)), f"dead_leaves({source} colours)"
+    else:
+        clean = random_crop(load_source(source), rng, work)
+    clean = normalise_tones(colour_augment(clean, rng), rng)
+    if rng.random() < 0.5:
+        clean = np.ascontiguousarray(clean[:, ::-1])
+    others = [k for k in DISTORTIONS if k not in GROUP_MAIN_KINDS]
+    pool = GROUP_MAIN_KINDS if rng.random() < GROUP_MAIN_FRACTION else others
+    kind = pool[rng.integers(len(pool))]
+    quality = int(rng.integers(DELIVERY_QUALITY[0], DELIVERY_QUALITY[1] + 1)) if rng.random() < DELIVERY_FRACTION else None
+    group = []
+    for level in (0, *LEVELS):
+        image = _deliver(clean if level == 0 else distort(clean, kind, level, rng), quality)
+        value = ms_ssim(clean, image) if image is not clean else 1.0
+        group.append(Sample(aligned_centre(image), ms_ssim_to_score(value), value, source,
+                            "clean" if level == 0 else kind, level, index))
+    return group
+
+
+def _group_chunk(args) -> list[list[Sample]]:
+    seed, start, stop = args
+    return [training_group(seed, i) for i in range(start, stop)]
+
+
+def training_groups(seed: int, count: int, workers: int = 1, chunk: int = 64) -> list[list[Sample]]:
+    """`count` groups (training_group); the same list for any number of `workers`."""
+    fetch_photos()
+    jobs = [(seed, start, min(start + chunk, count)) for start in range(0, count, chunk)]
+    return [g for part in _map(_group_chunk, jobs, workers) for g in part]
