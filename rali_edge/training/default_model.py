@@ -735,7 +735,7 @@ def main(argv=None):
                         help="fraction of photograph crops cut at the photograph's full size, not shrunk")
     parser.add_argument("--ranking", type=json.loads, default=None, metavar="JSON",
                         help="add stage 2 (fine-tuning on ranked groups; not in the shipped model's recipe) with "
-                             "RankingRecipe's defaults changed by JSON: '{}' for none, e.g. '{\"epochs\": 4}'")
+                             "RankingRecipe's defaults changed by JSON ('{}' keeps them all), e.g. '{\"epochs\": 10}'")
     parser.add_argument("--rewrite-report", action="store_true", help="only rewrite OUT/TRAINING.md from OUT/training.json")
     parser.add_argument("--skip-whole-photos", action="store_true",
                         help="leave out the whole-photograph evaluation (whole_photos.py; its set takes 15 minutes to build once)")
