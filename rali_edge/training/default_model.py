@@ -61,7 +61,7 @@ from rali_edge.preprocess import PreprocessConfig, Preprocessor
 # would then be mixed with the old ones in memory (a retrain was lost that way).
 from rali_edge.scoring import Scorer
 from rali_edge.training import data, whole_photos
-from rali_edge.training.ranking import RankingRecipe, finetune
+from rali_edge.training.ranking import RankingRecipe, finetune, lr_at
 
 MODEL_NAME = "rali-edge-tiny-synthetic"
 
@@ -248,13 +248,6 @@ def teacher_embeddings(teacher: Path, train_pixels: torch.Tensor, projection_dim
     mean, std = emb.mean(0), emb.std(0).clamp_min(1e-6)
     log(f"teacher {teacher} ({manifest.weights_sha256[:12]}): embeddings of {len(emb)} crops in {time.perf_counter() - t:.0f} s")
     return (emb - mean) / std, mean, std
-
-
-def lr_at(step: int, total: int, recipe: Recipe) -> float:
-    if step < recipe.warmup_steps:
-        return recipe.lr * (step + 1) / recipe.warmup_steps
-    progress = (step - recipe.warmup_steps) / max(1, total - recipe.warmup_steps)
-    return recipe.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()

@@ -8,10 +8,15 @@ score: within-photograph ranks fell to 0.70 at 1000-3999 pixels. Here every grou
 which of its six images is better than which, for crops cut at the photographs' full size,
 enlarged, or as stage 1 cuts them, and half of them delivered as JPEG: the loss is the MSE on
 the labels plus a hinge on every pair of the group scored in the wrong order (or closer than
-`margin`). The head is trained as the model file holds it (folded: one matrix, prototypes,
-their scores, the temperature), so what is trained is what is saved: no head is refitted.
+`margin`), plus the MSE on some of stage 1's own crops, which keeps what stage 1 learned. The
+head is trained as the model file holds it (folded: one matrix, prototypes, their scores, the
+temperature), so what is trained is what is saved: no head is refitted.
 
-    python -m rali_edge.training.default_model ...   # runs stage 1, then this
+    python -m rali_edge.training.default_model --ranking '{}' ...     # stage 1, then this
+    python -m rali_edge.training.default_model --rank STAGE1_DIR ...  # this alone
+
+Not in the shipped model's recipe: it ranks whole photographs better and the held-out crops
+worse than the model keeps (docs/built-in-model.md has the runs).
 """
 
 from __future__ import annotations
@@ -81,7 +86,9 @@ def pair_hinge(scores: torch.Tensor, levels: torch.Tensor, margin: float) -> tor
     return hinge[gap > 0].mean()
 
 
-def lr_at(step: int, total: int, recipe: RankingRecipe) -> float:
+def lr_at(step: int, total: int, recipe) -> float:
+    """Linear warm-up to `recipe.lr` over `recipe.warmup_steps`, then a cosine to 0 at `total`
+    (both stages: any recipe with those two fields)."""
     if step < recipe.warmup_steps:
         return recipe.lr * (step + 1) / recipe.warmup_steps
     progress = (step - recipe.warmup_steps) / max(1, total - recipe.warmup_steps)
