@@ -372,14 +372,6 @@ GROUP_MAIN_FRACTION = 0.6
 GROUP_NATIVE_FRACTION = 0.3
 GROUP_SOFT_FRACTION = 0.25
 GROUP_SOFT_ZOOM = (1.0, 2.5)
-# A photograph's own defects: in this share of the groups the reference the five levels are made
-# from already carries mild sensor noise or compression (as small web photographs do), so that the
-# mildest blur, which smooths them away, is still learned as worse than the reference. Its label
-# composes both: MS-SSIM(clean, reference) x MS-SSIM(reference, level).
-OWN_DEFECT_FRACTION = 0.35
-OWN_NOISE_STD = (1.5, 5.0)  # on the 0..255 scale
-OWN_JPEG_QUALITY = (55, 90)
-GROUPS_VERSION = 2  # bump when groups change, so that cached groups are not reused
 # Half of the groups are then saved as JPEG, as cameras and editors deliver photographs, at one
 # quality in this range for all six: the clean crop too carries its delivery's artefacts.
 DELIVERY_FRACTION = 0.5
@@ -399,16 +391,6 @@ def soft_crop(img: np.ndarray, rng: np.random.Generator, work: int) -> np.ndarra
     side = max(8, round(work / rng.uniform(*GROUP_SOFT_ZOOM)))
     crop = native_crop(img, rng, min(side, *img.shape[:2]))
     return np.asarray(Image.fromarray(crop).resize((work, work), Image.Resampling.LANCZOS))
-
-
-def own_defects(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """`img` with mild noise or JPEG compression of its own (OWN_NOISE_STD, OWN_JPEG_QUALITY)."""
-    from rali_edge.distortions import _encode_decode
-
-    if rng.random() < 0.5:
-        noise = rng.normal(0.0, rng.uniform(*OWN_NOISE_STD), img.shape)
-        return np.clip(np.rint(img + noise), 0, 255).astype(np.uint8)
-    return _encode_decode(img, format="JPEG", quality=int(rng.integers(OWN_JPEG_QUALITY[0], OWN_JPEG_QUALITY[1] + 1)))
 
 
 def _deliver(img: np.ndarray, quality: int | None) -> np.ndarray:
@@ -442,12 +424,10 @@ def training_group(seed: int, index: int, sources: tuple[str, ...] = TRAIN_SOURC
     pool = GROUP_MAIN_KINDS if rng.random() < GROUP_MAIN_FRACTION else others
     kind = pool[rng.integers(len(pool))]
     quality = int(rng.integers(DELIVERY_QUALITY[0], DELIVERY_QUALITY[1] + 1)) if rng.random() < DELIVERY_FRACTION else None
-    reference = own_defects(clean, rng) if rng.random() < OWN_DEFECT_FRACTION else clean
-    own = ms_ssim(clean, reference) if reference is not clean else 1.0
     group = []
     for level in (0, *LEVELS):
-        image = _deliver(reference if level == 0 else distort(reference, kind, level, rng), quality)
-        value = own * (ms_ssim(reference, image) if image is not reference else 1.0)
+        image = _deliver(clean if level == 0 else distort(clean, kind, level, rng), quality)
+        value = ms_ssim(clean, image) if image is not clean else 1.0
         group.append(Sample(aligned_centre(image), ms_ssim_to_score(value), value, source,
                             "clean" if level == 0 else kind, level, index))
     return group
