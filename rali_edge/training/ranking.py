@@ -49,12 +49,6 @@ class RankingRecipe:
     warmup_steps: int = 100
     rank_weight: float = 2.0
     margin: float = 0.05  # on the 1..5 scale, per level apart
-    # A hinge over every pair of the batch's crops (groups and stage 1's together) whose labels
-    # are `pooled_gap` or more apart, with `pooled_margin` of room per label point: the order
-    # across photographs, which the pooled SRCC measures and MSE leaves to the content's offsets.
-    pooled_weight: float = 0.0
-    pooled_gap: float = 0.5
-    pooled_margin: float = 0.1
     # Stage 1's training crops in every batch beside the groups, with their MSE: without them the
     # held-out crops' SRCC fell from 0.80 to 0.73 in 8 epochs.
     stage1_per_batch: int = 32
@@ -90,15 +84,6 @@ def pair_hinge(scores: torch.Tensor, levels: torch.Tensor, margin: float) -> tor
     diff = scores[:, :, None] - scores[:, None, :]  # score i - score j
     hinge = F.relu(margin * gap - diff)
     return hinge[gap > 0].mean()
-
-
-def label_hinge(scores: torch.Tensor, labels: torch.Tensor, margin: float, gap: float) -> torch.Tensor:
-    """Mean over every pair (i, j) with label i - label j >= `gap` of
-    relu(margin * (label i - label j) - (score i - score j)); scores and labels flat [N]."""
-    apart = labels[:, None] - labels[None, :]  # label i - label j
-    hinge = F.relu(margin * apart - (scores[:, None] - scores[None, :]))
-    chosen = apart >= gap
-    return hinge[chosen].mean() if chosen.any() else scores.sum() * 0.0
 
 
 def lr_at(step: int, total: int, recipe) -> float:
@@ -153,9 +138,6 @@ def finetune(model: RaliModel, pre: Preprocessor, recipe: RankingRecipe, seed: i
             loss = mse + recipe.rank_weight * rank
             if recipe.stage1_per_batch:
                 loss = loss + F.mse_loss(both[len(x):], stage1[1][extra])
-            if recipe.pooled_weight:
-                every = torch.cat([labels[idx].flatten(), stage1[1][extra]])
-                loss = loss + recipe.pooled_weight * label_hinge(both, every, recipe.pooled_margin, recipe.pooled_gap)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, recipe)
             opt.zero_grad(set_to_none=True)
