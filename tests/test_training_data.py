@@ -176,3 +176,18 @@ def test_aligned_centre_puts_the_view_corner_on_the_block_grid():
     top, left = np.argwhere((img == view[0, 0]).all(-1))[0]
     assert top % 16 == 0 and left % 16 == 0 and view.shape[:2] == (data.VIEW, data.VIEW)
     assert abs(top - (200 - data.VIEW) / 2) < 16 and abs(left - (190 - data.VIEW) / 2) < 16
+
+
+def test_photographs_added_for_stage_2_leave_stage_1s_stream_as_the_built_in_model_was_trained():
+    import json
+
+    from rali_edge.scoring import default_model_path
+
+    manifest = json.loads((default_model_path() / "manifest.json").read_text())
+    # Stage 1 draws a source by its index in TRAIN_SOURCES: the same tuple, in the same order,
+    # keeps every sample of the shipped model's stream.
+    assert list(data.TRAIN_SOURCES) == manifest["source"]["train_sources"]
+    assert data.GROUP_SOURCES[:len(data.TRAIN_SOURCES)] == data.TRAIN_SOURCES
+    assert set(data.GROUP_SOURCES) - set(data.TRAIN_SOURCES) == set(data.GROUP_ONLY_SOURCES)
+    assert not set(data.GROUP_SOURCES) & set(data.HELDOUT_SOURCES)
+

@@ -2,9 +2,10 @@
 with MS-SSIM against the clean crop (rali_edge.distortions).
 
 The photographs are files inside installed packages (scikit-image, scikit-learn, matplotlib), one
-kept in this repository (photos/), and 9 from two Debian wallpaper packages, downloaded once into
-a cache (debian_photos.py). Each sample gets its own random generator seeded from (seed, index),
-so a dataset is the same whatever the number of worker processes that make it.
+kept in this repository (photos/), and 16 from three Debian wallpaper packages, downloaded once
+into a cache (debian_photos.py; 7 of them only for stage 2's groups, GROUP_ONLY_SOURCES). Each
+sample gets its own random generator seeded from (seed, index), so a dataset is the same
+whatever the number of worker processes that make it.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ SOURCES = {
                       package="debian") for name, credit in (
             ("Dune", "Marco Cogoni, Hylke Bons"), ("GreenMeadow", "Timothy Schellhase, Lapo Calamandrei"),
             ("RainDrops", "blackcombwhistler07"), ("Wood", "Jean-François Fortin Tam"))],
+        *[SourceImage(name, "CC0-1.0 (the package's debian/copyright)", "Budgie Desktop developers",
+                      "Debian budgie-backgrounds 3.0-1", package="debian") for name in (
+            "casa-mila", "lake-sherburne", "oakland-zoo-otters", "perched-osprey", "roman-colosseum",
+            "singaporean-cityscape", "tea-gardens")],
         SourceImage("grace_hopper", "public domain (U.S. Navy photograph)", "U.S. Navy, James S. Davis (1984)",
                     "https://commons.wikimedia.org/wiki/File:Commodore_Grace_M._Hopper,_USN_(covered).jpg", package="matplotlib"),
     )
@@ -80,7 +85,12 @@ HELDOUT_SOURCES = ("chelsea", "coffee", "astronaut")
 # Not used for training: a deep-space field (nearly black) and a retinal fundus (one flat orange)
 # have no normal exposure or tonal range, so their clean crops taught "dark" and "flat" as perfect.
 NOT_PHOTOGRAPHS = ("hubble_deep_field", "retina")
-TRAIN_SOURCES = tuple(name for name in SOURCES if name not in HELDOUT_SOURCES + NOT_PHOTOGRAPHS)
+# Photographs that only stage 2's groups are cut from: added after the shipped stage 1 was
+# trained, so stage 1's stream (TRAIN_SOURCES) stays the one that trained it.
+GROUP_ONLY_SOURCES = ("casa-mila", "lake-sherburne", "oakland-zoo-otters", "perched-osprey", "roman-colosseum",
+                      "singaporean-cityscape", "tea-gardens")
+TRAIN_SOURCES = tuple(name for name in SOURCES if name not in HELDOUT_SOURCES + NOT_PHOTOGRAPHS + GROUP_ONLY_SOURCES)
+GROUP_SOURCES = TRAIN_SOURCES + GROUP_ONLY_SOURCES
 # normalise_tones stretches a flat reference by at most this much: more would amplify its noise
 # and compression artefacts into what the model must call clean.
 MAX_STRETCH = 2.5
@@ -99,6 +109,7 @@ WORK_SIZE = (176, 208)
 # measures (noise level went from SRCC 0.55 to 0.96 in the same training steps).
 VIEW = 128
 DATA_VERSION = 18  # bump when samples change, so that cached training data is not reused
+GROUPS_VERSION = 3  # bump when stage 2's groups change (training_group), for the same reason
 CLEAN_FRACTION = 1 / 12  # about as often as one distortion type
 DEAD_LEAVES_FRACTION = 0.3  # training crops that are procedural dead-leaves images, not photographs
 
@@ -401,7 +412,7 @@ def _deliver(img: np.ndarray, quality: int | None) -> np.ndarray:
     return _encode_decode(img, format="JPEG", quality=quality)
 
 
-def training_group(seed: int, index: int, sources: tuple[str, ...] = TRAIN_SOURCES) -> list[Sample]:
+def training_group(seed: int, index: int, sources: tuple[str, ...] = GROUP_SOURCES) -> list[Sample]:
     """Group `index`: a clean crop and its five levels of one distortion (clean first), labelled
     as stage 1 labels (MS-SSIM against the clean crop before delivery), each view cut at an
     aligned centre. A stream of its own (seeded apart from training_sample's)."""
@@ -440,6 +451,6 @@ def _group_chunk(args) -> list[list[Sample]]:
 
 def training_groups(seed: int, count: int, workers: int = 1, chunk: int = 64) -> list[list[Sample]]:
     """`count` groups (training_group); the same list for any number of `workers`."""
-    fetch_photos()
+    fetch_photos(GROUP_SOURCES)
     jobs = [(seed, start, min(start + chunk, count)) for start in range(0, count, chunk)]
     return [g for part in _map(_group_chunk, jobs, workers) for g in part]

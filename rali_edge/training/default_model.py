@@ -472,6 +472,7 @@ def complete(recipe: Recipe, model, head_fit: dict, stage1, heldout, history, ti
         "recipe_module": "rali_edge.training.default_model",
         "recipe": asdict(recipe),
         "train_sources": list(data.TRAIN_SOURCES),
+        **({"group_sources": list(data.GROUP_SOURCES)} if recipe.ranking is not None else {}),
         "heldout_sources": list(data.HELDOUT_SOURCES),
         "jpeg2000_codec": "JPEG2000 (OpenJPEG)" if HAS_JPEG2000 else "WebP (no OpenJPEG in this Pillow)",
         "heldout_srcc": round(results["heldout_srcc"], 4),
@@ -546,7 +547,12 @@ def write_report(summary: dict, path: Path) -> None:
     r, t = summary["results"], summary["times"]
 
     def use(name: str) -> str:
-        return "held out" if name in data.HELDOUT_SOURCES else "training" if name in data.TRAIN_SOURCES else "not used"
+        if name in data.HELDOUT_SOURCES:
+            return "held out"
+        if name in data.TRAIN_SOURCES:
+            return "training"
+        ranked = summary["recipe"].get("ranking") is not None
+        return "stage 2 only" if ranked and name in data.GROUP_ONLY_SOURCES else "not used"
 
     lines = [
         "# The built-in default model: training report",

@@ -63,7 +63,7 @@ def group_tensors(groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def load_groups(seed: int, count: int, workers: int, data_cache: Path | None, log):
-    cached = data_cache / f"groups-v{data.DATA_VERSION}-{seed}-{count}.npz" if data_cache else None
+    cached = data_cache / f"groups-v{data.DATA_VERSION}.{data.GROUPS_VERSION}-{seed}-{count}.npz" if data_cache else None
     if cached is not None and cached.is_file():
         with np.load(cached) as z:
             log(f"training groups read from {cached}")
