@@ -71,7 +71,7 @@ def test_tiny_training_run_reports_what_evaluate_measures(tmp_path):
     # they share the grid (seed + 1) and heldout_metrics.
     from rali_edge.training import default_model as dm
 
-    recipe = dm.Recipe(train_samples=64, epochs=1, heldout_crops=1, warmup_steps=1,
+    recipe = dm.Recipe(train_samples=64, epochs=1, heldout_crops=1, warmup_steps=1, ranking=None,
                        head=dict(pca_dim=8, prototypes=8, buckets=4, epochs=5, lr=0.01, batch_size=64,
                                  learn_temperature=True, seed=0, validation_folds=2))
     summary = dm.train(recipe, tmp_path / "model", threads=1, workers=1, log=lambda msg: None)
@@ -91,7 +91,7 @@ def test_refit_head_gives_what_the_full_run_gave(tmp_path):
     # reproduce the run's weights exactly; with another, only the head may change.
     from rali_edge.training import default_model as dm
 
-    recipe = dm.Recipe(train_samples=64, epochs=1, heldout_crops=1, warmup_steps=1,
+    recipe = dm.Recipe(train_samples=64, epochs=1, heldout_crops=1, warmup_steps=1, ranking=None,
                        head=dict(pca_dim=8, prototypes=8, buckets=4, epochs=6, lr=0.01, batch_size=64,
                                  learn_temperature=True, seed=0, validation_folds=2))
     summary = dm.train(recipe, tmp_path / "run", threads=1, workers=1, log=lambda msg: None)

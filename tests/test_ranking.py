@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from rali_edge.model_file import load_model
-from rali_edge.training.ranking import pair_hinge
+from rali_edge.scoring import default_model_path
+from rali_edge.training.ranking import RankingRecipe, pair_hinge
 
 
 def hinge_by_loop(scores, levels, margin):
@@ -38,6 +40,16 @@ def test_pair_hinge_is_zero_only_for_groups_in_order_with_room():
     assert pair_hinge(swapped, levels, 0.05).item() > 0
     too_close = torch.tensor([[5.0, 4.99, 4.98, 4.97, 4.96, 4.95]])  # in order, but within the margin
     assert pair_hinge(too_close, levels, 0.05).item() > 0
+
+
+def test_no_ranking_cannot_be_given_with_stage_2s_options(capsys):
+    from rali_edge.training.default_model import main
+
+    for extra in (["--rank", "stage1"], ["--ranking", "{}"]):
+        with pytest.raises(SystemExit) as exit:
+            main(["--no-ranking", *extra, "--out", "unused"])
+        assert exit.value.code == 2
+        assert "--no-ranking leaves stage 2 out" in capsys.readouterr().err
 
 
 TINY = dict(train_samples=64, epochs=1, heldout_crops=1, warmup_steps=1,
@@ -70,8 +82,11 @@ def test_stage_2_alone_on_a_saved_stage_1_gives_the_full_run(tmp_path):
     dm.write_report(alone, tmp_path / "TRAINING.md")
     assert "## Stage 2" in (tmp_path / "TRAINING.md").read_text()
 
-    # Stage 2 is not in the shipped model's recipe: a plain run stops after stage 1, unaligned.
-    assert dm.Recipe().ranking is None and dm.preprocess_config(after.encoder.config).native_align == 1
+    # Stage 2 is in the built-in model's recipe, with RankingRecipe's settings; without it the
+    # views are not aligned.
+    assert dm.Recipe().ranking == asdict(RankingRecipe()) and dm.preprocess_config(after.encoder.config).native_align == 1
+    shipped = json.loads((default_model_path() / "training.json").read_text())
+    assert shipped["recipe"]["ranking"] == dm.Recipe().ranking
 
     # A model that went through stage 2 is refused, with one line and exit 2.
     (tmp_path / "alone" / "training.json").write_text(json.dumps(alone))

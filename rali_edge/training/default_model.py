@@ -19,17 +19,19 @@
    PCA, score buckets, k-means, fine-tune for the epoch count that 5-fold validation over the
    training photographs picks): the same code as `rali-edge fit-head --validation-folds 5`.
    Steps 1 to 3 are stage 1.
-4. Stage 2, with `--ranking JSON` only (ranking.py): the whole model, encoder and head as saved,
-   fine-tuned on groups of one crop and its five levels of one distortion, crops cut also at the
-   photographs' full size and enlarged, half of them delivered as JPEG: MSE on the labels plus a
-   hinge on every pair of a group in the wrong order. It ranks whole photographs better and
-   held-out crops worse than the model keeps (docs/built-in-model.md), so the shipped model is
-   stage 1 alone. `--rank MODEL_DIR` runs it alone on a saved stage-1 model.
+4. Stage 2 (ranking.py): the whole model, encoder and head as saved, fine-tuned on groups of one
+   crop and its five levels of one distortion, crops cut also at the photographs' full size
+   (7 more photographs than stage 1's: data.GROUP_ONLY_SOURCES) and enlarged, half of them
+   delivered as JPEG: MSE on the labels plus a hinge on every pair of a group in the wrong order.
+   It ranks blur, noise and JPEG in whole photographs far better than stage 1 alone, and the
+   tone and colour distortions worse (docs/built-in-model.md). `--ranking JSON` changes its
+   settings, `--no-ranking` leaves it out, `--rank MODEL_DIR` runs it alone on a saved stage-1
+   model.
 5. Held-out check: the saved model scores every distortion and level of crops of the held-out
    photographs; SRCC and PLCC against the labels go into TRAINING.md and the manifest.
 
-Runs in about an hour on two CPU cores (stage 2 adds about 45 minutes) (two processes making the data, then `--threads`
-torch threads training); `--device cuda` trains on a GPU. Seeded: the same torch version, thread count and machine
+Runs in about 1 hour 50 minutes on two CPU cores, stage 2 about 45 of them (two processes making
+the data, then `--threads` torch threads training); `--device cuda` trains on a GPU. Seeded: the same torch version, thread count and machine
 give the same weights.
 """
 
@@ -105,10 +107,9 @@ class Recipe:
                                                     batch_size=1024, learn_temperature=True, seed=0,
                                                     validation_folds=5))
     # Stage 2 (ranking.RankingRecipe, as a dict): the saved model fine-tuned on groups of a crop and
-    # its five levels of one distortion. None, the shipped model's recipe: stage 1 alone. Stage 2
-    # ranks whole photographs better but held-out crops worse than the 0.80 the model keeps
-    # (docs/built-in-model.md has the runs).
-    ranking: dict | None = None
+    # its five levels of one distortion. None: stage 1 alone (the built-in model until stage 2
+    # kept the held-out crops at 0.80 or more; docs/built-in-model.md has the runs).
+    ranking: dict | None = field(default_factory=lambda: asdict(RankingRecipe()))
 
 
 def preprocess_config(cfg: EncoderConfig, aligned: bool = False) -> PreprocessConfig:
@@ -447,14 +448,14 @@ def complete(recipe: Recipe, model, head_fit: dict, stage1, heldout, history, ti
     """Steps 4 and 5 (module doc) for the stage-1 model: stage 2, the saved model, the held-out
     check; returns the summary that training.json and TRAINING.md are made from."""
     cfg = model.encoder.config
-    pre_cfg = preprocess_config(cfg, aligned=bool(recipe.ranking))
+    pre_cfg = preprocess_config(cfg, aligned=recipe.ranking is not None)
     pre = Preprocessor(pre_cfg)
     # Held-out check through the public path: Scorer on the images as arrays.
     manifest = Manifest(MODEL_NAME, cfg, pre_cfg.to_dict(), head_fit["pca_dim"], head_fit["prototypes"])
     images = [s.image for s in heldout]
     stage1_scores = Scorer(model, manifest).score(images, batch_size=64)
     ranking = None
-    if recipe.ranking:
+    if recipe.ranking is not None:
         ranking = finetune(model, pre, RankingRecipe(**recipe.ranking), recipe.seed, heldout, stage1, workers,
                            data_cache, log)
         times["ranking_s"] = ranking["data_s"] + ranking["train_s"]
@@ -559,16 +560,20 @@ def write_report(summary: dict, path: Path) -> None:
         "",
         f"`{MODEL_NAME}` is a small model for trying rali-edge and for tests: a tiny CLIP vision",
         "transformer (same code path as ViT-L/14) with a RALI prototype head, trained only on synthetic",
-        "distortions of a few freely licensed photographs. It ranks blur, noise, compression and",
-        "underexposure, overexposure and contrast poorly; it knows nothing of aesthetics or real camera",
+        "distortions of a few freely licensed photographs. It ranks blur, noise and compression within",
+        "a photograph, and tones and colours poorly; it knows nothing of aesthetics or real camera",
         "pictures at large. For real",
         "accuracy use the published RALI weights (`rali-edge fetch`).",
         "",
-        "Rebuild it from nothing (about an hour on two CPU cores; the first run downloads two Debian packages, 140 MB,",
-        "and keeps their 9 photographs, 6.5 MB, in `~/.cache/rali-edge/photos`):",
+        *(["Rebuild it from nothing (about 1 hour 50 minutes on two CPU cores; the first run downloads three Debian",
+           "packages, 152 MB, and keeps their 16 photographs, 14 MB, in `~/.cache/rali-edge/photos`):"]
+          if summary["recipe"].get("ranking") is not None else
+          ["Rebuild it from nothing (about an hour on two CPU cores; the first run downloads two Debian packages, 140 MB,",
+           "and keeps their 9 photographs, 6.5 MB, in `~/.cache/rali-edge/photos`):"]),
         "",
         "```bash",
-        "python -m rali_edge.training.default_model --out rali_edge/assets/default-model",
+        "python -m rali_edge.training.default_model "
+        + ("" if summary["recipe"].get("ranking") is not None else "--no-ranking ") + "--out rali_edge/assets/default-model",
         "python -m rali_edge.training.default_model --evaluate DIR   # a saved model's held-out crop numbers, as JSON",
         "python -m rali_edge.training.whole_photos --model DIR       # its whole-photograph numbers",
         "```",
@@ -698,7 +703,8 @@ def ranking_lines(summary: dict) -> list[str]:
           for h in ranking["history"]],
         "",
         f"Groups made in {ranking['data_s']:.0f} s, fine-tuned in {ranking['train_s']:.0f} s. Each group: one crop of a",
-        f"training photograph, cut at its full size ({data.GROUP_NATIVE_FRACTION:.0%}), cut at its full size and enlarged",
+        f"training photograph (stage 1's, or one of the {len(data.GROUP_ONLY_SOURCES)} only stage 2 uses: {', '.join(data.GROUP_ONLY_SOURCES)}),",
+        f"cut at its full size ({data.GROUP_NATIVE_FRACTION:.0%}), cut at its full size and enlarged",
         f"{data.GROUP_SOFT_ZOOM[0]:g}-{data.GROUP_SOFT_ZOOM[1]:g}x ({data.GROUP_SOFT_FRACTION:.0%}: the softer pixels of 4000-6000 pixel photographs), "
         f"a dead-leaves image ({data.DEAD_LEAVES_FRACTION / 2:.0%}) or as stage 1 cuts it;",
         f"clean and at the five levels of one distortion (blur, noise or JPEG {data.GROUP_MAIN_FRACTION:.0%} of the time); "
@@ -733,8 +739,10 @@ def main(argv=None):
     parser.add_argument("--native-fraction", type=float, default=Recipe.native_fraction,
                         help="fraction of photograph crops cut at the photograph's full size, not shrunk")
     parser.add_argument("--ranking", type=json.loads, default=None, metavar="JSON",
-                        help="add stage 2 (fine-tuning on ranked groups; not in the shipped model's recipe) with "
-                             "RankingRecipe's defaults changed by JSON ('{}' keeps them all), e.g. '{\"epochs\": 10}'")
+                        help="stage 2 (fine-tuning on ranked groups) with RankingRecipe's defaults changed by JSON, "
+                             "e.g. '{\"epochs\": 6}'")
+    parser.add_argument("--no-ranking", action="store_true",
+                        help="stop after stage 1 (a model that --rank can fine-tune later)")
     parser.add_argument("--rewrite-report", action="store_true", help="only rewrite OUT/TRAINING.md from OUT/training.json")
     parser.add_argument("--skip-whole-photos", action="store_true",
                         help="leave out the whole-photograph evaluation (whole_photos.py; its set takes 15 minutes to build once)")
@@ -767,7 +775,9 @@ def main(argv=None):
         unknown = sorted(set(given) - {f.name for f in fields(known)})
         if unknown:
             parser.error(f"{option}: unknown keys {unknown}; known: {sorted(f.name for f in fields(known))}")
-    ranking = None if args.ranking is None and args.rank is None else {**asdict(RankingRecipe()), **(args.ranking or {})}
+    if args.no_ranking and (args.ranking is not None or args.rank is not None):
+        parser.error("--no-ranking leaves stage 2 out: give it without --ranking and --rank")
+    ranking = None if args.no_ranking else {**asdict(RankingRecipe()), **(args.ranking or {})}
     recipe = Recipe(seed=args.seed, train_samples=args.train_samples, epochs=args.epochs, heldout_crops=args.heldout_crops, lr=args.lr,
                     native_fraction=args.native_fraction, ranking=ranking,
                     teacher=args.teacher, distill_weight=args.distill_weight, encoder={**Recipe().encoder, **args.encoder})
