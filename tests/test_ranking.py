@@ -56,7 +56,7 @@ TINY = dict(train_samples=64, epochs=1, heldout_crops=1, warmup_steps=1,
             head=dict(pca_dim=8, prototypes=8, buckets=4, epochs=5, lr=0.01, batch_size=64, learn_temperature=True,
                       seed=0, validation_folds=2),
             ranking=dict(groups=8, epochs=2, groups_per_batch=4, lr=1e-3, weight_decay=0.05, warmup_steps=1,
-                         rank_weight=1.0, margin=0.05, stage1_per_batch=8))
+                         rank_weight=1.0, margin=0.05, stage1_per_batch=8, whole_groups=2, whole_every=1))
 
 
 @pytest.mark.slow
@@ -67,6 +67,7 @@ def test_stage_2_alone_on_a_saved_stage_1_gives_the_full_run(tmp_path):
     full = dm.train(dm.Recipe(**TINY), tmp_path / "full", **quiet)
     stage1 = dm.train(dm.Recipe(**{**TINY, "ranking": None}), tmp_path / "stage1", **quiet)
     assert stage1["ranking"] is None and [h["epoch"] for h in full["ranking"]["history"]] == [1, 2]
+    assert all(h["whole_hinge"] >= 0 for h in full["ranking"]["history"])  # whole photographs ranked too
     (tmp_path / "stage1" / "training.json").write_text(json.dumps(stage1))
 
     alone = dm.rank_saved(tmp_path / "stage1", tmp_path / "alone", TINY["ranking"], workers=1, log=lambda msg: None)
@@ -86,7 +87,9 @@ def test_stage_2_alone_on_a_saved_stage_1_gives_the_full_run(tmp_path):
     # views are not aligned.
     assert dm.Recipe().ranking == asdict(RankingRecipe()) and dm.preprocess_config(after.encoder.config).native_align == 1
     shipped = json.loads((default_model_path() / "training.json").read_text())
-    assert shipped["recipe"]["ranking"] == dm.Recipe().ranking
+    # Options added since keep their defaults off, so the shipped recipe is still the default one.
+    assert {**dm.Recipe().ranking, **shipped["recipe"]["ranking"]} == dm.Recipe().ranking
+    assert dm.Recipe().ranking["whole_groups"] == 0
 
     # A model that went through stage 2 is refused, with one line and exit 2.
     (tmp_path / "alone" / "training.json").write_text(json.dumps(alone))

@@ -191,3 +191,26 @@ def test_photographs_added_for_stage_2_leave_stage_1s_stream_as_the_built_in_mod
     assert set(data.GROUP_SOURCES) - set(data.TRAIN_SOURCES) == set(data.GROUP_ONLY_SOURCES)
     assert not set(data.GROUP_SOURCES) & set(data.HELDOUT_SOURCES)
 
+
+def test_whole_photo_views_are_the_scorers_views_of_the_whole_photo_distorted():
+    from PIL import Image
+
+    from rali_edge.distortions import distort
+    from rali_edge.preprocess import PreprocessConfig, Preprocessor
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:300, 0:451]  # chelsea's size: views overlap and touch every border
+    img = np.clip(128 + 60 * np.sin(x / 7.0)[..., None] * np.cos(y / 11.0)[..., None] + rng.normal(0, 20, (300, 451, 3)),
+                  0, 255).astype(np.uint8)
+    pre = Preprocessor(PreprocessConfig(resize_shortest_edge=data.VIEW, crop_height=data.VIEW, crop_width=data.VIEW,
+                                        native_grid=data.WHOLE_GRID, resized_view=False, native_align=data.VIEW_ALIGN))
+    for kind, quality in (("blur", 90), ("jpeg", None), ("blur", None)):
+        views = data.whole_photo_views(img, kind, np.random.default_rng(1), quality)
+        for level in (0, 5):
+            whole = img if level == 0 else distort(img, kind, level, np.random.default_rng(1))
+            whole = data._deliver(whole, quality)
+            expected = np.stack([np.asarray(c) for c in pre.native_crops(Image.fromarray(whole))])
+            # Distorting each view's surroundings (48 pixels, past the widest blur's reach, on the
+            # JPEG block grid) gives the whole photograph's pixels: the same up to rounding.
+            diff = np.abs(views[level].astype(int) - expected.astype(int))
+            assert diff.max() <= 1, (kind, quality, level, diff.max())

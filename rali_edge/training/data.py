@@ -454,3 +454,64 @@ def training_groups(seed: int, count: int, workers: int = 1, chunk: int = 64) ->
     fetch_photos(GROUP_SOURCES)
     jobs = [(seed, start, min(start + chunk, count)) for start in range(0, count, chunk)]
     return [g for part in _map(_group_chunk, jobs, workers) for g in part]
+
+# Whole-photograph groups (stage 2's `whole_groups`): a training photograph at its own size or
+# shrunk (long side log-uniform from WHOLE_MIN_SIDE), seen through the scorer's own 4 x 4 aligned
+# views, clean and at the five levels of one distortion. Only each view's surroundings are
+# distorted (WHOLE_MARGIN pixels on every side, a multiple of the block grid: more than the widest
+# blur reaches), which is what the view would hold had the whole photograph been distorted, at a
+# twentieth of the cost on a 10 MP photograph. No labels: stage 2 ranks the mean of the 16 views'
+# scores, the score a user gets, by level.
+WHOLE_MIN_SIDE = 450
+WHOLE_SHRUNK_FRACTION = 0.5
+WHOLE_MARGIN = 48
+WHOLE_GRID = 4
+
+
+def whole_photo_group(seed: int, index: int, sources: tuple[str, ...] = GROUP_SOURCES) -> tuple[np.ndarray, str]:
+    """(uint8 [6, WHOLE_GRID**2, VIEW, VIEW, 3]: clean and levels 1-5, each as its views; the
+    distortion's name). A stream of its own."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 3, index]))
+    img = load_source(_draw_source(rng, sources), full_size=True)
+    long = max(img.shape[:2])
+    if long > WHOLE_MIN_SIDE and rng.random() < WHOLE_SHRUNK_FRACTION:
+        k = math.exp(rng.uniform(math.log(WHOLE_MIN_SIDE), math.log(long))) / long
+        size = (max(VIEW, round(img.shape[1] * k)), max(VIEW, round(img.shape[0] * k)))
+        img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
+    if rng.random() < 0.5:
+        img = img[:, ::-1]
+    others = [k for k in DISTORTIONS if k not in GROUP_MAIN_KINDS]
+    pool = GROUP_MAIN_KINDS if rng.random() < GROUP_MAIN_FRACTION else others
+    kind = pool[rng.integers(len(pool))]
+    quality = int(rng.integers(DELIVERY_QUALITY[0], DELIVERY_QUALITY[1] + 1))
+    return whole_photo_views(img, kind, rng, quality), kind
+
+
+def whole_photo_views(img: np.ndarray, kind: str, rng: np.random.Generator, quality: int | None) -> np.ndarray:
+    """The scorer's aligned views (uint8 [6, WHOLE_GRID**2, VIEW, VIEW, 3]) of `img` clean and at
+    the five levels of `kind`, each saved as JPEG at `quality` (None: not saved), distorting only
+    each view's surroundings."""
+    from rali_edge.preprocess import grid_origins
+
+    h, w = img.shape[:2]
+    out = np.empty((1 + len(LEVELS), WHOLE_GRID**2, VIEW, VIEW, 3), np.uint8)
+    for v, (top, left) in enumerate(grid_origins((h, w), (VIEW, VIEW), WHOLE_GRID, VIEW_ALIGN)):
+        t0, l0 = max(0, top - WHOLE_MARGIN), max(0, left - WHOLE_MARGIN)
+        region = np.ascontiguousarray(img[t0:top + VIEW + WHOLE_MARGIN, l0:left + VIEW + WHOLE_MARGIN])
+        for level in (0, *LEVELS):
+            image = _deliver(region if level == 0 else distort(region, kind, level, rng), quality)
+            out[level, v] = image[top - t0:top - t0 + VIEW, left - l0:left - l0 + VIEW]
+    return out
+
+
+def _whole_chunk(args) -> list[np.ndarray]:
+    seed, start, stop = args
+    return [whole_photo_group(seed, i)[0] for i in range(start, stop)]
+
+
+def whole_photo_groups(seed: int, count: int, workers: int = 1, chunk: int = 16) -> np.ndarray:
+    """`count` whole-photograph groups stacked (uint8 [count, 6, 16, VIEW, VIEW, 3]); the same for
+    any number of `workers`."""
+    fetch_photos(GROUP_SOURCES)
+    jobs = [(seed, start, min(start + chunk, count)) for start in range(0, count, chunk)]
+    return np.stack([g for part in _map(_whole_chunk, jobs, workers) for g in part])
