@@ -546,13 +546,13 @@ def _stage1_summary(model_dir: Path) -> dict:
 
 def write_report(summary: dict, path: Path) -> None:
     r, t = summary["results"], summary["times"]
+    ranked = summary["recipe"].get("ranking") is not None
 
     def use(name: str) -> str:
         if name in data.HELDOUT_SOURCES:
             return "held out"
         if name in data.TRAIN_SOURCES:
             return "training"
-        ranked = summary["recipe"].get("ranking") is not None
         return "stage 2 only" if ranked and name in data.GROUP_ONLY_SOURCES else "not used"
 
     lines = [
@@ -567,13 +567,13 @@ def write_report(summary: dict, path: Path) -> None:
         "",
         *(["Rebuild it from nothing (about 1 hour 50 minutes on two CPU cores; the first run downloads three Debian",
            "packages, 152 MB, and keeps their 16 photographs, 14 MB, in `~/.cache/rali-edge/photos`):"]
-          if summary["recipe"].get("ranking") is not None else
+          if ranked else
           ["Rebuild it from nothing (about an hour on two CPU cores; the first run downloads two Debian packages, 140 MB,",
            "and keeps their 9 photographs, 6.5 MB, in `~/.cache/rali-edge/photos`):"]),
         "",
         "```bash",
         "python -m rali_edge.training.default_model "
-        + ("" if summary["recipe"].get("ranking") is not None else "--no-ranking ") + "--out rali_edge/assets/default-model",
+        + ("" if ranked else "--no-ranking ") + "--out rali_edge/assets/default-model",
         "python -m rali_edge.training.default_model --evaluate DIR   # a saved model's held-out crop numbers, as JSON",
         "python -m rali_edge.training.whole_photos --model DIR       # its whole-photograph numbers",
         "```",
@@ -749,8 +749,8 @@ def main(argv=None):
     parser.add_argument("--whole-photo-set", type=Path, default=None, help="where that set is built and read")
     parser.add_argument("--refit-head", type=Path, metavar="MODEL_DIR", default=None,
                         help="skip stage 1's encoder training: remake the head of MODEL_DIR (a stage-1 model trained by this "
-                             "module, with its training.json) with the current head recipe, run stage 2 if --ranking "
-                             "is given, and save the model, report and json at --out")
+                             "module, with its training.json) with the current head recipe, run stage 2 unless "
+                             "--no-ranking is given, and save the model, report and json at --out")
     parser.add_argument("--rank", type=Path, metavar="MODEL_DIR", default=None,
                         help="stage 2 alone: fine-tune MODEL_DIR (a stage-1 model trained by this module, with its "
                              "training.json) and save the model, report and json at --out")
