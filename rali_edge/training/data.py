@@ -412,6 +412,13 @@ def _deliver(img: np.ndarray, quality: int | None) -> np.ndarray:
     return _encode_decode(img, format="JPEG", quality=quality)
 
 
+def _group_kind(rng: np.random.Generator) -> str:
+    """A group's distortion: blur, noise or JPEG GROUP_MAIN_FRACTION of the time, else another."""
+    others = [k for k in DISTORTIONS if k not in GROUP_MAIN_KINDS]
+    pool = GROUP_MAIN_KINDS if rng.random() < GROUP_MAIN_FRACTION else others
+    return pool[rng.integers(len(pool))]
+
+
 def training_group(seed: int, index: int, sources: tuple[str, ...] = GROUP_SOURCES) -> list[Sample]:
     """Group `index`: a clean crop and its five levels of one distortion (clean first), labelled
     as stage 1 labels (MS-SSIM against the clean crop before delivery), each view cut at an
@@ -431,9 +438,7 @@ def training_group(seed: int, index: int, sources: tuple[str, ...] = GROUP_SOURC
     clean = normalise_tones(colour_augment(clean, rng), rng)
     if rng.random() < 0.5:
         clean = np.ascontiguousarray(clean[:, ::-1])
-    others = [k for k in DISTORTIONS if k not in GROUP_MAIN_KINDS]
-    pool = GROUP_MAIN_KINDS if rng.random() < GROUP_MAIN_FRACTION else others
-    kind = pool[rng.integers(len(pool))]
+    kind = _group_kind(rng)
     quality = int(rng.integers(DELIVERY_QUALITY[0], DELIVERY_QUALITY[1] + 1)) if rng.random() < DELIVERY_FRACTION else None
     group = []
     for level in (0, *LEVELS):
@@ -459,8 +464,8 @@ def training_groups(seed: int, count: int, workers: int = 1, chunk: int = 64) ->
 # shrunk (long side log-uniform from WHOLE_MIN_SIDE), seen through the scorer's own 4 x 4 aligned
 # views, clean and at the five levels of one distortion. Only each view's surroundings are
 # distorted (WHOLE_MARGIN pixels on every side, a multiple of the block grid: more than the widest
-# blur reaches), which is what the view would hold had the whole photograph been distorted, at a
-# twentieth of the cost on a 10 MP photograph. No labels: stage 2 ranks the mean of the 16 views'
+# blur reaches), which is what the view would hold had the whole photograph been distorted, for
+# the cost of 16 small crops whatever the photograph's size. No labels: stage 2 ranks the mean of the 16 views'
 # scores, the score a user gets, by level.
 WHOLE_MIN_SIDE = 450
 WHOLE_SHRUNK_FRACTION = 0.5
@@ -480,9 +485,7 @@ def whole_photo_group(seed: int, index: int, sources: tuple[str, ...] = GROUP_SO
         img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
     if rng.random() < 0.5:
         img = img[:, ::-1]
-    others = [k for k in DISTORTIONS if k not in GROUP_MAIN_KINDS]
-    pool = GROUP_MAIN_KINDS if rng.random() < GROUP_MAIN_FRACTION else others
-    kind = pool[rng.integers(len(pool))]
+    kind = _group_kind(rng)
     quality = int(rng.integers(DELIVERY_QUALITY[0], DELIVERY_QUALITY[1] + 1))
     return whole_photo_views(img, kind, rng, quality), kind
 
