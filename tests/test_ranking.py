@@ -56,7 +56,8 @@ TINY = dict(train_samples=64, epochs=1, heldout_crops=1, warmup_steps=1,
             head=dict(pca_dim=8, prototypes=8, buckets=4, epochs=5, lr=0.01, batch_size=64, learn_temperature=True,
                       seed=0, validation_folds=2),
             ranking=dict(groups=8, epochs=2, groups_per_batch=4, lr=1e-3, weight_decay=0.05, warmup_steps=1,
-                         rank_weight=1.0, margin=0.05, stage1_per_batch=8, whole_groups=2, whole_every=1))
+                         rank_weight=1.0, margin=0.05, stage1_per_batch=8, whole_groups=2, whole_every=1,
+                         whole_mse_weight=1.0))
 
 
 @pytest.mark.slow
@@ -67,7 +68,8 @@ def test_stage_2_alone_on_a_saved_stage_1_gives_the_full_run(tmp_path):
     full = dm.train(dm.Recipe(**TINY), tmp_path / "full", **quiet)
     stage1 = dm.train(dm.Recipe(**{**TINY, "ranking": None}), tmp_path / "stage1", **quiet)
     assert stage1["ranking"] is None and [h["epoch"] for h in full["ranking"]["history"]] == [1, 2]
-    assert all(h["whole_hinge"] >= 0 for h in full["ranking"]["history"])  # whole photographs ranked too
+    # Whole photographs ranked and fitted too.
+    assert all(h["whole_hinge"] >= 0 and h["whole_mse"] > 0 for h in full["ranking"]["history"])
     (tmp_path / "stage1" / "training.json").write_text(json.dumps(stage1))
 
     alone = dm.rank_saved(tmp_path / "stage1", tmp_path / "alone", TINY["ranking"], workers=1, log=lambda msg: None)

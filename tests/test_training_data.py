@@ -205,7 +205,11 @@ def test_whole_photo_views_are_the_scorers_views_of_the_whole_photo_distorted():
     pre = Preprocessor(PreprocessConfig(resize_shortest_edge=data.VIEW, crop_height=data.VIEW, crop_width=data.VIEW,
                                         native_grid=data.WHOLE_GRID, resized_view=False, native_align=data.VIEW_ALIGN))
     for kind, quality in (("blur", 90), ("jpeg", None), ("blur", None)):
-        views = data.whole_photo_views(img, kind, np.random.default_rng(1), quality)
+        views, labels = data.whole_photo_views(img, kind, np.random.default_rng(1), quality)
+        # Labelled as stage 1 labels: 5 for the clean views as they are, lower the more distorted.
+        assert labels.shape == views.shape[:1]
+        assert (labels[0] == 5.0) == (quality is None)
+        assert (np.diff(labels) < 0).all(), labels
         for level in (0, 5):
             whole = img if level == 0 else distort(img, kind, level, np.random.default_rng(1))
             whole = data._deliver(whole, quality)

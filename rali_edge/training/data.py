@@ -465,17 +465,20 @@ def training_groups(seed: int, count: int, workers: int = 1, chunk: int = 64) ->
 # views, clean and at the five levels of one distortion. Only each view's surroundings are
 # distorted (WHOLE_MARGIN pixels on every side, a multiple of the block grid: more than the widest
 # blur reaches), which is what the view would hold had the whole photograph been distorted, for
-# the cost of 16 small crops whatever the photograph's size. No labels: stage 2 ranks the mean of the 16 views'
-# scores, the score a user gets, by level.
+# the cost of 16 small crops whatever the photograph's size. Stage 2 ranks the mean of the 16
+# views' scores, the score a user gets, by level, and can fit it to a label: the mean of the
+# labels (as stage 1 labels: MS-SSIM of the distorted surroundings against the clean ones) of the
+# grid's diagonal views, one in each row and column (MS-SSIM of all 16 would cost four times the
+# rest of a group).
 WHOLE_MIN_SIDE = 450
 WHOLE_SHRUNK_FRACTION = 0.5
 WHOLE_MARGIN = 48
 WHOLE_GRID = 4
 
 
-def whole_photo_group(seed: int, index: int, sources: tuple[str, ...] = GROUP_SOURCES) -> tuple[np.ndarray, str]:
-    """(uint8 [6, WHOLE_GRID**2, VIEW, VIEW, 3]: clean and levels 1-5, each as its views; the
-    distortion's name). A stream of its own."""
+def whole_photo_group(seed: int, index: int, sources: tuple[str, ...] = GROUP_SOURCES) -> tuple[np.ndarray, np.ndarray, str]:
+    """(uint8 [6, WHOLE_GRID**2, VIEW, VIEW, 3]: clean and levels 1-5, each as its views; their
+    labels [6]; the distortion's name). A stream of its own."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 3, index]))
     img = load_source(_draw_source(rng, sources), full_size=True)
     long = max(img.shape[:2])
@@ -487,34 +490,39 @@ def whole_photo_group(seed: int, index: int, sources: tuple[str, ...] = GROUP_SO
         img = img[:, ::-1]
     kind = _group_kind(rng)
     quality = int(rng.integers(DELIVERY_QUALITY[0], DELIVERY_QUALITY[1] + 1))
-    return whole_photo_views(img, kind, rng, quality), kind
+    return (*whole_photo_views(img, kind, rng, quality), kind)
 
 
-def whole_photo_views(img: np.ndarray, kind: str, rng: np.random.Generator, quality: int | None) -> np.ndarray:
+def whole_photo_views(img: np.ndarray, kind: str, rng: np.random.Generator, quality: int | None) -> tuple[np.ndarray, np.ndarray]:
     """The scorer's aligned views (uint8 [6, WHOLE_GRID**2, VIEW, VIEW, 3]) of `img` clean and at
     the five levels of `kind`, each saved as JPEG at `quality` (None: not saved), distorting only
-    each view's surroundings."""
+    each view's surroundings; and their labels ([6]: the diagonal views' mean label, MS-SSIM of
+    the surroundings against the clean ones before delivery on the 1..5 scale)."""
     from rali_edge.preprocess import grid_origins
 
     h, w = img.shape[:2]
     out = np.empty((1 + len(LEVELS), WHOLE_GRID**2, VIEW, VIEW, 3), np.uint8)
+    labels = np.zeros(1 + len(LEVELS), np.float32)
     for v, (top, left) in enumerate(grid_origins((h, w), (VIEW, VIEW), WHOLE_GRID, VIEW_ALIGN)):
         t0, l0 = max(0, top - WHOLE_MARGIN), max(0, left - WHOLE_MARGIN)
         region = np.ascontiguousarray(img[t0:top + VIEW + WHOLE_MARGIN, l0:left + VIEW + WHOLE_MARGIN])
         for level in (0, *LEVELS):
             image = _deliver(region if level == 0 else distort(region, kind, level, rng), quality)
             out[level, v] = image[top - t0:top - t0 + VIEW, left - l0:left - l0 + VIEW]
-    return out
+            if v % (WHOLE_GRID + 1) == 0:  # on the diagonal
+                labels[level] += (ms_ssim_to_score(ms_ssim(region, image)) if image is not region else 5.0) / WHOLE_GRID
+    return out, labels
 
 
-def _whole_chunk(args) -> list[np.ndarray]:
+def _whole_chunk(args) -> list[tuple[np.ndarray, np.ndarray]]:
     seed, start, stop = args
-    return [whole_photo_group(seed, i)[0] for i in range(start, stop)]
+    return [whole_photo_group(seed, i)[:2] for i in range(start, stop)]
 
 
-def whole_photo_groups(seed: int, count: int, workers: int = 1, chunk: int = 16) -> np.ndarray:
-    """`count` whole-photograph groups stacked (uint8 [count, 6, 16, VIEW, VIEW, 3]); the same for
-    any number of `workers`."""
+def whole_photo_groups(seed: int, count: int, workers: int = 1, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """`count` whole-photograph groups stacked (uint8 [count, 6, 16, VIEW, VIEW, 3]) and their
+    labels ([count, 6]); the same for any number of `workers`."""
     fetch_photos(GROUP_SOURCES)
     jobs = [(seed, start, min(start + chunk, count)) for start in range(0, count, chunk)]
-    return np.stack([g for part in _map(_whole_chunk, jobs, workers) for g in part])
+    groups = [g for part in _map(_whole_chunk, jobs, workers) for g in part]
+    return np.stack([views for views, _ in groups]), np.stack([labels for _, labels in groups])

@@ -55,10 +55,13 @@ class RankingRecipe:
     stage1_per_batch: int = 32
     # Whole-photograph groups (data.whole_photo_group): one in every `whole_every` batches, its
     # six versions scored as the scorer scores a photograph (the mean of its 16 views), with the
-    # same hinge on their order times `whole_weight`. 0: none.
+    # same hinge on their order times `whole_weight`, and the MSE of those six scores against
+    # their labels (data.whole_photo_views) times `whole_mse_weight`: the hinge alone orders each
+    # photograph's versions but leaves photographs free to drift apart. 0: none.
     whole_groups: int = 0
     whole_every: int = 2
     whole_weight: float = 2.0
+    whole_mse_weight: float = 0.0
 
 
 def group_tensors(groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,18 +86,21 @@ def load_groups(seed: int, count: int, workers: int, data_cache: Path | None, lo
     return pixels, labels, levels
 
 
-def load_whole_groups(seed: int, count: int, workers: int, data_cache: Path | None, log) -> torch.Tensor:
-    """uint8 [count, 6, 16, 3, H, W]."""
-    cached = data_cache / f"whole-v{data.DATA_VERSION}.{data.GROUPS_VERSION}-{seed}-{count}.npy" if data_cache else None
-    if cached is not None and cached.is_file():
-        log(f"whole-photograph groups read from {cached}")
-        return torch.from_numpy(np.load(cached)).permute(0, 1, 2, 5, 3, 4)
-    log(f"making {count} whole-photograph groups ({workers} processes)")
-    views = data.whole_photo_groups(seed, count, workers=workers)
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cached, views)
-    return torch.from_numpy(views).permute(0, 1, 2, 5, 3, 4)
+def load_whole_groups(seed: int, count: int, workers: int, data_cache: Path | None, log) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 views [count, 6, 16, 3, H, W], their labels [count, 6])."""
+    name = f"whole-v{data.DATA_VERSION}.{data.GROUPS_VERSION}-{seed}-{count}"
+    cached = (data_cache / f"{name}.npy", data_cache / f"{name}-labels.npy") if data_cache else None
+    if cached is not None and all(path.is_file() for path in cached):
+        log(f"whole-photograph groups read from {cached[0]}")
+        views, labels = np.load(cached[0]), np.load(cached[1])
+    else:
+        log(f"making {count} whole-photograph groups ({workers} processes)")
+        views, labels = data.whole_photo_groups(seed, count, workers=workers)
+        if cached is not None:
+            data_cache.mkdir(parents=True, exist_ok=True)
+            np.save(cached[0], views)
+            np.save(cached[1], labels)
+    return torch.from_numpy(views).permute(0, 1, 2, 5, 3, 4), torch.from_numpy(labels)
 
 
 def pair_hinge(scores: torch.Tensor, levels: torch.Tensor, margin: float) -> torch.Tensor:
@@ -122,7 +128,7 @@ def finetune(model: RaliModel, pre: Preprocessor, recipe: RankingRecipe, seed: i
     (uint8 [N, 3, H, W], [N]). Returns the history and times."""
     t0 = time.perf_counter()
     pixels, labels, levels = load_groups(seed, recipe.groups, workers, data_cache, log)
-    whole = load_whole_groups(seed, recipe.whole_groups, workers, data_cache, log) if recipe.whole_groups else None
+    whole, whole_labels = load_whole_groups(seed, recipe.whole_groups, workers, data_cache, log) if recipe.whole_groups else (None, None)
     whole_levels = torch.arange(whole.shape[1])[None] if whole is not None else None
     data_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(seed)
@@ -144,13 +150,14 @@ def finetune(model: RaliModel, pre: Preprocessor, recipe: RankingRecipe, seed: i
     total, step, history, t1 = steps * recipe.epochs, 0, [], time.perf_counter()
     for epoch in range(recipe.epochs):
         order = torch.randperm(len(pixels), generator=gen)
-        running = [0.0, 0.0, 0.0]
+        running = [0.0, 0.0, 0.0, 0.0]
         for b in range(steps):
             idx = order[b * recipe.groups_per_batch:(b + 1) * recipe.groups_per_batch]
             x = pixels[idx].flatten(0, 1)
             with_whole = whole is not None and step % recipe.whole_every == 0
             if with_whole:  # a random whole photograph's six versions, 16 views each
-                x = torch.cat([x, whole[int(torch.randint(len(whole), (1,), generator=gen))].flatten(0, 1)])
+                pick = int(torch.randint(len(whole), (1,), generator=gen))
+                x = torch.cat([x, whole[pick].flatten(0, 1)])
             # One of the 8 flips and quarter turns per batch: they keep a 128-pixel view's blocks
             # on the 16-pixel grid.
             x = x.rot90(int(torch.randint(4, (1,), generator=gen)), dims=(-2, -1))
@@ -166,8 +173,10 @@ def finetune(model: RaliModel, pre: Preprocessor, recipe: RankingRecipe, seed: i
             if with_whole:
                 photo = both[n:len(x)].view(1, whole.shape[1], -1).mean(-1)  # each version's score: its views' mean
                 whole_rank = pair_hinge(photo, whole_levels, recipe.margin)
-                loss = loss + recipe.whole_weight * whole_rank
+                whole_mse = F.mse_loss(photo[0], whole_labels[pick])
+                loss = loss + recipe.whole_weight * whole_rank + recipe.whole_mse_weight * whole_mse
                 running[2] += whole_rank.item()
+                running[3] += whole_mse.item()
             if recipe.stage1_per_batch:
                 loss = loss + F.mse_loss(both[len(x):], stage1[1][extra])
             for group in opt.param_groups:
@@ -187,11 +196,13 @@ def finetune(model: RaliModel, pre: Preprocessor, recipe: RankingRecipe, seed: i
         m = correlations(pred, heldout_labels)
         whole_steps = max(1, math.ceil(steps / recipe.whole_every)) if whole is not None else 1
         history.append({"epoch": epoch + 1, "mse": running[0] / steps, "pair_hinge": running[1] / steps,
-                        **({"whole_hinge": running[2] / whole_steps} if whole is not None else {}),
+                        **({"whole_hinge": running[2] / whole_steps, "whole_mse": running[3] / whole_steps}
+                           if whole is not None else {}),
                         "heldout_srcc": m.srcc, "seconds": time.perf_counter() - t1})
         log(f"ranking epoch {epoch + 1}/{recipe.epochs}: MSE {running[0] / steps:.4f}, pair hinge "
             f"{running[1] / steps:.4f}, "
-            + (f"whole-photograph hinge {running[2] / whole_steps:.4f}, " if whole is not None else "")
+            + (f"whole-photograph hinge {running[2] / whole_steps:.4f}, MSE {running[3] / whole_steps:.4f}, "
+               if whole is not None else "")
             + f"held-out SRCC {m.srcc:.4f}, {time.perf_counter() - t1:.0f} s")
     with torch.no_grad():
         for name, p in head_params.items():
