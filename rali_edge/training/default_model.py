@@ -22,15 +22,16 @@
 4. Stage 2 (ranking.py): the whole model, encoder and head as saved, fine-tuned on groups of one
    crop and its five levels of one distortion, crops cut also at the photographs' full size
    (7 more photographs than stage 1's: data.GROUP_ONLY_SOURCES) and enlarged, half of them
-   delivered as JPEG: MSE on the labels plus a hinge on every pair of a group in the wrong order.
-   It ranks blur, noise and JPEG in whole photographs far better than stage 1 alone, and the
-   tone and colour distortions worse (docs/built-in-model.md). `--ranking JSON` changes its
+   delivered as JPEG: MSE on the labels plus a hinge on every pair of a group in the wrong order;
+   in one batch of 4, a whole photograph's six versions seen through the scorer's views, with
+   the same hinge and the MSE against their labels. It ranks blur, noise and JPEG in whole
+   photographs far better than stage 1 alone (docs/built-in-model.md). `--ranking JSON` changes its
    settings, `--no-ranking` leaves it out, `--rank MODEL_DIR` runs it alone on a saved stage-1
    model.
 5. Held-out check: the saved model scores every distortion and level of crops of the held-out
    photographs; SRCC and PLCC against the labels go into TRAINING.md and the manifest.
 
-Runs in about 1 hour 50 minutes on two CPU cores, stage 2 about 45 of them (two processes making
+Runs in about 1 hour 50 minutes on two CPU cores, stage 2 about 40 of them (two processes making
 the data, then `--threads` torch threads training); `--device cuda` trains on a GPU. Seeded: the same torch version, thread count and machine
 give the same weights.
 """
