@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from rali_edge.engines import onnx as engines_onnx
-from rali_edge.engines.export import export_onnx, onnx_session
+from rali_edge.engines.export import export_onnx
+from rali_edge.engines.onnx import onnx_session
 from rali_edge.engines.fidelity import fidelity_images
 from rali_edge.engines.naming import BatchRange
 from rali_edge.model_file import load_model

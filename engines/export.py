@@ -177,31 +177,9 @@ def _set_metadata(proto, values: dict) -> None:
     entry.value = json.dumps(values)
 
 
-def onnx_session(path: str | Path | bytes):
-    """An ONNX Runtime CPU session for an exported engine (a file, or a serialized model)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise MissingDependencyError("running ONNX files needs onnxruntime: pip install onnxruntime") from None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # No spin-waiting between calls: the encoder always runs beside decoding threads or Ray's
-    # decoding tasks, and spinning threads take their cores. Measured on 2 cores, 800-1000 1 MP
-    # JPEGs: the local path 29 -> 31-33 images/s with 15% less CPU; a Ray actor 25% less CPU.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail...)
-        raise EngineMismatchError(f"{path}: ONNX Runtime cannot load this file ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:200]}); rebuild it with `rali-edge build --target onnx`") from None
-
-
 __all__ = [
     "FP32_OPS",
     "ExportEncoder",
     "export_onnx",
     "mark_head_nodes",
-    "onnx_session",
 ]

@@ -82,7 +82,7 @@ def onnx_runner(shapes: Shapes, precision: str = "fp32"):
     the session settings of the engines (engines/export.py)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from rali_edge.engines.export import onnx_session
+    from rali_edge.engines.onnx import onnx_session
 
     weights = _weights(shapes)
     names = [f"w{j}" for j in range(len(weights))]

@@ -16,8 +16,9 @@ from click.testing import CliRunner
 
 from rali_edge.cli import main
 from rali_edge.distortions import DISTORTIONS
-from rali_edge.engines import onnx as engines_onnx
-from rali_edge.engines.export import export_onnx, onnx_session
+from rali_edge.engines import export
+from rali_edge.engines.export import export_onnx
+from rali_edge.engines.onnx import onnx_session
 from rali_edge.engines.naming import HEAD_PREFIX, ONNX_OPSET
 from rali_edge.engines.naming import BatchRange
 from rali_edge.engines.onnx import has_vnni
@@ -206,8 +207,8 @@ def test_int8_build_tries_the_smoothed_form_first_then_fc2_in_fp32(small_model, 
 
     monkeypatch.setattr(builder, "check_engine", check_engine)
     exports = []
-    real_export = engines_onnx.export_onnx
-    monkeypatch.setattr(engines_onnx, "export_onnx", lambda *a, **k: exports.append(a[1]) or real_export(*a, **k))
+    real_export = export.export_onnx
+    monkeypatch.setattr(export, "export_onnx", lambda *a, **k: exports.append(a[1]) or real_export(*a, **k))
     loads = []
     real_load = model_file.load_model
     monkeypatch.setattr(model_file, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))

@@ -72,20 +72,30 @@ def test_a_ray_actor_scores_from_the_clone_root(photos):
     assert all(error is None and 1.0 <= score <= 5.0 for _, score, error in rows)
 
 
-def test_scoring_imports_no_tooling(tmp_path, photos):
-    """`import rali_edge` and `rali-edge score` (with backend auto, its verdict kept) import what
-    scoring needs: not the training recipe, the MLLM baseline, profiling, reports, fit-head, eval,
-    the engine builder, nor their libraries."""
-    code = ("import sys\n"
-            "from rali_edge.cli import main\n"
-            f"sys.argv = ['rali-edge', 'score', '-q', {str(photos[0])!r}]\n"
-            "try:\n"
-            "    main()\n"
-            "except SystemExit:\n"
-            "    pass\n"
-            "print(' '.join(sorted(sys.modules)))")
+# auto's verdict is measured, so on one machine it keeps torch and on another it builds an ONNX
+# engine: both ways are checked, the engine's with a file built beforehand.
+@pytest.mark.parametrize("backend", ["auto", "onnx"])
+def test_scoring_imports_no_tooling(tmp_path, photos, backend):
+    """`import rali_edge` and `rali-edge score` (with backend auto, its verdict kept, or an ONNX
+    engine) import what scoring needs: not the training recipe, the MLLM baseline, profiling,
+    reports, fit-head, eval, the engine builder, nor their libraries."""
     env = {**os.environ, "RALI_EDGE_CACHE": str(tmp_path / "cache")}
     env.pop("RALI_EDGE_BACKEND", None)
+    extra = []
+    if backend == "onnx":
+        built = subprocess.run([sys.executable, "-m", "rali_edge.cli", "build", "--target", "onnx", "-o", str(tmp_path / "engine")],
+                               env=env, capture_output=True, text=True, timeout=300)
+        assert built.returncode == 0, built.stderr[-2000:]
+        extra = ["--backend", "onnx", "--engine", str(next((tmp_path / "engine").glob("*.onnx")))]
+    code = ("import sys\n"
+            "from rali_edge.cli import main\n"
+            f"sys.argv = ['rali-edge', 'score', '-q', *{extra!r}, {str(photos[0])!r}]\n"
+            "try:\n"
+            "    main()\n"
+            "except SystemExit as done:\n"
+            "    if done.code:\n"
+            "        raise\n"
+            "print(' '.join(sorted(sys.modules)))")
     for _ in range(2):  # the first run measures auto's verdict and keeps it; the second is every later run
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
