@@ -261,8 +261,7 @@ def gemm_rates(m: int = 577, k: int = 1024, n: int = 4096, repeats: int = 20) ->
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from rali_edge.engines.onnx import onnx_session
-    from rali_edge.engines.onnx import has_vnni, quantize_int8
+    from rali_edge.engines.onnx import has_vnni, onnx_session, quantize_int8
 
     flop = 2 * m * k * n
     a, b = torch.randn(m, k), torch.randn(k, n) / k**0.5

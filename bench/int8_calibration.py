@@ -15,7 +15,6 @@ import numpy as np
 
 from rali_edge.engines import onnx as engines_onnx
 from rali_edge.engines.export import export_onnx
-from rali_edge.engines.onnx import onnx_session
 from rali_edge.engines.fidelity import fidelity_images
 from rali_edge.engines.naming import BatchRange
 from rali_edge.model_file import load_model
@@ -30,7 +29,7 @@ def int8_scores(fp32: Path, calibration: np.ndarray, views: list[np.ndarray], wo
     smoothed, int8 = work / "smoothed.onnx", work / "int8.onnx"
     engines_onnx.smooth_mlp_outputs(fp32, smoothed, calibration, BATCH)
     engines_onnx.quantize_int8(smoothed, int8, reduce_range=not engines_onnx.has_vnni(), mlp_out_fp32=False)
-    session = onnx_session(int8)
+    session = engines_onnx.onnx_session(int8)
 
     def run(chunk):
         return session.run(None, {"pixels": np.ascontiguousarray(chunk)})[0]

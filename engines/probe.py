@@ -79,7 +79,7 @@ def torch_runner(shapes: Shapes, precision: str, device: str = "cpu"):
 
 def onnx_runner(shapes: Shapes, precision: str = "fp32"):
     """One layer's products as an ONNX graph of MatMul nodes, run by ONNX Runtime on the CPU with
-    the session settings of the engines (engines/export.py)."""
+    the session settings of the engines (engines/onnx.py)."""
     from onnx import TensorProto, helper, numpy_helper
 
     from rali_edge.engines.onnx import onnx_session

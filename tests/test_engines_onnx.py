@@ -18,10 +18,9 @@ from rali_edge.cli import main
 from rali_edge.distortions import DISTORTIONS
 from rali_edge.engines import export
 from rali_edge.engines.export import export_onnx
-from rali_edge.engines.onnx import onnx_session
 from rali_edge.engines.naming import HEAD_PREFIX, ONNX_OPSET
 from rali_edge.engines.naming import BatchRange
-from rali_edge.engines.onnx import has_vnni
+from rali_edge.engines.onnx import has_vnni, onnx_session
 from rali_edge import model_file
 from rali_edge.model_file import load_model
 from rali_edge.preprocess import PreprocessConfig, Preprocessor
