@@ -47,6 +47,9 @@ PACKAGES = {
         # Debian 13 (trixie): photographs at 3840 pixels and over, for stage 2's full-size crops.
         DebianPackage("budgie-backgrounds", "3.0-1", "pool/main/b/budgie-backgrounds/budgie-backgrounds_3.0-1_all.deb",
                       "b91c2d5209558bc11d8d3a161f22a608857e3f8c735980cfab0d6650b03014ca"),
+        # Debian 11 (bullseye): three CC0 photographs of 3310-5403 pixels, for stage 2 too.
+        DebianPackage("gnome-backgrounds", "3.38.0-1", "pool/main/g/gnome-backgrounds/gnome-backgrounds_3.38.0-1_all.deb",
+                      "76d8a4c52e5f346d9cb08bc8a1f58ad443d2bae211721af8a7248457c7a520e8"),
         # Held out (never trained on): whole photographs of 1-20 MP for whole_photos.py.
         DebianPackage("lomiri-wallpapers-16.04", "20.04.0-2",
                       "pool/main/l/lomiri-wallpapers/lomiri-wallpapers-16.04_20.04.0-2_all.deb",
@@ -78,6 +81,10 @@ def _lomiri(release: str, file: str, sha256: str) -> DebianPhoto:
 
 def _budgie(name: str, sha256: str) -> DebianPhoto:
     return DebianPhoto("budgie-backgrounds", f"./usr/share/backgrounds/budgie/{name}.jpg", sha256)
+
+
+def _gnome(name: str, sha256: str) -> DebianPhoto:
+    return DebianPhoto("gnome-backgrounds", f"./usr/share/backgrounds/gnome/{name}.jpg", sha256)
 
 
 def _plasma(name: str, sha256: str) -> DebianPhoto:
@@ -113,6 +120,15 @@ PHOTOS = {
         ("roman-colosseum", "3a085abab563afcdcfc3009fa126bbceb426921dd5bcdbb6f08fb0a601568030"),
         ("singaporean-cityscape", "f636392cae58e2cfd478838a8e4d3a3aa0b7c1ecf7be77932c394d649f783363"),
         ("tea-gardens", "1d7377e9903b29a3e983f1184a3112e50a6b45e65382c491f5c02e20e2861e20"),
+    )},
+    # gnome-backgrounds 3.38 (CC0, its AUTHORS file): the 3 of its 15 wallpapers that pass the
+    # same test (1.97-2.48): two aerial photographs of forests and a close-up of a painting. Left
+    # out: 4 photographs of mists, bokeh, a sunset over waves and dark ivy (2.94-3.67, most of
+    # their frames out of focus or smooth), and 8 renders. Only stage 2 trains on them.
+    **{name: _gnome(name, sha) for name, sha in (
+        ("Acrylic", "4e4d3843319508f706c24a827dc9ae2400c347942602fa027db726bd3da5334b"),
+        ("ColdWarm", "b31f8bd5f6f2a16d91fbb7644aeaaf1e6f1254213768cc6bc71151f1e142f1b1"),
+        ("Road", "cc1207c730162b9cb00a5c7b62aeb9e671e59a911e778bea0eb4d599844ebf35"),
     )},
     # Held out: every photograph in the two lomiri packages (their other wallpapers are patterns
     # and renders), at the sizes they ship in. Licences in whole_photos.PHOTOS.
