@@ -219,34 +219,3 @@ def test_whole_photo_views_are_the_scorers_views_of_the_whole_photo_distorted():
             diff = np.abs(views[level].astype(int) - expected.astype(int))
             assert diff.max() <= 1, (kind, quality, level, diff.max())
 
-
-def test_whole_photo_views_with_a_defect_of_its_own_rank_it_above_its_blurred_versions():
-    from PIL import Image
-
-    from rali_edge.distortions import distort
-    from rali_edge.preprocess import PreprocessConfig, Preprocessor
-
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:300, 0:451]
-    img = np.clip(128 + 60 * np.sin(x / 7.0)[..., None] * np.cos(y / 11.0)[..., None] + rng.normal(0, 20, (300, 451, 3)),
-                  0, 255).astype(np.uint8)
-    pre = Preprocessor(PreprocessConfig(resize_shortest_edge=data.VIEW, crop_height=data.VIEW, crop_width=data.VIEW,
-                                        native_grid=data.WHOLE_GRID, resized_view=False, native_align=data.VIEW_ALIGN))
-    clean_views, clean_labels = data.whole_photo_views(img, "blur", np.random.default_rng(1), None)
-    views, labels = data.whole_photo_views(img, "blur", np.random.default_rng(1), None, ("jpeg", 60.0))
-    # The photograph with its own compression is labelled below the clean one, and its blurred
-    # versions below it, in order: the composed label keeps the defect's cost at every level.
-    assert clean_labels[0] == 5.0 and labels[0] < 5.0
-    assert (np.diff(labels) < 0).all(), labels
-    assert (labels <= clean_labels + 1e-6).all(), (labels, clean_labels)
-    # Its views are the whole photograph's, compressed first: the JPEG blocks of each view's
-    # surroundings fall where the whole photograph's do (up to rounding).
-    for level in (0, 3):
-        whole = data._deliver(img, 60)
-        whole = whole if level == 0 else distort(whole, "blur", level, np.random.default_rng(1))
-        expected = np.stack([np.asarray(c) for c in pre.native_crops(Image.fromarray(whole))])
-        diff = np.abs(views[level].astype(int) - expected.astype(int))
-        assert diff.max() <= 1, (level, diff.max())
-    noisy, noisy_labels = data.whole_photo_views(img, "blur", np.random.default_rng(1), None, ("noise", 5.0))
-    assert noisy_labels[0] < 5.0 and (np.diff(noisy_labels) < 0).all(), noisy_labels
-    assert not np.array_equal(noisy[0], clean_views[0])

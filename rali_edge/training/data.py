@@ -113,6 +113,7 @@ WORK_SIZE = (176, 208)
 VIEW = 128
 DATA_VERSION = 18  # bump when samples change, so that cached training data is not reused
 GROUPS_VERSION = 4  # bump when stage 2's groups change (training_group), for the same reason
+WHOLE_VERSION = 1  # bump when stage 2's whole-photograph groups change (whole_photo_group), for the same reason
 CLEAN_FRACTION = 1 / 12  # about as often as one distortion type
 DEAD_LEAVES_FRACTION = 0.3  # training crops that are procedural dead-leaves images, not photographs
 
@@ -477,15 +478,6 @@ WHOLE_MIN_SIDE = 450
 WHOLE_SHRUNK_FRACTION = 0.5
 WHOLE_MARGIN = 48
 WHOLE_GRID = 4
-# A photograph's own defects: in this share of the whole-photograph groups the photograph the five
-# levels are made from already carries mild sensor noise or compression, as delivered photographs
-# often do. The mildest blur smooths those away, and a model that only saw clean references
-# scores it above the photograph (the held-out photographs' commonest misranking); here the hinge
-# orders the photograph above its blurred versions. Labels compose both: MS-SSIM(clean,
-# photograph) x MS-SSIM(photograph, level).
-WHOLE_OWN_DEFECT_FRACTION = 0.35
-OWN_NOISE_STD = (1.5, 5.0)  # on the 0..255 scale
-OWN_JPEG_QUALITY = (55, 90)
 
 
 def whole_photo_group(seed: int, index: int, sources: tuple[str, ...] = GROUP_SOURCES) -> tuple[np.ndarray, np.ndarray, str]:
@@ -502,32 +494,14 @@ def whole_photo_group(seed: int, index: int, sources: tuple[str, ...] = GROUP_SO
         img = img[:, ::-1]
     kind = _group_kind(rng)
     quality = int(rng.integers(DELIVERY_QUALITY[0], DELIVERY_QUALITY[1] + 1))
-    defect = own_defect(rng) if rng.random() < WHOLE_OWN_DEFECT_FRACTION else None
-    return (*whole_photo_views(img, kind, rng, quality, defect), kind)
+    return (*whole_photo_views(img, kind, rng, quality), kind)
 
 
-def own_defect(rng: np.random.Generator) -> tuple[str, float]:
-    """A photograph's own defect: ("noise", standard deviation) or ("jpeg", quality), half each."""
-    if rng.random() < 0.5:
-        return "noise", float(rng.uniform(*OWN_NOISE_STD))
-    return "jpeg", float(rng.integers(OWN_JPEG_QUALITY[0], OWN_JPEG_QUALITY[1] + 1))
-
-
-def with_defect(img: np.ndarray, defect: tuple[str, float], rng: np.random.Generator) -> np.ndarray:
-    what, amount = defect
-    if what == "noise":
-        return np.clip(np.rint(img + rng.normal(0.0, amount, img.shape)), 0, 255).astype(np.uint8)
-    return _deliver(img, int(amount))
-
-
-def whole_photo_views(img: np.ndarray, kind: str, rng: np.random.Generator, quality: int | None,
-                      defect: tuple[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The scorer's aligned views (uint8 [6, WHOLE_GRID**2, VIEW, VIEW, 3]) of `img`, given its own
-    `defect` first (own_defect; None: none), clean and at the five levels of `kind`, each saved as
-    JPEG at `quality` (None: not saved), distorting only each view's surroundings; and their labels
-    ([6]: the diagonal views' mean label, MS-SSIM of the surroundings against the clean ones
-    before delivery on the 1..5 scale, through the defect: MS-SSIM(clean, photograph) x
-    MS-SSIM(photograph, version))."""
+def whole_photo_views(img: np.ndarray, kind: str, rng: np.random.Generator, quality: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The scorer's aligned views (uint8 [6, WHOLE_GRID**2, VIEW, VIEW, 3]) of `img` clean and at
+    the five levels of `kind`, each saved as JPEG at `quality` (None: not saved), distorting only
+    each view's surroundings; and their labels ([6]: the diagonal views' mean label, MS-SSIM of
+    the surroundings against the clean ones before delivery on the 1..5 scale)."""
     from rali_edge.preprocess import grid_origins
 
     h, w = img.shape[:2]
@@ -535,18 +509,12 @@ def whole_photo_views(img: np.ndarray, kind: str, rng: np.random.Generator, qual
     labels = np.zeros(1 + len(LEVELS), np.float32)
     for v, (top, left) in enumerate(grid_origins((h, w), (VIEW, VIEW), WHOLE_GRID, VIEW_ALIGN)):
         t0, l0 = max(0, top - WHOLE_MARGIN), max(0, left - WHOLE_MARGIN)
-        clean = np.ascontiguousarray(img[t0:top + VIEW + WHOLE_MARGIN, l0:left + VIEW + WHOLE_MARGIN])
-        # The region starts on the block grid (top and left are aligned, the margin a multiple of
-        # 16), so its own JPEG defect has the whole photograph's blocks.
-        region = clean if defect is None else with_defect(clean, defect, rng)
-        diagonal = v % (WHOLE_GRID + 1) == 0
-        own = ms_ssim(clean, region) if diagonal and region is not clean else 1.0
+        region = np.ascontiguousarray(img[t0:top + VIEW + WHOLE_MARGIN, l0:left + VIEW + WHOLE_MARGIN])
         for level in (0, *LEVELS):
             image = _deliver(region if level == 0 else distort(region, kind, level, rng), quality)
             out[level, v] = image[top - t0:top - t0 + VIEW, left - l0:left - l0 + VIEW]
-            if diagonal:
-                value = own * (ms_ssim(region, image) if image is not region else 1.0)
-                labels[level] += ms_ssim_to_score(value) / WHOLE_GRID
+            if v % (WHOLE_GRID + 1) == 0:  # on the diagonal
+                labels[level] += (ms_ssim_to_score(ms_ssim(region, image)) if image is not region else 5.0) / WHOLE_GRID
     return out, labels
 
 

@@ -90,7 +90,7 @@ def load_groups(seed: int, count: int, workers: int, data_cache: Path | None, lo
 
 def load_whole_groups(seed: int, count: int, workers: int, data_cache: Path | None, log) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 views [count, 6, 16, 3, H, W], their labels [count, 6])."""
-    name = f"whole-v{data.DATA_VERSION}.{data.GROUPS_VERSION}-{seed}-{count}"
+    name = f"whole-v{data.DATA_VERSION}.{data.GROUPS_VERSION}.{data.WHOLE_VERSION}-{seed}-{count}"
     cached = (data_cache / f"{name}.npy", data_cache / f"{name}-labels.npy") if data_cache else None
     if cached is not None and all(path.is_file() for path in cached):
         log(f"whole-photograph groups read from {cached[0]}")
