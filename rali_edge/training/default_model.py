@@ -21,7 +21,7 @@
    Steps 1 to 3 are stage 1.
 4. Stage 2 (ranking.py): the whole model, encoder and head as saved, fine-tuned on groups of one
    crop and its five levels of one distortion, crops cut also at the photographs' full size
-   (7 more photographs than stage 1's: data.GROUP_ONLY_SOURCES) and enlarged, half of them
+   (10 more photographs than stage 1's: data.GROUP_ONLY_SOURCES) and enlarged, half of them
    delivered as JPEG: MSE on the labels plus a hinge on every pair of a group in the wrong order;
    in one batch of 4, a whole photograph's six versions seen through the scorer's views, with
    the same hinge and the MSE against their labels. It ranks blur, noise and JPEG in whole
@@ -31,7 +31,7 @@
 5. Held-out check: the saved model scores every distortion and level of crops of the held-out
    photographs; SRCC and PLCC against the labels go into TRAINING.md and the manifest.
 
-Runs in about 1 hour 50 minutes on two CPU cores, stage 2 about 40 of them (two processes making
+Runs in about 1 hour 55 minutes on two CPU cores, stage 2 about 45 of them (two processes making
 the data, then `--threads` torch threads training); `--device cuda` trains on a GPU. Seeded: the same torch version, thread count and machine
 give the same weights.
 """
@@ -566,8 +566,8 @@ def write_report(summary: dict, path: Path) -> None:
         "pictures at large. For real",
         "accuracy use the published RALI weights (`rali-edge fetch`).",
         "",
-        *(["Rebuild it from nothing (about 1 hour 50 minutes on two CPU cores; the first run downloads three Debian",
-           "packages, 152 MB, and keeps their 16 photographs, 14 MB, in `~/.cache/rali-edge/photos`):"]
+        *(["Rebuild it from nothing (about 1 hour 55 minutes on two CPU cores; the first run downloads four Debian",
+           "packages, 193 MB, and keeps their 19 photographs, 25 MB, in `~/.cache/rali-edge/photos`):"]
           if ranked else
           ["Rebuild it from nothing (about an hour on two CPU cores; the first run downloads two Debian packages, 140 MB,",
            "and keeps their 9 photographs, 6.5 MB, in `~/.cache/rali-edge/photos`):"]),
