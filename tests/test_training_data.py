@@ -218,4 +218,3 @@ def test_whole_photo_views_are_the_scorers_views_of_the_whole_photo_distorted():
             # JPEG block grid) gives the whole photograph's pixels: the same up to rounding.
             diff = np.abs(views[level].astype(int) - expected.astype(int))
             assert diff.max() <= 1, (kind, quality, level, diff.max())
-
